@@ -1,0 +1,142 @@
+"""Virtual time and the event queue.
+
+Time is an integer number of virtual nanoseconds.  The CPU advances it by a
+fixed cost per retired instruction (QEMU's icount idea); a halted CPU jumps
+straight to the next deadline.  Devices never run "every step": each one owns
+:class:`Timer` objects (QEMU's ``QEMUTimer``) that it arms for the next moment
+its outputs change, and computes its registers lazily from ``clock.now``.
+
+Invariants:
+
+* Timers fire in deadline order; equal deadlines fire in the order they were
+  armed (FIFO), so two runs of the same machine fire them identically.
+* ``now`` is exact at instruction granularity even in the middle of a CPU
+  slice: while the CPU runs, the clock asks it how many instructions it has
+  retired so far in the slice (``_slice_source``).
+* Arming a timer earlier than the end of the running slice calls ``preempt``
+  so the CPU stops at the next instruction boundary and re-slices.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Callable
+
+__all__ = ["Clock", "Timer", "NS_PER_SEC", "NS_PER_MS", "NS_PER_US"]
+
+NS_PER_US = 1_000
+NS_PER_MS = 1_000_000
+NS_PER_SEC = 1_000_000_000
+
+
+class Timer:
+    """A one-shot callback at a virtual time, re-armable (QEMU's timer_mod)."""
+
+    __slots__ = ("_clock", "callback", "deadline", "_gen", "name")
+
+    def __init__(self, clock: "Clock", callback: Callable[[], None], name: str = "") -> None:
+        self._clock = clock
+        self.callback = callback
+        self.deadline: int | None = None
+        self._gen = 0
+        self.name = name
+
+    @property
+    def armed(self) -> bool:
+        return self.deadline is not None
+
+    def arm(self, deadline: int) -> None:
+        """Fire at absolute virtual time ``deadline`` (ns); replaces any earlier arming."""
+        self._gen += 1
+        self.deadline = int(deadline)
+        self._clock._push(self)
+
+    def arm_in(self, delay: int) -> None:
+        self.arm(self._clock.now + delay)
+
+    def cancel(self) -> None:
+        self._gen += 1
+        self.deadline = None
+
+
+class Clock:
+    """The machine's virtual clock and timer queue."""
+
+    def __init__(self) -> None:
+        self._base = 0                      # time at the start of the current slice
+        self._heap: list[tuple[int, int, int, Timer]] = []
+        self._seq = 0
+        self._slice_source: Callable[[], int] | None = None   # ns elapsed inside the running slice
+        self._slice_end: int | None = None
+        self.preempt: Callable[[], None] = _nothing
+
+    # -- reading time ------------------------------------------------------
+    @property
+    def now(self) -> int:
+        src = self._slice_source
+        if src is None:
+            return self._base
+        return self._base + src()
+
+    def timer(self, callback: Callable[[], None], name: str = "") -> Timer:
+        return Timer(self, callback, name)
+
+    # -- the queue -----------------------------------------------------------
+    def _push(self, t: Timer) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t.deadline, self._seq, t._gen, t))  # type: ignore[arg-type]
+        end = self._slice_end
+        if end is not None and t.deadline < end:  # type: ignore[operator]
+            self.preempt()
+
+    def next_deadline(self) -> int | None:
+        """Earliest armed deadline, or None.  Drops stale entries on the way."""
+        h = self._heap
+        while h:
+            deadline, _, gen, t = h[0]
+            if gen == t._gen and t.deadline is not None:
+                return deadline
+            heapq.heappop(h)
+        return None
+
+    def run_due(self) -> int:
+        """Fire every timer whose deadline is <= now, in order. Returns how many fired."""
+        fired = 0
+        h = self._heap
+        now = self._base
+        while h and h[0][0] <= now:
+            deadline, _, gen, t = heapq.heappop(h)
+            if gen != t._gen or t.deadline is None:
+                continue
+            t.deadline = None
+            t.callback()
+            fired += 1
+        return fired
+
+    # -- driven by the CPU loop -------------------------------------------------
+    def advance_to(self, t: int) -> None:
+        """Set the time (outside a slice). Time never goes backwards."""
+        if t > self._base:
+            self._base = t
+
+    def begin_slice(self, source: Callable[[], int], end: int) -> None:
+        self._slice_source = source
+        self._slice_end = end
+
+    def end_slice(self, elapsed: int) -> None:
+        self._base += elapsed
+        self._slice_source = None
+        self._slice_end = None
+
+    # -- snapshots -------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return {"now": self._base, "seq": self._seq}
+
+    def restore(self, state: dict) -> None:
+        """Restore the time. Timers are re-armed by their owners' restore()."""
+        self._base = state["now"]
+        self._seq = state["seq"]
+        self._heap.clear()
+
+
+def _nothing() -> None:
+    return None
