@@ -1,1 +1,33 @@
-"""pytest plugin entry point for vmk.testing (fixtures are added as the kit grows)."""
+"""pytest plugin: the ``vmk`` fixture (registered through the ``pytest11`` entry point).
+
+    def test_echo(vmk):
+        h = vmk.boot("kernel.elf")
+        h.serial().write("hi\\r", at=1_000_000)
+        assert h.serial().wait_line(timeout=10_000_000) == "hi"
+"""
+from __future__ import annotations
+
+import pytest
+
+from .harness import Harness
+
+
+class _Factory:
+    def __init__(self) -> None:
+        self.made: list[Harness] = []
+
+    def boot(self, path: str, **kw) -> Harness:
+        h = Harness.boot(path, **kw)
+        self.made.append(h)
+        return h
+
+    def asm(self, source: str, **kw) -> Harness:
+        h = Harness.from_asm(source, **kw)
+        self.made.append(h)
+        return h
+
+
+@pytest.fixture
+def vmk():
+    """Build machines under test: ``vmk.boot(path)`` or ``vmk.asm(source)``."""
+    return _Factory()

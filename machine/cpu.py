@@ -1,0 +1,580 @@
+"""The CPU: one Unicorn x86-64 instance run in instruction-count slices.
+
+How it works
+------------
+``run(count)`` runs at most ``count`` instructions with ``emu_start(...,
+count=N)`` and returns how many retired, read exactly from Unicorn's own
+instruction counter (``uc->emu_counter``, see ``_EMU_COUNTER_OFF``).  A slice
+ends early when the guest executes HLT, when a hook asks to stop (a device
+made an interrupt deliverable, a port write to isa-debug-exit, a fault), or
+when the machine calls :meth:`request_stop` from a device callback.  The
+machine converts retired instructions into virtual time.
+
+Everything Unicorn does not do architecturally is done here or in
+``x86.py``, each with the quirk it works around (``../shared/notes/unicorn.md``):
+
+* Faults and software interrupts arrive in ``UC_HOOK_INTR``; the hook records
+  them (vector, error code read from the saved context, whether it was an
+  ``int n``) and stops the slice.  The machine then delivers them through the
+  guest IDT *between* slices.  The hook resets ``env->old_exception`` first,
+  or Unicorn turns the second fault of the run into #DF and the third into a
+  silent triple fault.
+* #UD never reaches ``UC_HOOK_INTR``; ``UC_HOOK_INSN_INVALID`` records it.
+* ``syscall``/``sysenter`` only call a hook (no CPL change); bare-metal mode
+  performs the architectural SYSCALL in :meth:`_on_syscall`.
+* ``reg_write(CS/SS)`` does not change the CPL in 64-bit mode: segment loads
+  that change privilege patch the saved context (``load_segment``).
+* ``rdtsc`` returns the host TSC: hooked through the binding's private
+  ``__do_hook_add`` to return virtual time.
+* A translation block compiled without the count hook ignores ``count``: the
+  CPU never runs with ``count=0``.
+* Page-table edits made from Python do not flush Unicorn's TLB:
+  :meth:`flush_tlb` must follow them.
+* ``in``/``out`` are not permission-checked by Unicorn: the port bus checks
+  IOPL/CPL itself (``Machine._port_allowed``).
+
+Not modelled: SMM, VMX, the x2APIC MSRs, rdmsr/wrmsr trapping (Unicorn cannot
+hook them, so IA32_APIC_BASE reads 0), CR8, AVX (Unicorn has none).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from enum import IntEnum
+from typing import Callable
+
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_INSN,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_FETCH_UNMAPPED,
+    UC_HOOK_MEM_READ_UNMAPPED,
+    UC_HOOK_MEM_WRITE_UNMAPPED,
+    UC_MODE_64,
+    Uc,
+    UcError,
+)
+from unicorn import x86_const as X
+from unicorn.unicorn_py3 import unicorn as _ucmod
+from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
+
+__all__ = ["CPU", "Reg", "GPR_NAMES", "Stop", "CpuEvent", "EFLAGS", "Ctx"]
+
+_END = 0xFFFF_FFFF_FFFF_FFFF        # an `until` address no code can reach (non-canonical)
+
+
+class Ctx(IntEnum):
+    """Byte offsets into Unicorn 2.1.4's saved x86-64 context (40-byte header +
+    CPUX86State).  Measured (notes/unicorn.md §1.1, §2.3) and re-checked by
+    tests/machine/test_cpu.py; re-measure if the unicorn pin changes."""
+    REGS = 40           # 16 x u64, RAX.. R15 in encoding order
+    RIP = 168
+    HFLAGS = 216
+    SEGS = 224          # ES CS SS DS FS GS, 24 bytes each: u32 sel, u64 base@+8, u32 limit@+16, u32 flags@+20
+    LDT = 368
+    TR = 392
+    GDT = 416
+    IDT = 440
+    CR0 = 464
+    CR2 = 480
+    CR3 = 488
+    CR4 = 496
+    ERROR_CODE = 5424
+    EXCEPTION_IS_INT = 5428
+    EXCEPTION_NEXT_EIP = 5432
+    OLD_EXCEPTION = 5536
+
+
+SEG_SIZE = 24
+
+
+class Seg(IntEnum):
+    ES = 0
+    CS = 1
+    SS = 2
+    DS = 3
+    FS = 4
+    GS = 5
+
+
+class HF(IntEnum):
+    """QEMU hflags bits (target/i386/cpu.h)."""
+    CPL_MASK = 3
+    INHIBIT_IRQ = 1 << 3
+    CS32 = 1 << 4
+    SS32 = 1 << 5
+    ADDSEG = 1 << 6
+    PE = 1 << 7
+    TF = 1 << 8
+    LMA = 1 << 14
+    CS64 = 1 << 15
+
+
+class EFLAGS(IntEnum):
+    CF = 1 << 0
+    PF = 1 << 2
+    AF = 1 << 4
+    ZF = 1 << 6
+    SF = 1 << 7
+    TF = 1 << 8
+    IF = 1 << 9
+    DF = 1 << 10
+    OF = 1 << 11
+    IOPL = 3 << 12
+    NT = 1 << 14
+    RF = 1 << 16
+    VM = 1 << 17
+    AC = 1 << 18
+
+
+# EFLAGS.RF is bit 16; IOPL shift
+IOPL_SHIFT = 12
+
+# Model-specific registers used by the architectural SYSCALL.
+MSR_EFER = 0xC000_0080
+MSR_STAR = 0xC000_0081
+MSR_LSTAR = 0xC000_0082
+MSR_CSTAR = 0xC000_0083
+MSR_FMASK = 0xC000_0084
+EFER_SCE = 1 << 0
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+
+
+class Reg(IntEnum):
+    RAX = X.UC_X86_REG_RAX
+    RBX = X.UC_X86_REG_RBX
+    RCX = X.UC_X86_REG_RCX
+    RDX = X.UC_X86_REG_RDX
+    RSI = X.UC_X86_REG_RSI
+    RDI = X.UC_X86_REG_RDI
+    RBP = X.UC_X86_REG_RBP
+    RSP = X.UC_X86_REG_RSP
+    R8 = X.UC_X86_REG_R8
+    R9 = X.UC_X86_REG_R9
+    R10 = X.UC_X86_REG_R10
+    R11 = X.UC_X86_REG_R11
+    R12 = X.UC_X86_REG_R12
+    R13 = X.UC_X86_REG_R13
+    R14 = X.UC_X86_REG_R14
+    R15 = X.UC_X86_REG_R15
+    RIP = X.UC_X86_REG_RIP
+    RFLAGS = X.UC_X86_REG_RFLAGS
+    CS = X.UC_X86_REG_CS
+    SS = X.UC_X86_REG_SS
+    DS = X.UC_X86_REG_DS
+    ES = X.UC_X86_REG_ES
+    FS = X.UC_X86_REG_FS
+    GS = X.UC_X86_REG_GS
+    FS_BASE = X.UC_X86_REG_FS_BASE
+    GS_BASE = X.UC_X86_REG_GS_BASE
+    CR0 = X.UC_X86_REG_CR0
+    CR2 = X.UC_X86_REG_CR2
+    CR3 = X.UC_X86_REG_CR3
+    CR4 = X.UC_X86_REG_CR4
+    GDTR = X.UC_X86_REG_GDTR
+    IDTR = X.UC_X86_REG_IDTR
+
+
+GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+# Register order in CPUX86State.regs (x86 encoding order).
+_ENC_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+class Stop(IntEnum):
+    """Why a slice ended."""
+    COUNT = 0          # the instruction budget ran out
+    HALT = 1           # HLT retired
+    REQUEST = 2        # request_stop() from a device or the machine
+    EVENT = 3          # an exception / software interrupt / #UD is pending in .event
+    ERROR = 4          # Unicorn failed (unmapped memory, ...): see .error
+
+
+class CpuEvent:
+    """A synchronous CPU event recorded by a hook, delivered by the machine."""
+    __slots__ = ("vector", "error_code", "is_int", "rip", "next_rip", "cr2")
+
+    def __init__(self, vector: int, error_code: int | None, is_int: bool, rip: int,
+                 next_rip: int, cr2: int = 0) -> None:
+        self.vector = vector
+        self.error_code = error_code
+        self.is_int = is_int          # INT n / INT3 / INTO: gate DPL is checked, RIP = next
+        self.rip = rip
+        self.next_rip = next_rip
+        self.cr2 = cr2
+
+    def __repr__(self) -> str:
+        ec = "" if self.error_code is None else f" ec={self.error_code:#x}"
+        return f"CpuEvent(vector={self.vector}{ec} rip={self.rip:#x})"
+
+
+# Exceptions that push an error code (SDM vol. 3, table 6-1).
+ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+
+# Offset of `uint64_t emu_counter` in Unicorn 2.1.4's `struct uc_struct`
+# (followed by `emu_count`).  Measured by scanning the struct after a known
+# count; tests/machine/test_cpu.py re-checks it.
+_EMU_COUNTER_OFF = 1368
+
+_lib = _ucmod.uclib
+_uc_reg_read_batch = _lib.uc_reg_read_batch
+_uc_reg_write_batch = _lib.uc_reg_write_batch
+
+
+class RegBatch:
+    """Direct ctypes access to uc_reg_read/write_batch for a fixed register list
+    (the stock binding costs 2-4 us per register; this costs ~0.1 us each)."""
+
+    __slots__ = ("_uch", "n", "ids", "vals", "ptrs")
+
+    def __init__(self, uc: Uc, ids: list[int]) -> None:
+        self._uch = uc._uch
+        self.n = len(ids)
+        self.ids = (ctypes.c_int * self.n)(*ids)
+        self.vals = (ctypes.c_uint64 * self.n)()
+        base = ctypes.addressof(self.vals)
+        self.ptrs = (ctypes.c_void_p * self.n)(*[base + 8 * i for i in range(self.n)])
+
+    def read(self) -> list[int]:
+        _uc_reg_read_batch(self._uch, self.ids, self.ptrs, self.n)
+        return self.vals[:]
+
+    def write(self, values: list[int] | tuple[int, ...]) -> None:
+        self.vals[:] = [v & 0xFFFF_FFFF_FFFF_FFFF for v in values]
+        _uc_reg_write_batch(self._uch, self.ids, self.ptrs, self.n)
+
+
+class CPU:
+    """Unicorn wrapped as a slice-run x86-64 CPU.
+
+    Callbacks the machine sets (all optional):
+      ``port_in(port, size) -> int``, ``port_out(port, size, value)``,
+      ``on_syscall() -> bool`` (VM-kernel mode; return True when handled),
+      ``rdtsc() -> int``, ``cpuid(leaf, subleaf) -> (eax, ebx, ecx, edx) | None``.
+    """
+
+    def __init__(self) -> None:
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc = uc
+        addr = ctypes.cast(uc._uch, ctypes.c_void_p).value
+        self._counter = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF)
+        self._ctx = uc.context_save()
+        self._ctx_addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
+        self._ctx_buf = (ctypes.c_char * self._ctx.size).from_address(self._ctx_addr)
+        self._running = False
+        self._stop_reason = Stop.COUNT
+        self.event: CpuEvent | None = None
+        self.error: str | None = None
+        self.halted = False
+        self._budget = 0
+        # callbacks wired by the machine
+        self.port_in: Callable[[int, int], int] = lambda port, size: (1 << (8 * size)) - 1
+        self.port_out: Callable[[int, int, int], None] = lambda port, size, value: None
+        self.on_syscall: Callable[[], bool] | None = None
+        self.rdtsc: Callable[[], int] = lambda: 0
+        self.cpuid: Callable[[int, int], tuple[int, int, int, int] | None] = lambda leaf, sub: None
+        self._io_regs = RegBatch(uc, [X.UC_X86_REG_RIP])
+        self._rip = RegBatch(uc, [X.UC_X86_REG_RIP])
+        self._rflags = RegBatch(uc, [X.UC_X86_REG_RFLAGS])
+        self._abcd = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX])
+        self._ad = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RDX])
+        self._frame_regs = RegBatch(uc, [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS])
+        self._install_hooks()
+
+    # ------------------------------------------------------------------ hooks
+    def _install_hooks(self) -> None:
+        uc = self.uc
+        uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._hook_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INTR, self._hook_intr)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._hook_invalid)
+        uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
+                    self._hook_unmapped)
+        self._install_rdtsc_hook()
+
+    def _install_rdtsc_hook(self) -> None:
+        # Quirk: the binding refuses UC_HOOK_INSN for RDTSC (UC_ERR_ARG) though
+        # libunicorn supports it; go through the private hook adder with the
+        # CPUID-shaped callback type (returns 1 = skip the real instruction).
+        uc = self.uc
+
+        def cb(handle, user_data):   # noqa: ARG001 - ctypes signature
+            t = self.rdtsc()
+            self._ad.write((t & 0xFFFF_FFFF, t >> 32))
+            return 1
+
+        cfunc = HOOK_INSN_CPUID_CFUNC(cb)
+        self._rdtsc_cfunc = cfunc          # keep alive
+        h = ctypes.c_size_t()
+        status = _lib.uc_hook_add(uc._uch, ctypes.byref(h), UC_HOOK_INSN, cfunc,
+                                  ctypes.cast(0, ctypes.c_void_p),
+                                  ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
+        if status != 0:
+            raise UcError(status)
+
+    def _hook_in(self, uc, port, size, user_data):
+        return self.port_in(port, size)
+
+    def _hook_out(self, uc, port, size, value, user_data):
+        self.port_out(port, size, value)
+
+    def _hook_cpuid(self, uc, user_data):
+        a, _, c, _ = self._abcd.read()
+        res = self.cpuid(a & 0xFFFF_FFFF, c & 0xFFFF_FFFF)
+        if res is None:
+            return 0
+        self._abcd.write(res)
+        return 1
+
+    def _hook_syscall(self, uc, user_data):
+        handler = self.on_syscall
+        if handler is not None and handler():
+            return
+        self._architectural_syscall()
+
+    def _hook_intr(self, uc, intno, user_data):
+        self._sync_ctx()
+        b = self._ctx_buf
+        is_int = bool(_i32(b, Ctx.EXCEPTION_IS_INT))
+        ec = _i32(b, Ctx.ERROR_CODE) & 0xFFFF_FFFF if (intno in ERROR_CODE_VECTORS and not is_int) else None
+        rip = _u64(b, Ctx.RIP)
+        next_rip = _u64(b, Ctx.EXCEPTION_NEXT_EIP) if is_int else rip
+        cr2 = _u64(b, Ctx.CR2) if intno == 14 else 0
+        # Quirk: Unicorn's hook replaces delivery, so QEMU never resets
+        # env->old_exception; the next fault would turn into #DF.
+        struct.pack_into("<i", b, Ctx.OLD_EXCEPTION, -1)
+        struct.pack_into("<i", b, Ctx.EXCEPTION_IS_INT, 0)
+        self.uc.context_restore(self._ctx)
+        self.event = CpuEvent(intno, ec, is_int, rip if not is_int else rip, next_rip, cr2)
+        if is_int:
+            # For INT n the saved RIP already points past the instruction.
+            self.event.rip = rip
+            self.event.next_rip = rip
+        self._stop(Stop.EVENT)
+
+    def _hook_invalid(self, uc, user_data):
+        rip = self._rip.read()[0]
+        self.event = CpuEvent(6, None, False, rip, rip)
+        self._stop(Stop.EVENT)
+        return True
+
+    def _hook_unmapped(self, uc, access, address, size, value, user_data):
+        kind = {19: "read", 20: "write", 21: "fetch"}.get(access, "access")
+        rip = self._rip.read()[0]
+        self.error = f"unmapped physical memory {kind} at {address:#x} (size {size}) by RIP {rip:#x}"
+        return False
+
+    # ------------------------------------------------------------------ running
+    def _stop(self, reason: Stop) -> None:
+        if self._running and self._stop_reason == Stop.COUNT:
+            self._stop_reason = reason
+            self.uc.emu_stop()
+
+    def request_stop(self) -> None:
+        """Stop the running slice at the next instruction boundary (no-op outside a slice)."""
+        self._stop(Stop.REQUEST)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def retired_in_slice(self) -> int:
+        """Instructions retired so far in the running slice (exact, from Unicorn's counter)."""
+        c = self._counter.value
+        b = self._budget
+        return c if c < b else b
+
+    def run(self, count: int) -> tuple[int, Stop]:
+        """Run up to ``count`` (> 0) instructions from the current RIP."""
+        if count <= 0:
+            raise ValueError("slice must be at least one instruction")
+        self.event = None
+        self.error = None
+        self._stop_reason = Stop.COUNT
+        self._budget = count
+        self._running = True
+        rip = self._rip.read()[0]
+        try:
+            self.uc.emu_start(rip, _END, 0, count)
+        except UcError as e:
+            if self.error is None:
+                self.error = f"{e} at RIP {self._rip.read()[0]:#x}"
+            self._stop_reason = Stop.ERROR
+        finally:
+            self._running = False
+        executed = self._counter.value
+        if executed > count:
+            executed = count
+        reason = self._stop_reason
+        if reason == Stop.COUNT and executed < count:
+            reason = Stop.HALT if self._just_halted() else Stop.REQUEST
+        if reason == Stop.HALT:
+            self.halted = True
+        return executed, reason
+
+    def _just_halted(self) -> bool:
+        rip = self._rip.read()[0]
+        try:
+            return self.read_code_byte(rip - 1) == 0xF4
+        except Exception:
+            return False
+
+    def read_code_byte(self, rip: int) -> int:
+        """Byte at a linear address (paging honoured via the machine's MMU when set)."""
+        return self.mem_read_linear(rip, 1)[0]
+
+    # set by the machine: linear-address reads for the few places the CPU needs them
+    def mem_read_linear(self, addr: int, size: int) -> bytes:
+        return bytes(self.uc.mem_read(addr, size))
+
+    # ------------------------------------------------------------------ registers
+    def reg(self, r: Reg) -> int:
+        return self.uc.reg_read(r)
+
+    def set_reg(self, r: Reg, value: int) -> None:
+        self.uc.reg_write(r, value)
+
+    @property
+    def rip(self) -> int:
+        return self._rip.read()[0]
+
+    @rip.setter
+    def rip(self, value: int) -> None:
+        self._rip.write((value,))
+
+    @property
+    def rflags(self) -> int:
+        return self._rflags.read()[0]
+
+    @rflags.setter
+    def rflags(self, value: int) -> None:
+        self._rflags.write((value,))
+
+    def interrupts_enabled(self) -> bool:
+        return bool(self._rflags.read()[0] & EFLAGS.IF)
+
+    # ------------------------------------------------------------------ context fields
+    def _sync_ctx(self) -> None:
+        self.uc.context_update(self._ctx)
+
+    def ctx_read(self) -> memoryview:
+        """A fresh view of the saved CPU context (call again after running)."""
+        self._sync_ctx()
+        return memoryview(self._ctx_buf).cast("B")
+
+    def ctx_commit(self) -> None:
+        self.uc.context_restore(self._ctx)
+
+    def hflags(self) -> int:
+        self._sync_ctx()
+        return _u32(self._ctx_buf, Ctx.HFLAGS)
+
+    def in_interrupt_shadow(self) -> bool:
+        """STI / MOV SS shadow: the next instruction runs before any interrupt (hflags bit 3)."""
+        return bool(self.hflags() & HF.INHIBIT_IRQ)
+
+    def cpl(self) -> int:
+        return self.hflags() & HF.CPL_MASK
+
+    def long_mode(self) -> bool:
+        return bool(self.hflags() & HF.LMA)
+
+    def seg_cache(self, seg: Seg | int) -> tuple[int, int, int, int]:
+        """(selector, base, limit, flags) from the hidden segment cache."""
+        self._sync_ctx()
+        return _seg_at(self._ctx_buf, Ctx.SEGS + SEG_SIZE * seg)
+
+    def table_regs(self) -> dict[str, tuple[int, int, int, int]]:
+        self._sync_ctx()
+        b = self._ctx_buf
+        return {"gdt": _seg_at(b, Ctx.GDT), "idt": _seg_at(b, Ctx.IDT),
+                "tr": _seg_at(b, Ctx.TR), "ldt": _seg_at(b, Ctx.LDT)}
+
+    def set_hidden_state(self, *, cpl: int | None = None,
+                         segs: dict[int, tuple[int, int, int, int]] | None = None,
+                         hflags_set: int = 0, hflags_clear: int = 0) -> None:
+        """Patch CPL, segment caches and hflags in the context and load it.
+
+        Quirk: in UC_MODE_64 reg_write(CS/SS) stores only the selector; the
+        privilege level lives in hflags and the descriptor cache (notes §2.3).
+        """
+        self._sync_ctx()
+        b = self._ctx_buf
+        hf = _u32(b, Ctx.HFLAGS)
+        if cpl is not None:
+            hf = (hf & ~HF.CPL_MASK) | (cpl & 3)
+        hf = (hf | hflags_set) & ~hflags_clear
+        struct.pack_into("<I", b, Ctx.HFLAGS, hf & 0xFFFF_FFFF)
+        for seg, (sel, base, limit, flags) in (segs or {}).items():
+            off = Ctx.SEGS + SEG_SIZE * seg
+            struct.pack_into("<I", b, off, sel)
+            struct.pack_into("<QII", b, off + 8, base, limit, flags)
+        self.uc.context_restore(self._ctx)
+
+    def write_frame_regs(self, rip: int, rsp: int, rflags: int) -> None:
+        self._frame_regs.write((rip, rsp, rflags))
+
+    def read_frame_regs(self) -> tuple[int, int, int]:
+        rip, rsp, rflags = self._frame_regs.read()
+        return rip, rsp, rflags
+
+    def commit_hidden(self, *, rip: int, rsp: int, rflags: int, cpl: int,
+                      segs: dict[int, tuple[int, int, int, int]], hflags_set: int = 0,
+                      hflags_clear: int = 0) -> None:
+        """Enter a handler that changes CS (and maybe SS/CPL): hidden state, then RIP/RSP/RFLAGS."""
+        self.set_hidden_state(cpl=cpl, segs=segs, hflags_set=hflags_set, hflags_clear=hflags_clear)
+        self._frame_regs.write((rip, rsp, rflags))
+
+    # ------------------------------------------------------------------ SYSCALL
+    def _architectural_syscall(self) -> None:
+        """SYSCALL as the SDM defines it (Unicorn only calls the hook, then RIP += 2)."""
+        uc = self.uc
+        rip = self._rip.read()[0]
+        rflags = self._rflags.read()[0]
+        star = uc.msr_read(MSR_STAR)
+        lstar = uc.msr_read(MSR_LSTAR)
+        fmask = uc.msr_read(MSR_FMASK)
+        uc.reg_write(X.UC_X86_REG_RCX, rip + 2)
+        uc.reg_write(X.UC_X86_REG_R11, rflags)
+        self._rflags.write((rflags & ~fmask & ~EFLAGS.RF,))
+        cs = (star >> 32) & 0xFFFC
+        self.set_hidden_state(cpl=0, segs={
+            Seg.CS: (cs, 0, 0xFFFF_FFFF, _CS64_FLAGS),
+            Seg.SS: (cs + 8, 0, 0xFFFF_FFFF, _DATA_FLAGS),
+        }, hflags_set=HF.CS64 | HF.SS32, hflags_clear=HF.CS32)
+        # Quirk: Unicorn adds 2 to whatever RIP the hook leaves.
+        self._rip.write(((lstar - 2) & 0xFFFF_FFFF_FFFF_FFFF,))
+
+    # ------------------------------------------------------------------ TLB
+    def flush_tlb(self) -> None:
+        """Quirk: page-table edits from Python are invisible until the TLB is
+        flushed; rewriting CR3 with its own value flushes it (notes §1)."""
+        self.uc.reg_write(X.UC_X86_REG_CR3, self.uc.reg_read(X.UC_X86_REG_CR3))
+
+
+# Descriptor-cache flag words (QEMU layout: the descriptor's high dword).
+_CS64_FLAGS = 0x00A09B00      # P, DPL0, S, code exec/read accessed, L=1, G
+_DATA_FLAGS = 0x00CF9300      # P, DPL0, S, data r/w accessed, B=1, G
+
+
+def _u32(b, off: int) -> int:
+    return struct.unpack_from("<I", b, off)[0]
+
+
+def _i32(b, off: int) -> int:
+    return struct.unpack_from("<i", b, off)[0]
+
+
+def _u64(b, off: int) -> int:
+    return struct.unpack_from("<Q", b, off)[0]
+
+
+def _seg_at(b, off: int) -> tuple[int, int, int, int]:
+    sel = struct.unpack_from("<I", b, off)[0]
+    base, limit, flags = struct.unpack_from("<QII", b, off + 8)
+    return sel, base, limit, flags

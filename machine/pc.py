@@ -1,0 +1,514 @@
+"""The PC: CPU, RAM, buses, devices and the run loop.
+
+The run loop (``Machine.run``) is the event loop of the whole emulator:
+
+1. fire every timer that is due;
+2. take a pending CPU event (fault, INT n) or, if RFLAGS.IF=1 and no STI/MOV SS
+   shadow, the highest pending interrupt, and deliver it through the sink
+   (the guest IDT in bare-metal mode, the HAL in VM-kernel mode);
+3. if the CPU is halted, jump the clock to the next deadline (idle costs no
+   host time), or wait for host input, or report a dead machine;
+4. otherwise run the CPU for as many instructions as fit before the next
+   deadline (capped by a quantum) and advance virtual time by what retired.
+
+A device that makes an interrupt deliverable in the middle of a slice (an EOI
+that unmasks a lower vector, a self-IPI, THRE after a THR write) calls
+``cpu.request_stop()`` through the LAPIC's ``on_change``: the slice ends after
+the current instruction and step 2 runs at the right boundary.
+
+Wiring follows QEMU's "pc" machine: ISA IRQ n goes to PIC pin n and IO-APIC
+pin n, except IRQ0 (the PIT) which goes to IO-APIC pin 2 (the MADT interrupt
+source override); the PIC's INT output goes to LAPIC LINT0 (ExtINT).
+"""
+from __future__ import annotations
+
+import ctypes
+import select
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Protocol
+
+from .chardev import CharDev, NullChar
+from .clock import Clock
+from .cpu import CPU, EFLAGS, HF, CpuEvent, Ctx, Reg, Stop
+from .devices.debugport import DebugCon, DebugExit
+from .devices.ioapic import IOAPIC
+from .devices.lapic import LocalAPIC
+from .devices.pic8259 import PICPair
+from .devices.pit8254 import PIT8254, SystemControlPortB
+from .devices.uart16550 import UART16550
+from .irq import IrqLine
+from .memory import RAM, MmioBus
+from .mmu import PageFault, Paging, translate
+from .ports import PortBus
+from .x86 import EXCEPTION_NAMES, IdtSink, TripleFault
+
+__all__ = ["Machine", "MachineConfig", "RunResult", "Why", "InterruptSink", "LAPIC_BASE", "IOAPIC_BASE"]
+
+LAPIC_BASE = 0xFEE0_0000
+IOAPIC_BASE = 0xFEC0_0000
+COM_PORTS = ((0x3F8, 4), (0x2F8, 3))       # (base, ISA IRQ)
+IOAPIC_PIN_OF_ISA_IRQ0 = 2
+
+
+class Why(Enum):
+    """Why Machine.run returned."""
+    EXIT = "exit"                   # isa-debug-exit or an explicit exit
+    TIME_LIMIT = "time-limit"       # the virtual-time limit was reached
+    STOPPED = "stopped"             # stop() or a stop condition (tests, debugger)
+    BREAKPOINT = "breakpoint"       # a debugger breakpoint/watchpoint (tools/)
+    DEAD = "dead"                   # HLT with IF=0, or halted with nothing that can wake it
+    TRIPLE_FAULT = "triple-fault"
+    ERROR = "error"                 # emulation error (unmapped memory, ...)
+    INTERRUPTED = "interrupted"     # Ctrl-C on the host
+
+
+@dataclass(slots=True)
+class RunResult:
+    why: Why
+    message: str = ""
+    exit_status: int | None = None
+
+
+@dataclass(slots=True)
+class MachineConfig:
+    mem: int = 128 << 20
+    ns_per_insn: int = 1            # icount: virtual ns per retired instruction
+    quantum: int = 1_000_000        # max instructions per slice (host responsiveness)
+    serial: list[CharDev] = field(default_factory=list)     # COM1, COM2 back ends
+    debugcon: CharDev | None = None
+    log: Callable[[str], None] | None = None
+
+
+class InterruptSink(Protocol):
+    """Where interrupts and CPU events go: the guest IDT or the HAL."""
+
+    def deliver(self, vector: int, *, error_code: int | None = None, software: bool = False,
+                external: bool = True, return_rip: int | None = None, cr2: int | None = None) -> None: ...
+
+
+class Machine:
+    """A deterministic single-CPU PC."""
+
+    def __init__(self, config: MachineConfig | None = None) -> None:
+        cfg = config or MachineConfig()
+        self.config = cfg
+        self.log_lines: list[str] = []
+        self.log = cfg.log or self.log_lines.append
+        self.ns_per_insn = cfg.ns_per_insn
+        if self.ns_per_insn < 1:
+            raise ValueError("icount must be at least 1 ns per instruction")
+        self.clock = Clock()
+        self.cpu = CPU()
+        self.ram = RAM(self.cpu.uc, cfg.mem)
+        self.mmio = MmioBus(self.cpu.uc)
+        self.ports = PortBus(self.log)
+        self.instructions = 0
+        self._exit_status: int | None = None
+        self._stop_requested: str | None = None
+        self._dev_log = self.log
+
+        # --- interrupt controllers
+        self.isa_irq = [IrqLine(f"irq{n}") for n in range(16)]
+        self.pic = PICPair(log=self._tagged("pic"))
+        self.lapic = LocalAPIC(self.clock, log=self._tagged("lapic"))
+        self.ioapic = IOAPIC(self.lapic.accept, log=self._tagged("ioapic"))
+        self.lapic.eoi_broadcast = self.ioapic.eoi
+        self.lapic.extint_ack = self.pic.acknowledge
+        self.lapic.on_change = self.cpu.request_stop
+        self.pic.intr.connect(self.lapic.set_lint0)
+        for n, line in enumerate(self.isa_irq):
+            line.connect(lambda level, n=n: self.pic.set_irq(n, level))
+            pin = IOAPIC_PIN_OF_ISA_IRQ0 if n == 0 else n
+            line.connect(lambda level, pin=pin: self.ioapic.set_irq(pin, level))
+
+        # --- devices
+        self.pit = PIT8254(self.clock, self.isa_irq[0], log=self._tagged("pit"))
+        self.port61 = SystemControlPortB(self.pit, log=self._tagged("port61"))
+        serial = list(cfg.serial) + [NullChar() for _ in range(2 - len(cfg.serial))]
+        self.uarts = [UART16550(self.clock, self.isa_irq[irq], serial[i], log=self._tagged(f"com{i + 1}"),
+                                name=f"COM{i + 1}")
+                      for i, (base, irq) in enumerate(COM_PORTS)]
+        self.debug_exit = DebugExit(self.exit)
+        self.debugcon_dev = cfg.debugcon or NullChar()
+        self.debugcon = DebugCon(lambda data: self.debugcon_dev.write(data, self.clock.now))
+
+        ports = self.ports
+        ports.map(0x20, 2, self.pic.master, "pic-master")
+        ports.map(0xA0, 2, self.pic.slave, "pic-slave")
+        ports.map(0x4D0, 1, self.pic.elcr_master, "elcr-master")
+        ports.map(0x4D1, 1, self.pic.elcr_slave, "elcr-slave")
+        ports.map(0x40, 4, self.pit, "pit")
+        ports.map(0x61, 1, self.port61, "port61")
+        for i, (base, _) in enumerate(COM_PORTS):
+            ports.map(base, 8, self.uarts[i], f"com{i + 1}")
+        ports.map(0xF4, 4, self.debug_exit, "isa-debug-exit")
+        ports.map(0xE9, 1, self.debugcon, "debugcon")
+        ports.map(0x80, 1, _PostCode(), "post")
+        self.mmio.map(LAPIC_BASE, 0x1000, self.lapic, "lapic")
+        self.mmio.map(IOAPIC_BASE, 0x1000, self.ioapic, "ioapic")
+
+        # --- CPU wiring
+        cpu = self.cpu
+        cpu.port_in = self._port_in
+        cpu.port_out = self._port_out
+        cpu.rdtsc = lambda: self.clock.now
+        cpu.cpuid = self._cpuid
+        cpu.mem_read_linear = self.read_linear
+        self.idt = IdtSink(cpu, self.ram.buf, self.ram.size, self._tagged("cpu"))
+        self.sink: InterruptSink = self.idt
+        self.port_allowed: Callable[[int, int], bool] = self._port_allowed_iopl
+        self.interrupts_taken = 0
+        self._pollers: list[CharDev] = [c for c in serial if c.fileno() is not None]
+        self._next_poll = 0.0
+        # hooks for tools (debugger): called with the machine after each slice, may stop
+        self.after_slice: Callable[[], None] | None = None
+        self.slice_limit: Callable[[], int | None] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _tagged(self, tag: str) -> Callable[[str], None]:
+        return lambda msg: self.log(f"{tag}: {msg}")
+
+    @property
+    def now(self) -> int:
+        return self.clock.now
+
+    def exit(self, status: int) -> None:
+        """End the run with a process exit status (isa-debug-exit)."""
+        self._exit_status = status
+        self._stop_requested = "exit"
+        self.cpu.request_stop()
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Ask the run loop to return at the next instruction boundary."""
+        self._stop_requested = reason
+        self.cpu.request_stop()
+
+    # ------------------------------------------------------------------ ports
+    def _port_in(self, port: int, size: int) -> int:
+        if not self.port_allowed(port, size):
+            self._io_fault()
+            return 0
+        return self.ports.read(port, size)
+
+    def _port_out(self, port: int, size: int, value: int) -> None:
+        if not self.port_allowed(port, size):
+            self._io_fault()
+            return
+        self.ports.write(port, size, value)
+
+    def _io_fault(self) -> None:
+        # Quirk: Unicorn does not check I/O permission (gen_check_io returns
+        # early); the bus does, and raises #GP(0) on the IN/OUT instruction.
+        rip = self.cpu.rip
+        self.cpu.event = CpuEvent(13, 0, False, rip, rip)
+        self._io_fault_rax = self.cpu.reg(Reg.RAX)
+        self.cpu._stop(Stop.EVENT)
+
+    def _port_allowed_iopl(self, port: int, size: int) -> bool:
+        """Protected-mode I/O permission: CPL <= IOPL, else the TSS I/O bitmap (SDM §19.5)."""
+        cs = self.cpu.reg(Reg.CS)
+        cpl = cs & 3
+        if cpl == 0:
+            return True
+        iopl = (self.cpu.rflags >> 12) & 3
+        if cpl <= iopl:
+            return True
+        tr = self.cpu.table_regs()["tr"]
+        _, base, limit, _ = tr
+        try:
+            pg = self.paging()
+            if limit < 0x67:
+                return False
+            bm = int.from_bytes(self.read_linear(base + 0x66, 2, pg=pg), "little")
+            first, last = port >> 3, (port + size - 1) >> 3
+            if bm + last + 1 > limit:
+                return False
+            bits = int.from_bytes(self.read_linear(base + bm + first, last - first + 1, pg=pg), "little")
+            mask = ((1 << size) - 1) << (port & 7)
+            return not (bits & mask)
+        except PageFault:
+            return False
+
+    def _cpuid(self, leaf: int, sub: int) -> tuple[int, int, int, int] | None:
+        if leaf == 0x4000_0000:
+            sig = b"vmkVMKvmkVMK"
+            return (0x4000_0010, int.from_bytes(sig[0:4], "little"), int.from_bytes(sig[4:8], "little"),
+                    int.from_bytes(sig[8:12], "little"))
+        if leaf == 0x4000_0010:
+            # VMware-style timing leaf: TSC and LAPIC bus frequencies in kHz.
+            khz = 1_000_000 // self.ns_per_insn
+            return (khz, 1_000_000, 0, 0)
+        return None
+
+    # ------------------------------------------------------------------ memory by linear address
+    def paging(self) -> Paging:
+        b = self.cpu.ctx_read()
+        hf = struct.unpack_from("<I", b, Ctx.HFLAGS)[0]
+        return Paging(struct.unpack_from("<Q", b, Ctx.CR0)[0], struct.unpack_from("<Q", b, Ctx.CR3)[0],
+                      struct.unpack_from("<Q", b, Ctx.CR4)[0], bool(hf & HF.LMA))
+
+    def translate(self, linear: int, write: bool = False, user: bool = False,
+                  pg: Paging | None = None) -> int:
+        """Linear → physical through the guest page tables (raises PageFault)."""
+        return translate(self.ram.buf, self.ram.size, pg or self.paging(), linear, write, user, set_ad=False)
+
+    def read_linear(self, addr: int, size: int, pg: Paging | None = None) -> bytes:
+        pg = pg or self.paging()
+        out = bytearray()
+        while size > 0:
+            n = min(size, 0x1000 - (addr & 0xFFF))
+            pa = self.translate(addr, pg=pg)
+            out += self.read_physical(pa, n)
+            addr += n
+            size -= n
+        return bytes(out)
+
+    def write_linear(self, addr: int, data: bytes, pg: Paging | None = None) -> None:
+        pg = pg or self.paging()
+        pos = 0
+        while pos < len(data):
+            n = min(len(data) - pos, 0x1000 - ((addr + pos) & 0xFFF))
+            pa = self.translate(addr + pos, pg=pg)
+            self.write_physical(pa, data[pos:pos + n])
+            pos += n
+        if data:
+            # Code may have been patched (debugger): drop stale translations.
+            self.cpu.uc.ctl_remove_cache(addr & ~0xFFF, (addr + len(data) + 0xFFF) & ~0xFFF)
+
+    def read_physical(self, addr: int, size: int) -> bytes:
+        if self.ram.contains(addr, size):
+            return self.ram.read(addr, size)
+        win = self.mmio.find(addr)
+        if win is not None:
+            base, dev, _ = win
+            return b"".join(dev.read(addr - base + i, 1).to_bytes(1, "little") for i in range(size))
+        raise IndexError(f"physical address {addr:#x} is not RAM")
+
+    def write_physical(self, addr: int, data: bytes) -> None:
+        if self.ram.contains(addr, len(data)):
+            self.ram.write(addr, data)
+            return
+        raise IndexError(f"physical address {addr:#x} is not RAM")
+
+    # ------------------------------------------------------------------ interrupts
+    def _take_event(self) -> RunResult | None:
+        ev = self.cpu.event
+        self.cpu.event = None
+        if ev.vector == 13 and getattr(self, "_io_fault_rax", None) is not None:
+            self.cpu.set_reg(Reg.RAX, self._io_fault_rax)
+            self._io_fault_rax = None
+        try:
+            self.sink.deliver(ev.vector, error_code=ev.error_code, software=ev.is_int, external=False,
+                              return_rip=ev.next_rip if ev.is_int else ev.rip,
+                              cr2=ev.cr2 if ev.vector == 14 else None)
+        except TripleFault as tf:
+            return RunResult(Why.TRIPLE_FAULT, f"{tf} at RIP {ev.rip:#x} "
+                             f"({EXCEPTION_NAMES.get(ev.vector, ev.vector)}), t={self.clock.now} ns")
+        return None
+
+    def _take_interrupt(self) -> RunResult | None:
+        cpu = self.cpu
+        if not (cpu.rflags & EFLAGS.IF):
+            return None
+        if cpu.in_interrupt_shadow():
+            return None
+        vector = self.lapic.acknowledge()
+        self.interrupts_taken += 1
+        cpu.halted = False
+        try:
+            self.sink.deliver(vector, external=True)
+        except TripleFault as tf:
+            return RunResult(Why.TRIPLE_FAULT, f"{tf} (interrupt vector {vector}), t={self.clock.now} ns")
+        return None
+
+    # ------------------------------------------------------------------ run loop
+    def run(self, until: int | None = None, max_instructions: int | None = None) -> RunResult:
+        """Run until ``until`` (absolute virtual ns), an exit, a stop or an error."""
+        cpu = self.cpu
+        clock = self.clock
+        lapic = self.lapic
+        nspi = self.ns_per_insn
+        quantum = self.config.quantum
+        insn_limit = None if max_instructions is None else self.instructions + max_instructions
+        self._stop_requested = None
+        clock.preempt = cpu.request_stop
+        try:
+            # This is our event loop.
+            while True:
+                clock.run_due()
+                if self._stop_requested is not None:
+                    return self._stopped()
+                if cpu.event is not None:
+                    r = self._take_event()
+                    if r is not None:
+                        return r
+                if lapic.pending():
+                    r = self._take_interrupt()
+                    if r is not None:
+                        return r
+                now = clock.now
+                if until is not None and now >= until:
+                    return RunResult(Why.TIME_LIMIT, f"virtual time limit reached at {now} ns")
+                deadline = clock.next_deadline()
+                if cpu.halted:
+                    r = self._idle(deadline, until)
+                    if r is not None:
+                        return r
+                    continue
+                budget = quantum
+                if deadline is not None:
+                    budget = min(budget, max(1, -(-(deadline - now) // nspi)))
+                if until is not None:
+                    budget = min(budget, max(1, -(-(until - now) // nspi)))
+                if insn_limit is not None:
+                    if self.instructions >= insn_limit:
+                        return RunResult(Why.STOPPED, "instruction limit reached")
+                    budget = min(budget, insn_limit - self.instructions)
+                if self.slice_limit is not None:
+                    lim = self.slice_limit()
+                    if lim is not None:
+                        budget = min(budget, lim)
+                clock.begin_slice(lambda: cpu.retired_in_slice() * nspi, now + budget * nspi)
+                try:
+                    executed, why = cpu.run(budget)
+                except BaseException:
+                    clock.end_slice(cpu.retired_in_slice() * nspi)
+                    raise
+                clock.end_slice(executed * nspi)
+                self.instructions += executed
+                if why == Stop.ERROR:
+                    return RunResult(Why.ERROR, f"{cpu.error}, t={clock.now} ns")
+                if why == Stop.HALT and not (cpu.rflags & EFLAGS.IF) and not lapic.nmi_pending:
+                    self._drain()
+                    if self._stop_requested is not None:
+                        return self._stopped()
+                    return RunResult(Why.DEAD, f"CPU halted with interrupts disabled at RIP {cpu.rip - 1:#x}, "
+                                     f"t={clock.now} ns: nothing can wake it")
+                if self.after_slice is not None:
+                    self.after_slice()
+                if self._pollers:
+                    self._poll_host(False)
+        except KeyboardInterrupt:
+            return RunResult(Why.INTERRUPTED, f"interrupted at t={clock.now} ns")
+        finally:
+            clock.preempt = _nothing
+
+    def _drain(self, span: int = 10_000_000, max_events: int = 10_000) -> None:
+        """The CPU is dead: let devices finish what is in flight (bytes in a
+        UART shift register), for at most ``span`` ns of virtual time."""
+        clock = self.clock
+        end = clock.now + span
+        for _ in range(max_events):
+            d = clock.next_deadline()
+            if d is None or d > end or self._stop_requested is not None:
+                break
+            clock.advance_to(d)
+            clock.run_due()
+
+    def _stopped(self) -> RunResult:
+        reason = self._stop_requested
+        self._stop_requested = None
+        if reason == "exit":
+            return RunResult(Why.EXIT, f"guest exit with status {self._exit_status}", self._exit_status)
+        if reason == "breakpoint":
+            return RunResult(Why.BREAKPOINT, "breakpoint")
+        return RunResult(Why.STOPPED, reason or "stopped")
+
+    def _idle(self, deadline: int | None, until: int | None) -> RunResult | None:
+        """The CPU is halted with IF=1: skip virtual time to the next event."""
+        target = deadline
+        if until is not None and (target is None or until < target):
+            target = until
+        if self._pollers:
+            got = self._poll_host(True, block=target is None)
+            if got:
+                return None
+        if target is None:
+            if self._pollers and not all(p.eof for p in self._pollers):
+                return None
+            return RunResult(Why.DEAD, f"CPU halted at RIP {self.cpu.rip:#x} with no timer armed and no "
+                             f"input source: nothing can wake it (t={self.clock.now} ns)")
+        self.clock.advance_to(target)
+        return None
+
+    def _poll_host(self, idle: bool, block: bool = False) -> bool:
+        """Move host input into the UARTs. Cheap: checked at most every 5 ms of host time."""
+        now = time.monotonic()
+        if not idle and now < self._next_poll:
+            return False
+        self._next_poll = now + 0.005
+        fds = [p.fileno() for p in self._pollers if not p.eof]
+        fds = [f for f in fds if f is not None]
+        if not fds:
+            return False
+        timeout = 0.05 if block else 0
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except (OSError, ValueError):
+            return False
+        if not ready:
+            return False
+        got = False
+        for uart in self.uarts:
+            dev = uart.chardev
+            fd = dev.fileno()
+            if fd is not None and fd in ready:
+                data = dev.read_available()
+                if data:
+                    uart.receive(data)
+                    got = True
+        return got
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> dict:
+        """The whole machine: CPU context, RAM, devices, clock. Host back ends are not included."""
+        return {
+            "cpu": bytes(self.cpu.uc.context_save()),
+            "rflags": self.cpu.rflags,
+            "halted": self.cpu.halted,
+            "ram": bytes(self.ram.buf),
+            "clock": self.clock.snapshot(),
+            "instructions": self.instructions,
+            "devices": {name: dev.snapshot() for name, dev in self._devices().items()},
+        }
+
+    def restore(self, snap: dict) -> None:
+        ctx = self.cpu.uc.context_save()
+        ctypes.memmove(ctx.context, snap["cpu"], len(snap["cpu"]))
+        self.cpu.uc.context_restore(ctx)
+        self.cpu.rflags = snap["rflags"]
+        self.cpu.halted = snap["halted"]
+        self.ram.buf[:] = snap["ram"]
+        self.clock.restore(snap["clock"])
+        self.instructions = snap["instructions"]
+        for name, dev in self._devices().items():
+            dev.restore(snap["devices"][name])
+        self.cpu.uc.ctl_flush_tb()
+        self.cpu.flush_tlb()
+
+    def _devices(self) -> dict:
+        return {"pic": self.pic, "lapic": self.lapic, "ioapic": self.ioapic, "pit": self.pit,
+                "port61": self.port61, "com1": self.uarts[0], "com2": self.uarts[1]}
+
+
+class _PostCode:
+    """Port 0x80: POST codes; guests also use it as a short I/O delay."""
+    last = 0
+
+    def read(self, offset: int, size: int) -> int:
+        return self.last
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.last = value & 0xFF
+
+
+def _nothing() -> None:
+    return None
+
+
+def _stderr(msg: str) -> None:
+    sys.stderr.write(msg + "\n")

@@ -1,0 +1,71 @@
+"""The port-I/O bus (0x0000-0xFFFF).
+
+A flat table of 65536 slots gives O(1) dispatch from the IN/OUT hooks.
+Unmapped ports read all-ones and ignore writes, as on a PC; the first access
+to each unmapped port is logged (a guest probing for absent hardware is
+normal, a typo in a port number is not).
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+__all__ = ["PortBus", "PortDevice"]
+
+
+class PortDevice(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class PortBus:
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self._slots: list[tuple[PortDevice, int, str] | None] = [None] * 0x10000
+        self._log = log
+        self._reported: set[int] = set()
+        self.unmapped_reads = 0
+        self.unmapped_writes = 0
+
+    def map(self, base: int, count: int, device: PortDevice, name: str = "") -> None:
+        for port in range(base, base + count):
+            if self._slots[port] is not None:
+                raise ValueError(f"port {port:#x} is already mapped to {self._slots[port][2]}")
+            self._slots[port] = (device, base, name)
+
+    def read(self, port: int, size: int) -> int:
+        slot = self._slots[port & 0xFFFF]
+        if slot is None:
+            self.unmapped_reads += 1
+            self._note(port, "read")
+            return (1 << (8 * size)) - 1
+        dev, base, _ = slot
+        return dev.read(port - base, size) & ((1 << (8 * size)) - 1)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        slot = self._slots[port & 0xFFFF]
+        if slot is None:
+            self.unmapped_writes += 1
+            self._note(port, "write")
+            return
+        dev, base, _ = slot
+        dev.write(port - base, size, value & ((1 << (8 * size)) - 1))
+
+    def name(self, port: int) -> str | None:
+        slot = self._slots[port & 0xFFFF]
+        return None if slot is None else slot[2]
+
+    def mapped(self) -> list[tuple[int, int, str]]:
+        """(first port, count, name) for every mapped range."""
+        out: list[tuple[int, int, str]] = []
+        for port, slot in enumerate(self._slots):
+            if slot is None:
+                continue
+            if out and out[-1][2] == slot[2] and out[-1][0] + out[-1][1] == port:
+                out[-1] = (out[-1][0], out[-1][1] + 1, slot[2])
+            else:
+                out.append((port, 1, slot[2]))
+        return out
+
+    def _note(self, port: int, kind: str) -> None:
+        if port not in self._reported:
+            self._reported.add(port)
+            self._log(f"unmapped I/O port {port:#06x} {kind} (reads 0xff.., writes ignored)")

@@ -1,0 +1,244 @@
+"""The vmk test kit: boot a kernel (or a few lines of assembly) on a
+deterministic machine, drive it in virtual time, and look at it.
+
+    from vmk.testing import Harness
+
+    h = Harness.from_asm('''
+        mov dx, 0x3f8
+        mov al, 'A'
+        out dx, al
+        hlt
+    ''')
+    h.run_for(10_000)                       # virtual ns
+    assert h.serial(0).text == "A"
+
+    h = Harness.boot("kernel.elf")
+    h.serial(0).write(b"ping\\r", at=2_000_000)   # bytes reach COM1 at t = 2 ms
+    line = h.serial(0).wait_line(timeout=50_000_000)
+    assert h.irq_counts[0x20] >= 10
+
+Everything is virtual: ``run_for``/``wait_*`` never sleep, and the same test
+gives the same instruction count, the same interrupt order and the same output
+every time.  The pytest plugin (``vmk.testing.plugin``) adds a ``vmk`` fixture
+that builds harnesses and closes them after the test.
+"""
+from __future__ import annotations
+
+import keystone
+
+from vmk.boot.loader import BootInfo, enter_long_mode, enter_protected_mode, load_kernel
+from vmk.machine.chardev import CharDev
+from vmk.machine.cpu import GPR_NAMES, Reg
+from vmk.machine.pc import Machine, MachineConfig, RunResult, Why
+
+__all__ = ["Harness", "SerialPort", "VmkTimeout", "assemble"]
+
+ASM_ORG = 0x100000
+
+
+class VmkTimeout(AssertionError):
+    """A wait_* ran out of virtual time."""
+
+
+def assemble(source: str, addr: int = ASM_ORG, bits: int = 64) -> bytes:
+    """Assemble with keystone.  Note keystone 0.9.2 mis-encodes ``mov reg, [imm]``
+    (emits RIP-relative): use a register base in test code."""
+    mode = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}[bits]
+    enc, _ = keystone.Ks(keystone.KS_ARCH_X86, mode).asm(source, addr)
+    return bytes(enc or b"")
+
+
+class TestChar(CharDev):
+    """An in-memory serial back end that can stop the machine when text arrives."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.times: list[int] = []
+        self.eof = False
+        self.on_byte = None
+
+    def write(self, data: bytes, time_ns: int) -> None:
+        for b in data:
+            self.data.append(b)
+            self.times.append(time_ns)
+            if self.on_byte is not None:
+                self.on_byte(b)
+
+    def fileno(self) -> int | None:
+        return None
+
+    def read_available(self) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        return None
+
+
+class SerialPort:
+    """One UART as a test sees it: what the guest sent, and a way to type."""
+
+    def __init__(self, harness: "Harness", index: int, dev: TestChar) -> None:
+        self._h = harness
+        self.index = index
+        self._dev = dev
+        self._read_pos = 0
+
+    @property
+    def output(self) -> bytes:
+        return bytes(self._dev.data)
+
+    @property
+    def text(self) -> str:
+        return self._dev.data.decode("latin-1")
+
+    @property
+    def times(self) -> list[int]:
+        """Virtual time at which each output byte left the UART."""
+        return list(self._dev.times)
+
+    def write(self, data: bytes | str, at: int | None = None) -> None:
+        """Feed input to the UART now, or at absolute virtual time ``at``."""
+        if isinstance(data, str):
+            data = data.encode()
+        uart = self._h.machine.uarts[self.index]
+        if at is None or at <= self._h.machine.now:
+            uart.receive(data)
+            return
+        t = self._h.machine.clock.timer(lambda: uart.receive(data), name=f"input-com{self.index + 1}")
+        t.arm(at)
+        self._h._input_timers.append(t)
+
+    def wait_for(self, text: bytes | str, timeout: int) -> int:
+        """Run until ``text`` appears in the output (after what earlier waits consumed).
+
+        Returns the virtual time it completed at; raises :class:`VmkTimeout`
+        when ``timeout`` ns of virtual time pass first."""
+        if isinstance(text, str):
+            text = text.encode()
+        m = self._h.machine
+        deadline = m.now + timeout
+        found = self._dev.data.find(text, self._read_pos)
+        if found < 0:
+            def on_byte(_b: int) -> None:
+                if self._dev.data.find(text, max(self._read_pos, len(self._dev.data) - len(text) - 1)) >= 0:
+                    m.stop("serial-match")
+            self._dev.on_byte = on_byte
+            try:
+                result = m.run(until=deadline)
+            finally:
+                self._dev.on_byte = None
+            self._h.last_result = result
+            found = self._dev.data.find(text, self._read_pos)
+            if found < 0:
+                raise VmkTimeout(f"{text!r} not seen on COM{self.index + 1} within {timeout} ns "
+                                 f"(run ended: {result.why.value}: {result.message}); "
+                                 f"output so far: {self.text[-200:]!r}")
+        end = found + len(text)
+        self._read_pos = end
+        return self._dev.times[end - 1]
+
+    def wait_line(self, timeout: int) -> str:
+        """Run until a complete line arrives; return it without the line ending."""
+        start = self._read_pos
+        self.wait_for(b"\n", timeout)
+        return self._dev.data[start:self._read_pos - 1].decode("latin-1").rstrip("\r")
+
+
+class _Regs:
+    def __init__(self, machine: Machine) -> None:
+        object.__setattr__(self, "_m", machine)
+
+    def __getattr__(self, name: str) -> int:
+        try:
+            return self._m.cpu.reg(Reg[name.upper()])
+        except KeyError:
+            raise AttributeError(f"no register {name!r}; known: {', '.join(GPR_NAMES)}, rip, rflags, "
+                                 "cr0..cr4, cs..gs") from None
+
+    def __setattr__(self, name: str, value: int) -> None:
+        try:
+            self._m.cpu.set_reg(Reg[name.upper()], value)
+        except KeyError:
+            raise AttributeError(f"no register {name!r}") from None
+
+
+class Harness:
+    """A machine under test."""
+
+    def __init__(self, mem: int = 64 << 20, icount: int = 1, **config) -> None:
+        self._chars = [TestChar(), TestChar()]
+        self.debugcon = TestChar()
+        self.machine = Machine(MachineConfig(mem=mem, ns_per_insn=icount, serial=list(self._chars),
+                                             debugcon=self.debugcon, **config))
+        self._ports = [SerialPort(self, i, c) for i, c in enumerate(self._chars)]
+        self._input_timers: list = []
+        self.regs = _Regs(self.machine)
+        self.boot_info: BootInfo | None = None
+        self.last_result: RunResult | None = None
+
+    # -- construction
+    @classmethod
+    def boot(cls, path: str, cmdline: str = "", **kw) -> "Harness":
+        h = cls(**kw)
+        h.boot_info = load_kernel(h.machine, path, cmdline)
+        return h
+
+    @classmethod
+    def from_asm(cls, source: str, bits: int = 64, org: int = ASM_ORG, **kw) -> "Harness":
+        """Assemble ``source`` at ``org`` and start it: long mode with the first
+        4 GiB identity-mapped (bits=64) or flat 32-bit protected mode (bits=32)."""
+        h = cls(**kw)
+        code = assemble(source, org, bits)
+        h.machine.write_physical(org, code)
+        if bits == 64:
+            enter_long_mode(h.machine, org, 0)
+        else:
+            enter_protected_mode(h.machine, org, 0)
+        h.code_end = org + len(code)
+        return h
+
+    # -- running
+    def run_for(self, ns: int) -> RunResult:
+        self.last_result = self.machine.run(until=self.machine.now + ns)
+        return self.last_result
+
+    def run(self, until: int | None = None, max_instructions: int | None = None) -> RunResult:
+        self.last_result = self.machine.run(until=until, max_instructions=max_instructions)
+        return self.last_result
+
+    def run_to_end(self, limit: int = 1_000_000_000) -> RunResult:
+        """Run until the guest exits, halts for good or faults; fail if ``limit`` ns pass first."""
+        r = self.run_for(limit)
+        if r.why == Why.TIME_LIMIT:
+            raise VmkTimeout(f"guest still running after {limit} ns")
+        return r
+
+    # -- looking
+    def serial(self, n: int = 0) -> SerialPort:
+        return self._ports[n]
+
+    @property
+    def now(self) -> int:
+        return self.machine.now
+
+    @property
+    def instructions(self) -> int:
+        return self.machine.instructions
+
+    @property
+    def irq_counts(self) -> dict[int, int]:
+        """How many times each vector was delivered to the guest."""
+        return dict(self.machine.idt.delivered)
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Guest memory at a linear address (through the guest's page tables)."""
+        return self.machine.read_linear(addr, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.machine.write_linear(addr, data)
+
+    def u64(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def u32(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 4), "little")

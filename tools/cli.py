@@ -1,0 +1,178 @@
+"""The ``vmk`` command line.
+
+    vmk boot IMAGE [--serial SPEC] [--serial2 SPEC] [--mem SIZE] [--debugcon SPEC]
+                   [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
+    vmk asm "INSTR; ..." [--addr A] [--bits 64]
+    vmk disasm HEXBYTES [--addr A] [--bits 64]
+
+Exit status of ``vmk boot``: the guest's isa-debug-exit status
+(``(value << 1) | 1``, as QEMU); 0 when the guest halts the CPU for good;
+124 when ``--max-time`` runs out (like ``timeout(1)``); 2 for a usage error or
+an image that cannot be booted; 3 for a triple fault or an emulation error;
+130 after Ctrl-C.  Every user error is one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vmk.boot.loader import ImageError, load_kernel
+from vmk.machine.chardev import parse_chardev
+from vmk.machine.pc import Machine, MachineConfig, Why
+
+from .units import format_ns, parse_duration, parse_size
+
+__all__ = ["main", "EXIT_USAGE", "EXIT_TIME_LIMIT", "EXIT_FAULT", "EXIT_INTERRUPTED"]
+
+EXIT_USAGE = 2
+EXIT_FAULT = 3
+EXIT_TIME_LIMIT = 124
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:         # one line, status 2, like every vmk user error
+        self.exit(EXIT_USAGE, f"vmk: {message} (see 'vmk {self.prog.split()[-1]} --help')\n"
+                  if " " in self.prog else f"vmk: {message} (see 'vmk --help')\n")
+
+
+def _arg(parse):
+    def conv(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    conv.__name__ = parse.__name__.replace("parse_", "")
+    return conv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vmk", description="vmk: a bare-metal VM kernel on an emulated x86-64 PC")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    b = sub.add_parser("boot", help="boot a kernel image (multiboot ELF, ELF64) on the emulated PC")
+    b.add_argument("image", help="kernel image file")
+    b.add_argument("--serial", default="stdio", metavar="SPEC",
+                   help="COM1 back end: stdio|null|file:PATH|tcp:HOST:PORT|pty (default stdio)")
+    b.add_argument("--serial2", default="null", metavar="SPEC", help="COM2 back end (default null)")
+    b.add_argument("--debugcon", default=None, metavar="SPEC", help="port 0xE9 debug console back end")
+    b.add_argument("--mem", type=_arg(parse_size), default=128 << 20, metavar="SIZE",
+                   help="guest RAM: MiB, or with K/M/G suffix (default 128)")
+    b.add_argument("--max-time", type=_arg(parse_duration), default=None, metavar="DURATION",
+                   help="stop after this much virtual time (e.g. 10s, 500ms); exit status 124")
+    b.add_argument("--icount", type=int, default=1, metavar="NS",
+                   help="virtual nanoseconds per instruction (default 1: a 1 GHz CPU)")
+    b.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line (multiboot)")
+    b.add_argument("-d", "--debug-log", action="store_true",
+                   help="print device logs (guest errors, unmodelled features) on stderr")
+
+    a = sub.add_parser("asm", help="assemble x86 instructions (keystone) and print the bytes")
+    a.add_argument("source")
+    a.add_argument("--addr", type=lambda s: int(s, 0), default=0)
+    a.add_argument("--bits", type=int, choices=(16, 32, 64), default=64)
+
+    d = sub.add_parser("disasm", help="disassemble hex bytes (capstone)")
+    d.add_argument("hexbytes")
+    d.add_argument("--addr", type=lambda s: int(s, 0), default=0)
+    d.add_argument("--bits", type=int, choices=(16, 32, 64), default=64)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.cmd == "boot":
+            return cmd_boot(args)
+        if args.cmd == "asm":
+            return cmd_asm(args)
+        if args.cmd == "disasm":
+            return cmd_disasm(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_USAGE
+
+
+def _fail(msg: str, status: int = EXIT_USAGE) -> int:
+    sys.stderr.write(f"vmk: {msg}\n")
+    return status
+
+
+def cmd_boot(args) -> int:
+    if args.icount < 1:
+        return _fail(f"--icount must be at least 1 ns per instruction, not {args.icount}")
+    devs = []
+    try:
+        for spec, opt in ((args.serial, "--serial"), (args.serial2, "--serial2")):
+            devs.append(parse_chardev(spec))
+        debugcon = parse_chardev(args.debugcon) if args.debugcon else None
+    except (ValueError, OSError) as e:
+        for dev in devs:
+            dev.close()
+        return _fail(str(e))
+    for dev in devs:
+        path = getattr(dev, "path", None)
+        if path and type(dev).__name__ == "PtyChar":
+            sys.stderr.write(f"vmk: serial on {path}\n")
+    log = (lambda msg: sys.stderr.write(f"vmk: {msg}\n")) if args.debug_log else None
+    try:
+        machine = Machine(MachineConfig(mem=args.mem, ns_per_insn=args.icount, serial=devs,
+                                        debugcon=debugcon, log=log))
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        try:
+            load_kernel(machine, args.image, args.append)
+        except ImageError as e:
+            return _fail(str(e))
+        result = machine.run(until=args.max_time)
+    finally:
+        for dev in devs + ([debugcon] if debugcon else []):
+            dev.close()
+    t = format_ns(machine.now)
+    if result.why == Why.EXIT:
+        return result.exit_status or 0
+    if result.why == Why.TIME_LIMIT:
+        return _fail(f"virtual time limit reached (t={t}, {machine.instructions} instructions)",
+                     EXIT_TIME_LIMIT)
+    if result.why == Why.DEAD:
+        sys.stderr.write(f"vmk: {result.message}\n")
+        return 0
+    if result.why == Why.INTERRUPTED:
+        return _fail(f"interrupted (t={t})", EXIT_INTERRUPTED)
+    return _fail(result.message, EXIT_FAULT)
+
+
+def cmd_asm(args) -> int:
+    import keystone
+    mode = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}[args.bits]
+    try:
+        enc, _ = keystone.Ks(keystone.KS_ARCH_X86, mode).asm(args.source, args.addr)
+    except keystone.KsError as e:
+        return _fail(f"cannot assemble {args.source!r}: {e}")
+    print(bytes(enc or b"").hex())
+    return 0
+
+
+def cmd_disasm(args) -> int:
+    import capstone
+    try:
+        code = bytes.fromhex(args.hexbytes.replace(" ", ""))
+    except ValueError:
+        return _fail(f"bad hex bytes {args.hexbytes!r}: use pairs of hex digits, e.g. 'b8 01 00 00 00'")
+    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[args.bits]
+    md = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    end = args.addr
+    for ins in md.disasm(code, args.addr):
+        print(f"{ins.address:#018x}: {ins.bytes.hex():<20} {ins.mnemonic} {ins.op_str}".rstrip())
+        end = ins.address + ins.size
+    if end - args.addr < len(code):
+        print(f"{end:#018x}: {code[end - args.addr:].hex():<20} (bad)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
