@@ -175,6 +175,7 @@ class Reg(IntEnum):
     CR4 = X.UC_X86_REG_CR4
     GDTR = X.UC_X86_REG_GDTR
     IDTR = X.UC_X86_REG_IDTR
+    TR = X.UC_X86_REG_TR
 
 
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
@@ -261,6 +262,9 @@ class CPU:
         self.uc = uc
         addr = ctypes.cast(uc._uch, ctypes.c_void_p).value
         self._counter = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF)
+        # One reusable saved-context buffer: context_update/context_restore copy
+        # the whole CPUX86State (5.6 KB, ~0.5 us each way); fields are patched
+        # in between at the Ctx offsets.
         self._ctx = uc.context_save()
         self._ctx_addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         self._ctx_buf = (ctypes.c_char * self._ctx.size).from_address(self._ctx_addr)
@@ -413,6 +417,16 @@ class CPU:
         reason = self._stop_reason
         if reason == Stop.COUNT and executed < count:
             reason = Stop.HALT if self._just_halted() else Stop.REQUEST
+        if reason != Stop.HALT:
+            # Quirk: when a slice is stopped (budget, emu_stop from a hook,
+            # even from the fault hook itself) just before a faulting
+            # instruction, Unicorn starts it once more, records the fault in
+            # env->old_exception and drops it; the next real fault would then
+            # arrive as #DF (notes §1.2).  Reset it after every slice.
+            self._sync_ctx()
+            if _i32(self._ctx_buf, Ctx.OLD_EXCEPTION) != -1:
+                struct.pack_into("<i", self._ctx_buf, Ctx.OLD_EXCEPTION, -1)
+                self.uc.context_restore(self._ctx)
         if reason == Stop.HALT:
             self.halted = True
         return executed, reason
@@ -462,13 +476,10 @@ class CPU:
     def _sync_ctx(self) -> None:
         self.uc.context_update(self._ctx)
 
-    def ctx_read(self) -> memoryview:
-        """A fresh view of the saved CPU context (call again after running)."""
-        self._sync_ctx()
-        return memoryview(self._ctx_buf).cast("B")
-
-    def ctx_commit(self) -> None:
-        self.uc.context_restore(self._ctx)
+    def ctx_read(self):
+        """A fresh copy of the CPU state, addressed with :class:`Ctx` offsets."""
+        self.uc.context_update(self._ctx)
+        return self._ctx_buf
 
     def hflags(self) -> int:
         self._sync_ctx()

@@ -491,8 +491,10 @@ class Machine:
         self.cpu.flush_tlb()
 
     def _devices(self) -> dict:
-        return {"pic": self.pic, "lapic": self.lapic, "ioapic": self.ioapic, "pit": self.pit,
-                "port61": self.port61, "com1": self.uarts[0], "com2": self.uarts[1]}
+        # Restore order matters: sources first (they drive lines on restore),
+        # then the controllers, whose own saved state wins.
+        return {"pit": self.pit, "port61": self.port61, "com1": self.uarts[0], "com2": self.uarts[1],
+                "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic}
 
 
 class _PostCode:
