@@ -45,6 +45,7 @@ from typing import Callable
 
 from unicorn import (
     UC_ARCH_X86,
+    UC_HOOK_BLOCK,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -58,6 +59,8 @@ from unicorn import (
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
+
+from . import _fasthooks
 
 __all__ = ["CPU", "Reg", "GPR_NAMES", "Stop", "CpuEvent", "EFLAGS", "Ctx"]
 
@@ -300,6 +303,23 @@ class CPU:
         uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
                     self._hook_unmapped)
         self._install_rdtsc_hook()
+        self._install_window_hook()
+
+    def _install_window_hook(self) -> None:
+        """The interrupt-window block hook (machine/_fasthooks.c), in C."""
+        cb = _fasthooks.setup(ctypes.cast(_lib.uc_reg_read, ctypes.c_void_p).value,
+                              ctypes.cast(_lib.uc_emu_stop, ctypes.c_void_p).value, X.UC_X86_REG_RFLAGS)
+        self._window = (ctypes.c_int32 * 2)()
+        h = ctypes.c_size_t()
+        status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_BLOCK, ctypes.c_void_p(cb),
+                                  ctypes.cast(self._window, ctypes.c_void_p),
+                                  ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if status != 0:
+            raise UcError(status)
+
+    def arm_interrupt_window(self) -> None:
+        """Stop at the first block boundary where RFLAGS.IF=1 (an interrupt is waiting)."""
+        self._window[0] = 1
 
     def _install_rdtsc_hook(self) -> None:
         # Quirk: the binding refuses UC_HOOK_INSN for RDTSC (UC_ERR_ARG) though
@@ -415,6 +435,12 @@ class CPU:
         if executed > count:
             executed = count
         reason = self._stop_reason
+        w = self._window
+        if w[1]:
+            w[1] = 0
+            if reason == Stop.COUNT:
+                reason = Stop.REQUEST
+        w[0] = 0
         if reason == Stop.COUNT and executed < count:
             reason = Stop.HALT if self._just_halted() else Stop.REQUEST
         if reason != Stop.HALT:

@@ -115,10 +115,11 @@ class Machine:
         self.isa_irq = [IrqLine(f"irq{n}") for n in range(16)]
         self.pic = PICPair(log=self._tagged("pic"))
         self.lapic = LocalAPIC(self.clock, log=self._tagged("lapic"))
-        self.ioapic = IOAPIC(self.lapic.accept, log=self._tagged("ioapic"))
+        # Version 0x20 (with the EOI register), QEMU's default for current pc machines.
+        self.ioapic = IOAPIC(self.lapic.accept, log=self._tagged("ioapic"), version=0x20)
         self.lapic.eoi_broadcast = self.ioapic.eoi
         self.lapic.extint_ack = self.pic.acknowledge
-        self.lapic.on_change = self.cpu.request_stop
+        self.lapic.on_change = self._interrupt_became_pending
         self.pic.intr.connect(self.lapic.set_lint0)
         for n, line in enumerate(self.isa_irq):
             line.connect(lambda level, n=n: self.pic.set_irq(n, level))
@@ -186,6 +187,17 @@ class Machine:
         """Ask the run loop to return at the next instruction boundary."""
         self._stop_requested = reason
         self.cpu.request_stop()
+
+    def _interrupt_became_pending(self) -> None:
+        """LAPIC: an interrupt may be deliverable. Stop the slice now if IF=1;
+        with IF=0, arm the window hook so the slice stops once IF is set."""
+        cpu = self.cpu
+        if not cpu.running:
+            return
+        if cpu.rflags & EFLAGS.IF:
+            cpu.request_stop()
+        else:
+            cpu.arm_interrupt_window()
 
     # ------------------------------------------------------------------ ports
     def _port_in(self, port: int, size: int) -> int:
@@ -315,7 +327,7 @@ class Machine:
         if not (cpu.rflags & EFLAGS.IF):
             return None
         if cpu.in_interrupt_shadow():
-            return None
+            return _SHADOW
         vector = self.lapic.acknowledge()
         self.interrupts_taken += 1
         cpu.halted = False
@@ -346,10 +358,16 @@ class Machine:
                     r = self._take_event()
                     if r is not None:
                         return r
+                shadow = False
                 if lapic.pending():
                     r = self._take_interrupt()
                     if r is not None:
-                        return r
+                        if r is _SHADOW:
+                            shadow = True          # run the one shadowed instruction, then deliver
+                        else:
+                            return r
+                    elif lapic.pending() and not (cpu.rflags & EFLAGS.IF):
+                        cpu.arm_interrupt_window()    # held by IF=0: stop as soon as IF is set
                 now = clock.now
                 if until is not None and now >= until:
                     return RunResult(Why.TIME_LIMIT, f"virtual time limit reached at {now} ns")
@@ -359,7 +377,7 @@ class Machine:
                     if r is not None:
                         return r
                     continue
-                budget = quantum
+                budget = 1 if shadow else quantum
                 if deadline is not None:
                     budget = min(budget, max(1, -(-(deadline - now) // nspi)))
                 if until is not None:
@@ -453,14 +471,10 @@ class Machine:
         if not ready:
             return False
         got = False
-        for uart in self.uarts:
-            dev = uart.chardev
+        for dev in self._pollers:
             fd = dev.fileno()
-            if fd is not None and fd in ready:
-                data = dev.read_available()
-                if data:
-                    uart.receive(data)
-                    got = True
+            if fd is not None and fd in ready and dev.pump():
+                got = True
         return got
 
     # ------------------------------------------------------------------ snapshots
@@ -495,6 +509,9 @@ class Machine:
         # then the controllers, whose own saved state wins.
         return {"pit": self.pit, "port61": self.port61, "com1": self.uarts[0], "com2": self.uarts[1],
                 "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic}
+
+
+_SHADOW = RunResult(Why.STOPPED, "interrupt shadow")
 
 
 class _PostCode:

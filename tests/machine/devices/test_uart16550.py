@@ -434,7 +434,7 @@ def test_loopback_overrun_with_full_fifo(rig: Rig) -> None:
     assert rig.lsr() == LSR.DR | LSR.THRE
     rig.run_to(17 * C115200)
     assert rig.rd(Reg.IIR_FCR) == FIFO_BITS | IIR_LS
-    assert not rig.irq.level                       # loopback forces the OUT2 pin inactive
+    assert rig.irq.level                           # loopback keeps the IRQ (MCR.OUT2 set), as QEMU
     assert rig.lsr() == LSR.DR | LSR.OE | LSR.THRE | LSR.TEMT
     assert rig.lsr() == LSR.DR | LSR.THRE | LSR.TEMT
     assert bytes(rig.rd(Reg.RBR_THR) for _ in range(16)) == data[:16]
@@ -495,7 +495,9 @@ def test_irq_gated_by_out2() -> None:
     rig.wr(Reg.IER, IER_THR)
     rig.wr(Reg.MCR, MCR.OUT2)
     assert rig.irq.level
-    rig.wr(Reg.MCR, MCR.OUT2 | MCR.LOOP)           # loopback: the OUT2 pin is forced inactive
+    rig.wr(Reg.MCR, MCR.OUT2 | MCR.LOOP)           # loopback: still gated by the MCR bit, as QEMU
+    assert rig.irq.level
+    rig.wr(Reg.MCR, MCR.LOOP)
     assert not rig.irq.level
     rig.wr(Reg.MCR, MCR.OUT2)
     assert rig.irq.level

@@ -1,0 +1,41 @@
+# vmk — the two commands a fresh machine needs:
+#   make run    build the demo kernel and boot it (serial on this terminal)
+#   make test   run the test suite
+# Both create .venv and install vmk into it (editable) on first use.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+VMK     := $(VENV)/bin/vmk
+STAMP   := $(VENV)/.installed-stamp
+OUT     ?= out
+GUEST   := $(OUT)/guest
+
+.PHONY: run run-baremetal test bench lint guest clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+guest:
+	$(MAKE) -s -C guest OUT=$(abspath $(GUEST))
+
+run: run-baremetal
+
+run-baremetal: $(STAMP) guest
+	$(VMK) boot $(GUEST)/demo.elf
+
+test: $(STAMP) guest
+	$(PY) -m pytest
+
+bench: $(STAMP) guest
+	$(VMK) bench
+
+lint: $(STAMP)
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check machine boot hal kernel tools testing tests
+
+clean:
+	rm -rf $(OUT) .pytest_cache
