@@ -13,7 +13,8 @@ TSS 0x28.  Stacks: kernel 0x80000, TSS.RSP0 0x90000, TSS.IST1 0x98000,
 user 0x70000.
 
 What the common handler does:
-* logs (vector, error code, RIP, CS, RFLAGS, RSP, SS, CR2, frame address);
+* logs (vector, error code, RIP, CS, RFLAGS, RSP, SS, CR2, frame address,
+  TSC = virtual ns at entry);
 * vectors >= 32: EOI as the control block says (LAPIC, PIC, both) and return;
 * traps #DB/#BP/#OF: return to the next instruction;
 * faults: resume at ``ctl.resume`` if it is set (and clear it), else stop the
@@ -67,6 +68,7 @@ class Event:
     ss: int
     cr2: int
     frame: int           # where the CPU put the frame (the handler's RSP after the pushes)
+    tsc: int             # rdtsc in the handler: virtual ns (the TSC runs at 1 GHz = 1 tick per ns)
 
 
 _COMMON_ASM = f"""
@@ -97,6 +99,12 @@ _COMMON_ASM = f"""
     mov [rcx+56], rdx
     lea rdx, [rsp+48]
     mov [rcx+64], rdx
+    push rax
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov [rcx+72], rax
+    pop rax
     inc rax
     mov [rbx], rax
     mov rdx, [rsp+32]
@@ -201,4 +209,4 @@ def events(h: Harness) -> list[Event]:
     m = h.machine
     n = struct.unpack("<Q", m.read_physical(CTL, 8))[0]
     raw = m.read_physical(LOG, n * ENTRY)
-    return [Event(*struct.unpack_from("<9Q", raw, i * ENTRY)) for i in range(n)]
+    return [Event(*struct.unpack_from("<10Q", raw, i * ENTRY)) for i in range(n)]

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-d", "--debug-log", action="store_true",
                    help="print device logs (guest errors, unmodelled features) on stderr")
 
+    be = sub.add_parser("bench", help="measure emulator speed, as ratios to a reference measured in the same run")
+    be.add_argument("--quick", action="store_true", help="shorter runs (less precise)")
+    be.add_argument("only", nargs="*", help="run only the benchmarks whose names contain these words")
+
     a = sub.add_parser("asm", help="assemble x86 instructions (keystone) and print the bytes")
     a.add_argument("source")
     a.add_argument("--addr", type=lambda s: int(s, 0), default=0)
@@ -89,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_boot(args)
         if args.cmd == "asm":
             return cmd_asm(args)
+        if args.cmd == "bench":
+            from .bench import run_benchmarks
+            return run_benchmarks(quick=args.quick, only=args.only)
         if args.cmd == "disasm":
             return cmd_disasm(args)
     except KeyboardInterrupt:
