@@ -289,6 +289,7 @@ class CPU:
         self._abcd = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX])
         self._ad = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RDX])
         self._frame_regs = RegBatch(uc, [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS])
+        self._cs_rflags = RegBatch(uc, [X.UC_X86_REG_CS, X.UC_X86_REG_RFLAGS])
         self._install_hooks()
 
     # ------------------------------------------------------------------ hooks
@@ -494,6 +495,10 @@ class CPU:
     @rflags.setter
     def rflags(self, value: int) -> None:
         self._rflags.write((value,))
+
+    def cs_and_rflags(self) -> tuple[int, int]:
+        cs, fl = self._cs_rflags.read()
+        return cs, fl
 
     def interrupts_enabled(self) -> bool:
         return bool(self._rflags.read()[0] & EFLAGS.IF)

@@ -222,11 +222,11 @@ class Machine:
 
     def _port_allowed_iopl(self, port: int, size: int) -> bool:
         """Protected-mode I/O permission: CPL <= IOPL, else the TSS I/O bitmap (SDM §19.5)."""
-        cs = self.cpu.reg(Reg.CS)
+        cs, rflags = self.cpu.cs_and_rflags()
         cpl = cs & 3
         if cpl == 0:
             return True
-        iopl = (self.cpu.rflags >> 12) & 3
+        iopl = (rflags >> 12) & 3
         if cpl <= iopl:
             return True
         tr = self.cpu.table_regs()["tr"]

@@ -18,6 +18,8 @@ static inline void mmio_write32(uintptr_t addr, uint32_t v) { *(volatile uint32_
 static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
 static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
 static inline void pause(void) { __asm__ volatile("pause" ::: "memory"); }
+/* A cheap delay step: a compiler barrier (emulators run it at full speed; `pause` exits the TCG loop). */
+static inline void spin(void) { __asm__ volatile("" ::: "memory"); }
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 /* "sti; hlt": the STI shadow makes the pair atomic, so an interrupt that is
  * already pending wakes the HLT instead of being taken before it. */

@@ -54,7 +54,7 @@ static int wait_lsr(uint8_t bit)
         if (uart_stuck)
             break;
         for (int j = 0; j < 1024; j++)
-            pause();
+            spin();
     }
     uart_stuck = 1;
     return 0;

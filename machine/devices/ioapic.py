@@ -58,7 +58,7 @@ machine wires each line to the pin it wants (the PIT to pin 2 on a PC).
 """
 from __future__ import annotations
 
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 from typing import Callable
 
 from vmk.machine.devices import Log, nolog
@@ -113,7 +113,7 @@ class IoReg(IntEnum):
 REDTBL_END = IoReg.REDTBL0 + 2 * NUM_PINS
 
 
-class Rte(IntFlag):
+class Rte(IntEnum):
     """Redirection table entry fields (§3.2.4)."""
     VECTOR = 0xFF
     DELIVERY_MODE = 0x700

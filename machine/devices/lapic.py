@@ -75,7 +75,7 @@ Not modelled
 """
 from __future__ import annotations
 
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 from typing import Callable
 
 from vmk.machine.clock import Clock
@@ -178,7 +178,7 @@ LVT_REGS = {
 }
 
 
-class LvtBit(IntFlag):
+class LvtBit(IntEnum):
     """LVT entry fields (§11.5.1, Figure 11-8)."""
     VECTOR = 0xFF
     DELIVERY_MODE = 0x700
@@ -225,7 +225,7 @@ class TimerMode(IntEnum):
     RESERVED = 3
 
 
-class Svr(IntFlag):
+class Svr(IntEnum):
     """Spurious-interrupt vector register (§11.9, Figure 11-23)."""
     VECTOR = 0xFF
     ENABLE = 1 << 8             # APIC software enable
@@ -236,7 +236,7 @@ SVR_WRITABLE = Svr.VECTOR | Svr.ENABLE | Svr.FOCUS_DISABLE
 SVR_RESET = 0xFF
 
 
-class Esr(IntFlag):
+class Esr(IntEnum):
     """Error status register bits (§11.5.3, Figure 11-9)."""
     SEND_CHECKSUM = 1 << 0
     RECV_CHECKSUM = 1 << 1
@@ -248,7 +248,7 @@ class Esr(IntFlag):
     ILLEGAL_REGISTER = 1 << 7
 
 
-class Icr(IntFlag):
+class Icr(IntEnum):
     """Interrupt command register, low dword (§11.6.1, Figure 11-12)."""
     VECTOR = 0xFF
     DELIVERY_MODE = 0x700

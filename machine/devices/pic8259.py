@@ -86,7 +86,7 @@ Not modelled
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 
 from vmk.machine.devices import Log, nolog
 from vmk.machine.irq import IrqLine
@@ -118,7 +118,7 @@ class Reg(IntEnum):
     DATA = 1        # 0x21 / 0xA1: ICW2-ICW4, OCW1 (IMR); reads IMR
 
 
-class ICW1(IntFlag):
+class ICW1(IntEnum):
     """Initialization command word 1, written to COMMAND with D4 = 1 (datasheet, Figure 6)."""
 
     IC4 = 0x01      # ICW4 follows
@@ -128,7 +128,7 @@ class ICW1(IntFlag):
     INIT = 0x10     # identifies ICW1
 
 
-class ICW4(IntFlag):
+class ICW4(IntEnum):
     """Initialization command word 4 (datasheet, Figure 6)."""
 
     UPM = 0x01      # 1 = 8086/8088 mode, 0 = 8080/8085 mode
@@ -155,7 +155,7 @@ OCW2_CMD_SHIFT = 5
 OCW2_LEVEL = 0x07               # L2-L0
 
 
-class OCW3(IntFlag):
+class OCW3(IntEnum):
     """Operation command word 3, written to COMMAND with D4 = 0, D3 = 1 (datasheet, Figure 8)."""
 
     RIS = 0x01      # read ISR (1) or IRR (0) ...

@@ -87,7 +87,7 @@ Not modelled
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 
 from vmk.machine.clock import NS_PER_SEC, Clock
 from vmk.machine.devices import Log, nolog
@@ -177,7 +177,7 @@ class Mode(IntEnum):
 MODE_ALIAS_BIT = 0x4             # M2 is "don't care" in modes 2 and 3 (written as 6, 7)
 
 
-class ReadBack(IntFlag):
+class ReadBack(IntEnum):
     """Read-back command bits (datasheet, "Read-Back Command Format"), SC = 11."""
     CNT0 = 0x02
     CNT1 = 0x04
@@ -187,7 +187,7 @@ class ReadBack(IntFlag):
     RESERVED = 0x01              # must be 0
 
 
-class Status(IntFlag):
+class Status(IntEnum):
     """Status byte (datasheet, "Status Byte"): OUT, NULL COUNT, RW1 RW0, M2 M1 M0, BCD."""
     BCD = 0x01
     NULL_COUNT = 0x40
@@ -198,7 +198,7 @@ STATUS_ACCESS_SHIFT = 4
 STATUS_MODE_SHIFT = 1
 
 
-class PortB(IntFlag):
+class PortB(IntEnum):
     """PC/AT System Control Port B, I/O 0x61 (IBM PC/AT Technical Reference, system board I/O)."""
     TIMER2_GATE = 0x01           # R/W: GATE of PIT channel 2
     SPEAKER_DATA = 0x02          # R/W: speaker data enable (AND with OUT2)
@@ -362,7 +362,7 @@ class _Channel:
         return tick
 
     def status_byte(self, t: int) -> int:
-        status = Status(0)
+        status = 0
         if self.out(t):
             status |= Status.OUTPUT
         if self.null:                                   # settled by out()
@@ -704,11 +704,11 @@ class SystemControlPortB:
         self._pit = pit
         self._clock = pit.clock
         self.log = log
-        self._bits = PortB(0)
+        self._bits = 0
         self.reset()
 
     def reset(self) -> None:
-        self._bits = PortB(0)
+        self._bits = 0
         self._pit.set_gate(Select.COUNTER2, False)
 
     @property
@@ -735,7 +735,7 @@ class SystemControlPortB:
         return int(value)
 
     def _write_byte(self, value: int) -> None:
-        self._bits = PortB(value) & PORTB_WRITABLE
+        self._bits = value & PORTB_WRITABLE
         self._pit.set_gate(Select.COUNTER2, bool(self._bits & PortB.TIMER2_GATE))
 
     def snapshot(self) -> dict:
@@ -743,4 +743,4 @@ class SystemControlPortB:
 
     def restore(self, state: dict) -> None:
         """The GATE 2 level itself is part of the PIT's snapshot: this does not drive it."""
-        self._bits = PortB(state["bits"]) & PORTB_WRITABLE
+        self._bits = state["bits"] & PORTB_WRITABLE

@@ -90,7 +90,7 @@ asserted as on QEMU).
 from __future__ import annotations
 
 from collections import deque
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 from typing import Protocol
 
 from vmk.machine.clock import NS_PER_SEC, Clock
@@ -140,7 +140,7 @@ class Reg(IntEnum):
     SCR = 7
 
 
-class IER(IntFlag):
+class IER(IntEnum):
     """Interrupt Enable Register (8.7)."""
 
     ERBFI = 0x01   # received data available (and character timeout)
@@ -166,7 +166,7 @@ class IntId(IntEnum):
 IIR_FIFOS_ENABLED = 0xC0      # 8.6: IIR bits 6-7 set when FCR bit 0 = 1
 
 
-class FCR(IntFlag):
+class FCR(IntEnum):
     """FIFO Control Register (8.5), write only."""
 
     ENABLE = 0x01
@@ -180,7 +180,7 @@ FCR_STORED = FCR.ENABLE | FCR.DMA_MODE | FCR.TRIGGER     # the bits that stick
 TRIGGER_LEVELS = {0x00: 1, 0x40: 4, 0x80: 8, 0xC0: 14}   # 8.5, FCR bits 6-7
 
 
-class LCR(IntFlag):
+class LCR(IntEnum):
     """Line Control Register (8.1)."""
 
     WLS = 0x03     # word length: 5 + value data bits
@@ -192,7 +192,7 @@ class LCR(IntFlag):
     DLAB = 0x80    # divisor latch access
 
 
-class MCR(IntFlag):
+class MCR(IntEnum):
     """Modem Control Register (8.8)."""
 
     DTR = 0x01
@@ -205,7 +205,7 @@ class MCR(IntFlag):
 MCR_MASK = 0x1F
 
 
-class LSR(IntFlag):
+class LSR(IntEnum):
     """Line Status Register (8.4)."""
 
     DR = 0x01
@@ -222,7 +222,7 @@ LSR_ERRORS = LSR.OE | LSR.PE | LSR.FE | LSR.BI          # sources of the line st
 LSR_CHAR_ERRORS = LSR.PE | LSR.FE | LSR.BI              # tied to one received character
 
 
-class MSR(IntFlag):
+class MSR(IntEnum):
     """Modem Status Register (8.9)."""
 
     DCTS = 0x01
