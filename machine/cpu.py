@@ -265,6 +265,7 @@ class CPU:
         self.uc = uc
         addr = ctypes.cast(uc._uch, ctypes.c_void_p).value
         self._counter = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF)
+        self._emu_count = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF + 8)
         # One reusable saved-context buffer: context_update/context_restore copy
         # the whole CPUX86State (5.6 KB, ~0.5 us each way); fields are patched
         # in between at the Ctx offsets.
@@ -400,13 +401,39 @@ class CPU:
             self._stop_reason = reason
             self.uc.emu_stop()
 
-    def request_stop(self) -> None:
-        """Stop the running slice at the next instruction boundary (no-op outside a slice)."""
-        self._stop(Stop.REQUEST)
+    def request_stop(self, reason: Stop = Stop.REQUEST) -> None:
+        """End the running slice right after the current instruction (no-op outside a slice).
+
+        Called from I/O, MMIO and syscall hooks (a device made an interrupt
+        deliverable, a timer moved earlier, a debug exit).  Quirk: ``emu_stop``
+        there is wrong both ways: in a memory hook it aborts the instruction
+        after its access (RIP stays, the store runs again on resume); in an
+        IN/OUT hook the next instruction is already counted.  Cutting the count
+        budget to what has been counted lets the instruction complete and
+        Unicorn's own count hook stop before the next one, exactly."""
+        if self._running and self._stop_reason == Stop.COUNT:
+            c = self._counter.value
+            self._budget = c
+            self._emu_count.value = c
+            self._stop_reason = reason
 
     @property
     def running(self) -> bool:
         return self._running
+
+    def stop_after_current(self) -> None:
+        """From a memory hook: end the slice right after the current instruction."""
+        self.request_stop(Stop.REQUEST)
+
+    def stop_before_current(self) -> None:
+        """From a UC_HOOK_CODE callback: end the slice *before* the hooked
+        instruction executes (a debugger breakpoint).  ``emu_stop`` in a code
+        hook does stop before the instruction; quirk: Unicorn's count hook ran
+        first and has already counted it, so take it back (exact time)."""
+        if self._running and self._stop_reason == Stop.COUNT:
+            self._counter.value -= 1
+            self._stop_reason = Stop.REQUEST
+            self.uc.emu_stop()
 
     def retired_in_slice(self) -> int:
         """Instructions retired so far in the running slice (exact, from Unicorn's counter)."""
@@ -433,8 +460,8 @@ class CPU:
         finally:
             self._running = False
         executed = self._counter.value
-        if executed > count:
-            executed = count
+        if executed > self._budget:             # the count hook counts the instruction it stops before
+            executed = self._budget
         reason = self._stop_reason
         w = self._window
         if w[1]:

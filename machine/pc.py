@@ -81,6 +81,9 @@ class MachineConfig:
     serial: list[CharDev] = field(default_factory=list)     # COM1, COM2 back ends
     debugcon: CharDev | None = None
     log: Callable[[str], None] | None = None
+    # Idle time follows the host clock (QEMU's icount sleep=on): for people at
+    # a terminal. Off, a halted CPU jumps straight to its next timer (tests).
+    realtime_idle: bool = False
 
 
 class InterruptSink(Protocol):
@@ -165,9 +168,13 @@ class Machine:
         self.interrupts_taken = 0
         self._pollers: list[CharDev] = [c for c in serial if c.fileno() is not None]
         self._next_poll = 0.0
+        self._host_ref = 0.0
+        self._virt_ref = 0
         # hooks for tools (debugger): called with the machine after each slice, may stop
         self.after_slice: Callable[[], None] | None = None
         self.slice_limit: Callable[[], int | None] | None = None
+        # debugger single step with `step-irq off`: keep external interrupts pending
+        self.hold_interrupts = False
 
     # ------------------------------------------------------------------ helpers
     def _tagged(self, tag: str) -> Callable[[str], None]:
@@ -182,6 +189,15 @@ class Machine:
         self._exit_status = status
         self._stop_requested = "exit"
         self.cpu.request_stop()
+
+    def add_host_input(self, source) -> None:
+        """Also poll ``source`` (``fileno()``, ``eof``, ``pump()``, like a CharDev) for
+        host input, including while the CPU idles (a debugger's socket)."""
+        self._pollers.append(source)
+
+    def remove_host_input(self, source) -> None:
+        if source in self._pollers:
+            self._pollers.remove(source)
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask the run loop to return at the next instruction boundary."""
@@ -218,7 +234,7 @@ class Machine:
         rip = self.cpu.rip
         self.cpu.event = CpuEvent(13, 0, False, rip, rip)
         self._io_fault_rax = self.cpu.reg(Reg.RAX)
-        self.cpu._stop(Stop.EVENT)
+        self.cpu.request_stop(Stop.EVENT)
 
     def _port_allowed_iopl(self, port: int, size: int) -> bool:
         """Protected-mode I/O permission: CPL <= IOPL, else the TSS I/O bitmap (SDM §19.5)."""
@@ -348,6 +364,7 @@ class Machine:
         insn_limit = None if max_instructions is None else self.instructions + max_instructions
         self._stop_requested = None
         clock.preempt = cpu.request_stop
+        self._host_ref, self._virt_ref = time.monotonic(), clock.now
         try:
             # This is our event loop.
             while True:
@@ -359,7 +376,7 @@ class Machine:
                     if r is not None:
                         return r
                 shadow = False
-                if lapic.pending():
+                if lapic.pending() and not self.hold_interrupts:
                     r = self._take_interrupt()
                     if r is not None:
                         if r is _SHADOW:
@@ -441,6 +458,8 @@ class Machine:
         target = deadline
         if until is not None and (target is None or until < target):
             target = until
+        if self.config.realtime_idle and target is not None:
+            return self._sleep_until(target)
         if self._pollers:
             got = self._poll_host(True, block=target is None)
             if got:
@@ -450,6 +469,35 @@ class Machine:
                 return None
             return RunResult(Why.DEAD, f"CPU halted at RIP {self.cpu.rip:#x} with no timer armed and no "
                              f"input source: nothing can wake it (t={self.clock.now} ns)")
+        self.clock.advance_to(target)
+        return None
+
+    def _sleep_until(self, target: int) -> None:
+        """Realtime idle: wait on the host until virtual ``target`` is due, or
+        until host input arrives (then virtual time is what the host clock says)."""
+        now_host = time.monotonic()
+        due = self._host_ref + (target - self._virt_ref) / 1e9
+        if due - now_host < -0.1:
+            # Far behind (the guest computed for a long time): re-anchor, no burst.
+            self._host_ref, self._virt_ref = now_host, target
+            due = now_host
+        delay = due - now_host
+        if delay > 0:
+            fds = [f for f in (p.fileno() for p in self._pollers if not p.eof) if f is not None]
+            ready = []
+            if fds:
+                try:
+                    ready, _, _ = select.select(fds, [], [], delay)
+                except (OSError, ValueError):
+                    ready = []
+            else:
+                time.sleep(delay)
+            if ready:
+                elapsed = int((time.monotonic() - self._host_ref) * 1e9) + self._virt_ref
+                self.clock.advance_to(min(max(elapsed, self.clock.now), target))
+                self._next_poll = 0.0
+                self._poll_host(True)
+                return None
         self.clock.advance_to(target)
         return None
 

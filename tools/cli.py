@@ -2,6 +2,8 @@
 
     vmk boot IMAGE [--serial SPEC] [--serial2 SPEC] [--mem SIZE] [--debugcon SPEC]
                    [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
+                   [--gdb [HOST]:PORT [--wait-gdb]]
+    vmk debug [HOST]:PORT [--batch FILE]
     vmk asm "INSTR; ..." [--addr A] [--bits 64]
     vmk disasm HEXBYTES [--addr A] [--bits 64]
 
@@ -10,6 +12,8 @@ Exit status of ``vmk boot``: the guest's isa-debug-exit status
 124 when ``--max-time`` runs out (like ``timeout(1)``); 2 for a usage error or
 an image that cannot be booted; 3 for a triple fault or an emulation error;
 130 after Ctrl-C.  Every user error is one line on stderr, never a traceback.
+With ``--gdb``, a kill from the debugger ends ``vmk boot`` with status 0 (as
+QEMU).  ``vmk debug`` exits 0, or 1 when a ``--batch`` command failed.
 """
 from __future__ import annotations
 
@@ -65,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line (multiboot)")
     b.add_argument("-d", "--debug-log", action="store_true",
                    help="print device logs (guest errors, unmodelled features) on stderr")
+    b.add_argument("--gdb", default=None, metavar="[HOST]:PORT",
+                   help="GDB remote stub on HOST:PORT (host 127.0.0.1 unless given; port 0 picks a free one)")
+    b.add_argument("--wait-gdb", action="store_true",
+                   help="do not start the CPU until a debugger attaches and continues (QEMU's -S)")
+
+    dbg = sub.add_parser("debug", help="the vmk debugger shell, attached to 'vmk boot --gdb [HOST]:PORT'")
+    dbg.add_argument("address", metavar="[HOST]:PORT", help="where the GDB stub listens (e.g. :1234)")
+    dbg.add_argument("--batch", default=None, metavar="FILE",
+                     help="run the commands in FILE and exit; non-zero status on the first failing command")
 
     be = sub.add_parser("bench", help="measure emulator speed, as ratios to a reference measured in the same run")
     be.add_argument("--quick", action="store_true", help="shorter runs (less precise)")
@@ -98,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_benchmarks(quick=args.quick, only=args.only)
         if args.cmd == "disasm":
             return cmd_disasm(args)
+        if args.cmd == "debug":
+            from .debugshell import main as debug_main
+            return debug_main(args.address, batch=args.batch)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_USAGE
@@ -111,6 +127,15 @@ def _fail(msg: str, status: int = EXIT_USAGE) -> int:
 def cmd_boot(args) -> int:
     if args.icount < 1:
         return _fail(f"--icount must be at least 1 ns per instruction, not {args.icount}")
+    if args.wait_gdb and not args.gdb:
+        return _fail("--wait-gdb needs --gdb [HOST]:PORT")
+    gdb_addr = None
+    if args.gdb:
+        from .gdbstub import parse_listen_address
+        try:
+            gdb_addr = parse_listen_address(args.gdb)
+        except ValueError as e:
+            return _fail(str(e))
     devs = []
     try:
         for spec, opt in ((args.serial, "--serial"), (args.serial2, "--serial2")):
@@ -130,13 +155,29 @@ def cmd_boot(args) -> int:
                                         debugcon=debugcon, log=log))
     except ValueError as e:
         return _fail(str(e))
+    stub = None
     try:
         try:
-            load_kernel(machine, args.image, args.append)
+            boot_info = load_kernel(machine, args.image, args.append)
         except ImageError as e:
             return _fail(str(e))
-        result = machine.run(until=args.max_time)
+        if gdb_addr is not None:
+            from .gdbstub import GdbStub
+            from .kernelview import view_for
+            stub = GdbStub(machine, host=gdb_addr[0], port=gdb_addr[1], wait=args.wait_gdb,
+                           view=view_for(machine, boot_info), symbols=boot_info.symbols)
+            try:
+                host, port = stub.listen()
+            except OSError as e:
+                return _fail(f"--gdb {args.gdb}: cannot listen on {gdb_addr[0]}:{gdb_addr[1]}: {e.strerror}")
+            sys.stderr.write(f"vmk: gdb stub listening on {host}:{port}\n")
+            sys.stderr.flush()
+            result = stub.run(until=args.max_time)
+        else:
+            result = machine.run(until=args.max_time)
     finally:
+        if stub is not None:
+            stub.close()
         for dev in devs + ([debugcon] if debugcon else []):
             dev.close()
     t = format_ns(machine.now)
@@ -150,6 +191,9 @@ def cmd_boot(args) -> int:
         return 0
     if result.why == Why.INTERRUPTED:
         return _fail(f"interrupted (t={t})", EXIT_INTERRUPTED)
+    if stub is not None and stub.killed:
+        sys.stderr.write(f"vmk: killed by the debugger (t={t})\n")
+        return 0
     return _fail(result.message, EXIT_FAULT)
 
 

@@ -1,0 +1,627 @@
+"""Debugger support in the machine: breakpoints, watchpoints, single step,
+the full register set and memory by linear address.
+
+Everything a debugger front end (the GDB stub, the debugger shell) needs from
+the machine goes through :class:`Debug`; it never changes how the machine runs
+when no breakpoint is armed, and it never disturbs virtual time or interrupt
+delivery when one is.
+
+How it works
+------------
+* **Breakpoints are Unicorn exits** (``UC_CTL_UC_EXITS``).  An exit is checked
+  when an instruction is *translated*, so an armed breakpoint that is never
+  reached costs nothing at run time (a bounded ``UC_HOOK_CODE`` hook would
+  cost 30-40%: with ``count=N`` every instruction already calls Unicorn's
+  hook helper, which walks the whole code-hook list).  Unicorn implements an
+  exit as a fake HLT *before* the instruction: ``emu_start`` returns with RIP
+  on the breakpoint and the instruction not counted, so the retired count and
+  virtual time are exact.  The slice ends early; ``after_slice`` sees RIP on
+  an armed breakpoint and stops the run loop (``Why.BREAKPOINT``).
+  Translations made before a breakpoint was armed or removed are dropped
+  with ``ctl_remove_cache`` (the exit check is translation-time).
+* **One exception: a breakpoint right after a 0xF4 byte.**  The CPU decides
+  "the slice ended early because of HLT" by looking at the byte before RIP
+  (Unicorn reports no reason); an exit there would look like a HLT.  Such a
+  breakpoint uses a single-address ``UC_HOOK_CODE`` hook instead, which stops
+  with ``emu_stop`` before the instruction (:meth:`CPU.stop_before_current`).
+  Unicorn's count hook runs before it and has already counted the instruction
+  that will not run; that method takes it back, so virtual time stays exact
+  there too (measured: without it the count is one high).
+* **Resuming from a breakpoint** ("step over", the x86 RF flag): the
+  breakpoint under RIP is disarmed for a one-instruction slice
+  (``machine.slice_limit``) and re-armed in ``after_slice``.
+* **Watchpoints** are ``UC_HOOK_MEM_READ``/``UC_HOOK_MEM_WRITE`` hooks.
+  Unicorn 2.1.4 checks memory hooks against the *physical* address, so the
+  watched linear range is translated when the watchpoint is set (page by
+  page) and the hit is reported back as a linear address.  Each range is
+  widened by 15 bytes below, so that an access that starts before the watched
+  bytes but overlaps them is seen (Unicorn checks only the access's first
+  address); the callback checks the overlap.  The hit ends the slice right
+  *after* the accessing instruction (a trap, as x86 data breakpoints are)
+  through :meth:`CPU.stop_after_current` (the count budget is cut):
+  ``emu_stop`` in a memory hook would abort the instruction after its access
+  and run it twice (measured: an ``add [m], 1`` added 2).  A ``rep`` string instruction stops after the
+  iteration that touched the watched bytes, RIP still on it.
+* **Single step** is ``machine.run(max_instructions=1)``: whatever the
+  machine would do at the boundary before the instruction (an interrupt or
+  exception being delivered) happens exactly as in a normal run, and the step
+  costs the virtual time of one instruction.  The step ends right after the
+  instruction (``after_slice`` stops the loop before it delivers anything
+  that became due meanwhile: x86's single-step trap comes before external
+  interrupts too); that is delivered at the same boundary when the machine
+  resumes.  ``hold_interrupts`` keeps external interrupts pending during a
+  step instead (QEMU's default ``SSTEP_NOIRQ``; vmk's ``monitor step-irq
+  off``); a halted CPU ignores it, since only an interrupt can wake it.
+
+Invariants: a breakpoint stop leaves RIP on the breakpoint with the
+instruction not executed; ``machine.instructions`` and ``clock.now`` are then
+exactly what a run with ``max_instructions`` up to that point gives.  A
+breakpoint is reported only when the CPU really is about to execute the
+instruction: if a CPU event or a deliverable interrupt is due at that
+boundary, it is taken first, as in a run without the debugger.
+
+Not modelled: watchpoints do not see accesses made by the machine itself
+(interrupt frames pushed by the IDT delivery, page-table walks) nor DMA, and
+they watch the memory behind the linear address at the time they are set
+(another mapping of the same memory triggers them too; a remapped page is not
+followed until the watchpoint is set again, which gdb does at every resume);
+changing a segment selector from the debugger (the descriptor would have to
+be loaded); x87 FPU pointer registers are read-only.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UcError
+from unicorn import x86_const as X
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+from .cpu import EFLAGS, RegBatch
+from .mmu import PageFault
+from .pc import Machine, RunResult, Why
+
+__all__ = ["Debug", "DebugError", "BreakKind", "WatchKind", "StopEvent", "RegDef", "REGISTERS",
+           "REG_INDEX", "HLT_OPCODE"]
+
+HLT_OPCODE = 0xF4
+PAGE = 0x1000
+_MASK64 = (1 << 64) - 1
+WATCH_REACH = 15                    # widest access that can start below a watched byte (16-byte SSE)
+LAPIC_TPR = 0x80                    # LAPIC task-priority register offset (SDM vol. 3, table 11-1)
+TPR_CLASS_SHIFT = 4                 # CR8 = TPR[7:4] (SDM vol. 3, §10.8.6.1)
+MSR_EFER = 0xC000_0080
+MSR_KERNEL_GS_BASE = 0xC000_0102
+STEP_MESSAGE = "instruction limit reached"      # machine.run's message when max_instructions ran out
+STEP_STOP = "step"                              # the stop reason of a completed single step
+
+_lib = _ucmod.uclib
+
+
+class DebugError(Exception):
+    """A debugger request that cannot be done; the message says why, in one line."""
+
+
+class BreakKind(Enum):
+    SOFTWARE = "swbreak"            # gdb Z0
+    HARDWARE = "hwbreak"            # gdb Z1 (same mechanism: nothing is written to guest memory)
+
+
+class WatchKind(Enum):
+    WRITE = "watch"                 # gdb Z2
+    READ = "rwatch"                 # gdb Z3
+    ACCESS = "awatch"               # gdb Z4
+
+
+@dataclass(slots=True)
+class StopEvent:
+    """Why the last debugger run stopped, beyond ``RunResult``."""
+    kind: str                       # "breakpoint" | "watchpoint" | "step"
+    pc: int
+    break_kind: BreakKind | None = None
+    watch_kind: WatchKind | None = None
+    data_addr: int = 0              # watchpoint: the watched address that was accessed
+
+
+# ---------------------------------------------------------------------- registers
+@dataclass(frozen=True, slots=True)
+class RegDef:
+    """One register of the gdb x86-64 layout (QEMU's order and sizes)."""
+    name: str
+    bits: int
+    type: str                       # gdb target-description type
+    feature: str                    # gdb target-description feature it belongs to
+
+    @property
+    def size(self) -> int:
+        return self.bits // 8
+
+
+_CORE = "org.gnu.gdb.i386.core"
+_SSE = "org.gnu.gdb.i386.sse"
+_SEGS = "org.gnu.gdb.i386.segments"
+_SYS = "org.vmk.x86.system"
+_GPR_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+_SEG_ORDER = ("cs", "ss", "ds", "es", "fs", "gs")
+_FPU_CTL = ("fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop")
+
+REGISTERS: tuple[RegDef, ...] = (
+    tuple(RegDef(n, 64, "data_ptr" if n in ("rbp", "rsp") else "int64", _CORE) for n in _GPR_ORDER)
+    + (RegDef("rip", 64, "code_ptr", _CORE), RegDef("eflags", 32, "i386_eflags", _CORE))
+    + tuple(RegDef(n, 32, "int32", _CORE) for n in _SEG_ORDER)
+    + (RegDef("fs_base", 64, "int64", _SEGS), RegDef("gs_base", 64, "int64", _SEGS),
+       RegDef("k_gs_base", 64, "int64", _SYS))
+    + tuple(RegDef(n, 64, "int64", _SYS) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer"))
+    + tuple(RegDef(f"st{i}", 80, "i387_ext", _CORE) for i in range(8))
+    + tuple(RegDef(n, 32, "int", _CORE) for n in _FPU_CTL)
+    + tuple(RegDef(f"xmm{i}", 128, "vec128", _SSE) for i in range(16))
+    + (RegDef("mxcsr", 32, "i386_mxcsr", _SSE),)
+)
+REG_INDEX = {r.name: i for i, r in enumerate(REGISTERS)}
+
+# Registers read in one ctypes batch (u64 each): GPRs, rip, rflags, selectors, bases, CRs.
+_BATCH_NAMES = (_GPR_ORDER + ("rip", "eflags") + _SEG_ORDER
+                + ("fs_base", "gs_base", "cr0", "cr2", "cr3", "cr4"))
+_UC_ID = {
+    **{n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in _GPR_ORDER + ("rip",) + _SEG_ORDER},
+    "eflags": X.UC_X86_REG_RFLAGS, "fs_base": X.UC_X86_REG_FS_BASE, "gs_base": X.UC_X86_REG_GS_BASE,
+    "cr0": X.UC_X86_REG_CR0, "cr2": X.UC_X86_REG_CR2, "cr3": X.UC_X86_REG_CR3, "cr4": X.UC_X86_REG_CR4,
+    **{f"st{i}": X.UC_X86_REG_ST0 + i for i in range(8)},
+    "fctrl": X.UC_X86_REG_FPCW, "fstat": X.UC_X86_REG_FPSW, "ftag": X.UC_X86_REG_FPTAG,
+    "fiseg": X.UC_X86_REG_FCS, "fioff": X.UC_X86_REG_FIP, "foseg": X.UC_X86_REG_FDS,
+    "fooff": X.UC_X86_REG_FDP, "fop": X.UC_X86_REG_FOP,
+    **{f"xmm{i}": X.UC_X86_REG_XMM0 + i for i in range(16)},
+    "mxcsr": X.UC_X86_REG_MXCSR,
+}
+# Read through uc_reg_read with a raw buffer (the binding reads ST0-7 as 64-bit integers,
+# losing the exponent): 80-bit x87, FPU control words (16-bit, FIP/FDP 64-bit), 128-bit XMM.
+_RAW_NAMES = tuple(f"st{i}" for i in range(8)) + _FPU_CTL + tuple(f"xmm{i}" for i in range(16)) + ("mxcsr",)
+_RAW_READ_ONLY = frozenset({"fiseg", "fioff", "foseg", "fooff", "fop"})
+_RAW_SLOT = 16
+# How read_registers fills each register: (index, batch position, size, mask), (index, raw offset,
+# size), and the few read one by one (MSRs, CR8 from the LAPIC).
+_BATCH_PLAN = tuple((i, _BATCH_NAMES.index(r.name), r.size, (1 << r.bits) - 1)
+                    for i, r in enumerate(REGISTERS) if r.name in _BATCH_NAMES)
+_RAW_PLAN = tuple((i, _RAW_SLOT * _RAW_NAMES.index(r.name), r.size)
+                  for i, r in enumerate(REGISTERS) if r.name in _RAW_NAMES)
+_OTHER_PLAN = tuple(i for i, r in enumerate(REGISTERS)
+                    if r.name not in _BATCH_NAMES and r.name not in _RAW_NAMES)
+
+
+class _RawBatch:
+    """All the raw-read registers in one uc_reg_read_batch call, each into a
+    16-byte slot (a call per register costs ~1 us of ctypes each)."""
+
+    def __init__(self, uc, names: tuple[str, ...]) -> None:
+        self._uch = uc._uch
+        self.names = names
+        self.n = len(names)
+        self.ids = (ctypes.c_int * self.n)(*[_UC_ID[n] for n in names])
+        self.buf = (ctypes.c_uint8 * (_RAW_SLOT * self.n))()
+        base = ctypes.addressof(self.buf)
+        self.ptrs = (ctypes.c_void_p * self.n)(*[base + _RAW_SLOT * i for i in range(self.n)])
+
+    def read(self) -> bytes:
+        """The slots, concatenated (register i at offset 16 * i)."""
+        ctypes.memset(self.buf, 0, len(self.buf))
+        _lib.uc_reg_read_batch(self._uch, self.ids, self.ptrs, self.n)
+        return bytes(self.buf)
+
+
+class _Exit:
+    """An armed breakpoint address: how it is implemented and who asked for it."""
+    __slots__ = ("addr", "counts", "hook")
+
+    def __init__(self, addr: int) -> None:
+        self.addr = addr
+        self.counts = {BreakKind.SOFTWARE: 0, BreakKind.HARDWARE: 0}
+        self.hook: int | None = None         # UC_HOOK_CODE handle when an exit cannot be used
+
+    @property
+    def kind(self) -> BreakKind:
+        return BreakKind.SOFTWARE if self.counts[BreakKind.SOFTWARE] else BreakKind.HARDWARE
+
+
+class _Watch:
+    __slots__ = ("addr", "length", "kind", "hooks", "count")
+
+    def __init__(self, addr: int, length: int, kind: WatchKind) -> None:
+        self.addr = addr
+        self.length = length
+        self.kind = kind
+        self.hooks: list[int] = []
+        self.count = 1
+
+
+class _WatchPiece:
+    """The part of a watchpoint that lies in one page: linear and physical start."""
+    __slots__ = ("watch", "linear", "phys", "length")
+
+    def __init__(self, watch: _Watch, linear: int, phys: int, length: int) -> None:
+        self.watch = watch
+        self.linear = linear
+        self.phys = phys
+        self.length = length
+
+
+class Debug:
+    """Debugger access to one machine.  Create at most one per machine."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.cpu = machine.cpu
+        self.uc = machine.cpu.uc
+        self._bps: dict[int, _Exit] = {}
+        self._watches: dict[tuple[int, int, WatchKind], _Watch] = {}
+        self._disarmed: int | None = None       # breakpoint stepped over in the current one-instruction slice
+        self._step_from: int | None = None      # machine.instructions when the current single step began
+        self.stop_event: StopEvent | None = None
+        self.hold_interrupts_on_step = False     # monitor step-irq off
+        # Called after every slice while running (the GDB stub polls its socket here).
+        self.host_poll: Callable[[], None] | None = None
+        self._batch = RegBatch(self.uc, [_UC_ID[n] for n in _BATCH_NAMES])
+        self._raw_batch = _RawBatch(self.uc, _RAW_NAMES)
+        self._raw = (ctypes.c_uint8 * 16)()
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
+        machine.after_slice = self._after_slice
+
+    def close(self) -> None:
+        """Remove every breakpoint and watchpoint and detach from the run loop."""
+        self.clear()
+        if self.machine.after_slice == self._after_slice:
+            self.machine.after_slice = None
+        self.machine.slice_limit = None
+
+    # ------------------------------------------------------------------ breakpoints
+    def add_breakpoint(self, addr: int, kind: BreakKind = BreakKind.SOFTWARE) -> None:
+        """Arm a breakpoint at linear address ``addr`` (counted: add twice, remove twice)."""
+        addr &= _MASK64
+        bp = self._bps.get(addr)
+        if bp is None:
+            bp = self._bps[addr] = _Exit(addr)
+            self._arm(bp)
+        bp.counts[kind] += 1
+
+    def remove_breakpoint(self, addr: int, kind: BreakKind = BreakKind.SOFTWARE) -> bool:
+        addr &= _MASK64
+        bp = self._bps.get(addr)
+        if bp is None or bp.counts[kind] == 0:
+            return False
+        bp.counts[kind] -= 1
+        if not any(bp.counts.values()):
+            del self._bps[addr]
+            self._disarm(bp)
+        return True
+
+    def breakpoints(self) -> list[tuple[int, BreakKind]]:
+        return [(a, bp.kind) for a, bp in sorted(self._bps.items())]
+
+    def _needs_hook(self, addr: int) -> bool:
+        # Discussion: the CPU classifies an early end of slice as HLT when the
+        # byte before RIP is 0xF4 (Unicorn gives no reason).  An exit at such an
+        # address would be taken for a HLT (and with IF=0, for a dead machine),
+        # so it gets a code hook.  Unreadable memory: use the hook to be safe.
+        try:
+            return self.read_memory((addr - 1) & _MASK64, 1) == bytes([HLT_OPCODE])
+        except DebugError:
+            return True
+
+    def _arm(self, bp: _Exit) -> None:
+        if self._needs_hook(bp.addr):
+            bp.hook = self.uc.hook_add(UC_HOOK_CODE, self._on_code_hook, None, bp.addr, bp.addr)
+        self._sync_exits()
+        self._drop_translations(bp.addr)
+
+    def _disarm(self, bp: _Exit) -> None:
+        if bp.hook is not None:
+            self.uc.hook_del(bp.hook)
+            bp.hook = None
+        self._sync_exits()
+        self._drop_translations(bp.addr)
+
+    def _sync_exits(self) -> None:
+        exits = [a for a, bp in self._bps.items() if bp.hook is None and a != self._disarmed]
+        self.uc.ctl_set_exits(exits)
+
+    def _drop_translations(self, addr: int) -> None:
+        # Exits and code hooks are decided when an instruction is translated.
+        try:
+            self.uc.ctl_remove_cache(addr, addr + 1)
+        except UcError:
+            self.uc.ctl_flush_tb()
+
+    def _on_code_hook(self, uc, address, size, user_data) -> None:
+        if address == self._disarmed or self.stop_event is not None:
+            return
+        bp = self._bps.get(address)
+        if bp is None:
+            return
+        self.stop_event = StopEvent("breakpoint", address, break_kind=bp.kind)
+        self.cpu.stop_before_current()           # emu_stop, the instruction uncounted
+        self.machine.stop("breakpoint")          # the loop returns BREAKPOINT
+
+    # ------------------------------------------------------------------ watchpoints
+    def add_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
+        if not 1 <= length <= PAGE:
+            raise DebugError(f"watchpoint length {length} out of range (1..{PAGE})")
+        key = (addr & _MASK64, length, kind)
+        w = self._watches.get(key)
+        if w is not None:
+            w.count += 1
+            return
+        w = _Watch(addr & _MASK64, length, kind)
+        pieces = self._physical_pieces(w)
+        types = {WatchKind.WRITE: (UC_HOOK_MEM_WRITE,), WatchKind.READ: (UC_HOOK_MEM_READ,),
+                 WatchKind.ACCESS: (UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE)}[kind]
+        for piece in pieces:
+            lo = max(0, piece.phys - WATCH_REACH)
+            for t in types:
+                hi = piece.phys + piece.length - 1
+                w.hooks.append(self.uc.hook_add(t, self._on_mem_hook, piece, lo, hi))
+        self._watches[key] = w
+
+    def _physical_pieces(self, w: _Watch) -> list[_WatchPiece]:
+        m = self.machine
+        pg = m.paging()
+        pieces = []
+        pos = 0
+        while pos < w.length:
+            lin = (w.addr + pos) & _MASK64
+            n = min(w.length - pos, PAGE - (lin & (PAGE - 1)))
+            if not self._ram_backed(lin, n, pg):
+                raise DebugError(f"cannot watch {lin:#x}: not mapped to RAM")
+            pieces.append(_WatchPiece(w, lin, m.translate(lin, pg=pg), n))
+            pos += n
+        return pieces
+
+    def remove_watchpoint(self, addr: int, length: int, kind: WatchKind) -> bool:
+        key = (addr & _MASK64, length, kind)
+        w = self._watches.get(key)
+        if w is None:
+            return False
+        w.count -= 1
+        if w.count == 0:
+            for h in w.hooks:
+                self.uc.hook_del(h)
+            del self._watches[key]
+        return True
+
+    def watchpoints(self) -> list[tuple[int, int, WatchKind]]:
+        return sorted(self._watches)
+
+    def _on_mem_hook(self, uc, access, address, size, value, piece: _WatchPiece) -> None:
+        # ``address`` is physical (Unicorn 2.1.4 memory hooks).
+        if self.stop_event is not None or address + size <= piece.phys \
+                or address >= piece.phys + piece.length:
+            return
+        self.stop_event = StopEvent("watchpoint", self.cpu.rip, watch_kind=piece.watch.kind,
+                                    data_addr=piece.linear + max(address, piece.phys) - piece.phys)
+        self.cpu.stop_after_current()
+        self.machine.stop("breakpoint")          # no emu_stop: the slice already ends after this one
+
+    def clear(self) -> None:
+        """Remove every breakpoint and watchpoint."""
+        for bp in list(self._bps.values()):
+            del self._bps[bp.addr]
+            self._disarm(bp)
+        for w in self._watches.values():
+            for h in w.hooks:
+                self.uc.hook_del(h)
+        self._watches.clear()
+
+    # ------------------------------------------------------------------ running
+    def cont(self, until: int | None = None, max_instructions: int | None = None) -> RunResult:
+        """Run until a breakpoint, a watchpoint, a stop request or the end of the run."""
+        self._prepare()
+        try:
+            result = self.machine.run(until=until, max_instructions=max_instructions)
+        finally:
+            self._finish()
+        stepped = result.why == Why.STOPPED and result.message in (STEP_MESSAGE, STEP_STOP)
+        if stepped and self.stop_event is None:
+            self.stop_event = StopEvent("step", self.cpu.rip)
+        elif self.stop_event is not None:
+            self.stop_event.pc = self.cpu.rip        # a watchpoint stops after the accessing instruction
+        return result
+
+    def step(self, until: int | None = None) -> RunResult:
+        """Execute exactly one instruction (taking what is due at this boundary first)."""
+        hold = self.hold_interrupts_on_step and not self.cpu.halted
+        self.machine.hold_interrupts = hold
+        self._step_from = self.machine.instructions
+        try:
+            return self.cont(until=until, max_instructions=1)
+        finally:
+            self.machine.hold_interrupts = False
+            self._step_from = None
+
+    def _prepare(self) -> None:
+        self.stop_event = None
+        rip = self.cpu.rip
+        if rip in self._bps:
+            # Step over the breakpoint under RIP (the x86 RF flag's job).
+            self._disarmed = rip
+            self._sync_exits()
+            self._drop_translations(rip)
+            self.machine.slice_limit = _one
+        self.machine.after_slice = self._after_slice
+
+    def _finish(self) -> None:
+        if self._disarmed is not None:
+            self._rearm()
+
+    def _rearm(self) -> None:
+        addr = self._disarmed
+        self._disarmed = None
+        self.machine.slice_limit = None
+        if addr in self._bps:
+            self._sync_exits()
+            self._drop_translations(addr)
+
+    def _after_slice(self) -> None:
+        if self._disarmed is not None:
+            self._rearm()
+        if self._step_from is not None and self.machine.instructions > self._step_from:
+            self.machine.stop(STEP_STOP)
+        if self._bps and self.stop_event is None:
+            cpu = self.cpu
+            rip = cpu.rip
+            bp = self._bps.get(rip)
+            if bp is not None and bp.hook is None and not cpu.halted and not self._diverted():
+                self.stop_event = StopEvent("breakpoint", rip, break_kind=bp.kind)
+                self.machine.stop("breakpoint")
+        if self.host_poll is not None:
+            self.host_poll()
+
+    def _diverted(self) -> bool:
+        """Will the machine deliver something at this boundary instead of executing RIP?"""
+        m = self.machine
+        if self.cpu.event is not None:
+            return True
+        if m.hold_interrupts or not m.lapic.pending():
+            return False
+        return bool(self.cpu.rflags & EFLAGS.IF) and not self.cpu.in_interrupt_shadow()
+
+    # ------------------------------------------------------------------ registers
+    def read_registers(self) -> list[bytes]:
+        """Every register of :data:`REGISTERS`, little-endian, in that order."""
+        vals = self._batch.read()
+        raw = self._raw_batch.read()
+        out: list[bytes] = [b""] * len(REGISTERS)
+        for i, j, size, mask in _BATCH_PLAN:
+            out[i] = (vals[j] & mask).to_bytes(size, "little")
+        for i, off, size in _RAW_PLAN:
+            out[i] = raw[off:off + size]
+        for i in _OTHER_PLAN:
+            out[i] = self._read_other(REGISTERS[i])
+        return out
+
+    def read_register(self, index: int) -> bytes:
+        if not 0 <= index < len(REGISTERS):
+            raise DebugError(f"no register number {index}")
+        r = REGISTERS[index]
+        if r.name in _BATCH_NAMES:
+            v = self.uc.reg_read(_UC_ID[r.name])
+            return (v & ((1 << r.bits) - 1)).to_bytes(r.size, "little")
+        return self._read_other(r)
+
+    def registers(self) -> dict[str, int]:
+        """Name -> value for every register (x87 as the 80-bit pattern, XMM as 128-bit)."""
+        return {r.name: int.from_bytes(b, "little") for r, b in zip(REGISTERS, self.read_registers())}
+
+    def _read_other(self, r: RegDef) -> bytes:
+        if r.name in _RAW_NAMES:
+            ctypes.memset(self._raw, 0, 16)
+            _lib.uc_reg_read(self.uc._uch, _UC_ID[r.name], self._raw)
+            return bytes(self._raw)[:r.size]
+        if r.name == "k_gs_base":
+            v = self.uc.msr_read(MSR_KERNEL_GS_BASE)
+        elif r.name == "efer":
+            v = self.uc.msr_read(MSR_EFER)
+        elif r.name == "cr8":
+            v = (self.machine.lapic.read(LAPIC_TPR, 4) & 0xFF) >> TPR_CLASS_SHIFT
+        else:
+            raise DebugError(f"register {r.name} cannot be read")
+        return (v & _MASK64).to_bytes(8, "little")
+
+    def write_register(self, index: int, data: bytes) -> None:
+        """Write one register from its little-endian bytes (as many as its size)."""
+        if not 0 <= index < len(REGISTERS):
+            raise DebugError(f"no register number {index}")
+        r = REGISTERS[index]
+        if len(data) != r.size:
+            raise DebugError(f"register {r.name} is {r.size} bytes, got {len(data)}")
+        if data == self.read_register(index):
+            return
+        value = int.from_bytes(data, "little")
+        name = r.name
+        if name in _SEG_ORDER:
+            raise DebugError(f"changing the {name} selector is not supported (the descriptor "
+                             "would have to be loaded from the GDT)")
+        if name in _RAW_READ_ONLY:
+            raise DebugError(f"the x87 pointer register {name} is read-only")
+        if name in _RAW_NAMES:
+            buf = (ctypes.c_uint8 * 16)(*data.ljust(16, b"\0"))
+            _lib.uc_reg_write(self.uc._uch, _UC_ID[name], buf)
+        elif name == "k_gs_base":
+            self.uc.msr_write(MSR_KERNEL_GS_BASE, value)
+        elif name == "efer":
+            self.uc.msr_write(MSR_EFER, value)
+        elif name == "cr8":
+            self.machine.lapic.write(LAPIC_TPR, 4, (value & 0xF) << TPR_CLASS_SHIFT)
+        else:
+            self.uc.reg_write(_UC_ID[name], value)
+            if name in ("cr0", "cr3", "cr4"):
+                self.cpu.flush_tlb()
+            if name == "rip":
+                self.cpu.halted = False          # a new RIP: run from there
+                self.cpu.event = None
+
+    def write_registers(self, values: list[bytes]) -> None:
+        """Write every register (a gdb ``G`` packet); unchanged ones are left alone."""
+        if len(values) != len(REGISTERS):
+            raise DebugError(f"expected {len(REGISTERS)} registers, got {len(values)}")
+        current = self.read_registers()
+        for i, (old, new) in enumerate(zip(current, values)):
+            if new != old:
+                self.write_register(i, new)
+
+    # ------------------------------------------------------------------ memory
+    def read_memory(self, addr: int, size: int) -> bytes:
+        """Guest RAM at a linear address, through the guest's page tables.
+
+        Stops at the first byte that is not mapped to RAM (MMIO is not read:
+        device registers can have side effects); raises :class:`DebugError`
+        if not even the first byte can be read."""
+        m = self.machine
+        out = bytearray()
+        try:
+            pg = m.paging()
+        except Exception as e:          # noqa: BLE001 - a CPU state the MMU cannot walk
+            raise DebugError(f"cannot read memory: {e}") from None
+        addr &= _MASK64
+        while size > 0:
+            n = min(size, PAGE - (addr & (PAGE - 1)))
+            if not self._ram_backed(addr, n, pg):
+                break
+            out += m.read_linear(addr, n, pg=pg)
+            addr = (addr + n) & _MASK64
+            size -= n
+        if not out and size:
+            raise DebugError(f"cannot access memory at {addr:#x}")
+        return bytes(out)
+
+    def write_memory(self, addr: int, data: bytes) -> None:
+        """Write guest RAM at a linear address; all or nothing."""
+        m = self.machine
+        try:
+            pg = m.paging()
+        except Exception as e:          # noqa: BLE001
+            raise DebugError(f"cannot write memory: {e}") from None
+        addr &= _MASK64
+        pos = 0
+        while pos < len(data):
+            a = (addr + pos) & _MASK64
+            n = min(len(data) - pos, PAGE - (a & (PAGE - 1)))
+            if not self._ram_backed(a, n, pg):
+                raise DebugError(f"cannot access memory at {a:#x}")
+            pos += n
+        if data:
+            m.write_linear(addr, data, pg=pg)
+
+    def _ram_backed(self, addr: int, n: int, pg) -> bool:
+        m = self.machine
+        try:
+            pa = m.translate(addr, pg=pg)
+        except (PageFault, IndexError, ValueError, struct.error):
+            return False
+        return m.ram.contains(pa, n)
+
+
+def _one() -> int:
+    return 1
