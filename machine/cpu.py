@@ -272,6 +272,10 @@ class CPU:
         self._ctx = uc.context_save()
         self._ctx_addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         self._ctx_buf = (ctypes.c_char * self._ctx.size).from_address(self._ctx_addr)
+        self._ctx_valid = False
+        # Unicorn exit addresses (debugger breakpoints): a slice that ends early
+        # at one of them is a breakpoint stop, not a HLT.
+        self.exit_addresses: frozenset[int] = frozenset()
         self._running = False
         self._stop_reason = Stop.COUNT
         self.event: CpuEvent | None = None
@@ -450,6 +454,7 @@ class CPU:
         self._stop_reason = Stop.COUNT
         self._budget = count
         self._running = True
+        self._ctx_valid = False
         rip = self._rip.read()[0]
         try:
             self.uc.emu_start(rip, _END, 0, count)
@@ -470,7 +475,8 @@ class CPU:
                 reason = Stop.REQUEST
         w[0] = 0
         if reason == Stop.COUNT and executed < count:
-            reason = Stop.HALT if self._just_halted() else Stop.REQUEST
+            # Nothing of ours stopped the slice: HLT retired, or a debugger exit address was reached.
+            reason = Stop.REQUEST if self._rip.read()[0] in self.exit_addresses else Stop.HALT
         if reason != Stop.HALT:
             # Quirk: when a slice is stopped (budget, emu_stop from a hook,
             # even from the fault hook itself) just before a faulting
@@ -485,13 +491,6 @@ class CPU:
             self.halted = True
         return executed, reason
 
-    def _just_halted(self) -> bool:
-        rip = self._rip.read()[0]
-        try:
-            return self.read_code_byte(rip - 1) == 0xF4
-        except Exception:
-            return False
-
     def read_code_byte(self, rip: int) -> int:
         """Byte at a linear address (paging honoured via the machine's MMU when set)."""
         return self.mem_read_linear(rip, 1)[0]
@@ -505,6 +504,7 @@ class CPU:
         return self.uc.reg_read(r)
 
     def set_reg(self, r: Reg, value: int) -> None:
+        self._ctx_valid = False
         self.uc.reg_write(r, value)
 
     @property
@@ -513,6 +513,7 @@ class CPU:
 
     @rip.setter
     def rip(self, value: int) -> None:
+        self._ctx_valid = False
         self._rip.write((value,))
 
     @property
@@ -521,6 +522,7 @@ class CPU:
 
     @rflags.setter
     def rflags(self, value: int) -> None:
+        self._ctx_valid = False
         self._rflags.write((value,))
 
     def cs_and_rflags(self) -> tuple[int, int]:
@@ -532,12 +534,20 @@ class CPU:
 
     # ------------------------------------------------------------------ context fields
     def _sync_ctx(self) -> None:
-        self.uc.context_update(self._ctx)
+        # The copy stays valid until the CPU runs or a register is written
+        # through this class (every write path clears _ctx_valid).
+        if not self._ctx_valid:
+            self.uc.context_update(self._ctx)
+            self._ctx_valid = True
 
     def ctx_read(self):
         """A fresh copy of the CPU state, addressed with :class:`Ctx` offsets."""
-        self.uc.context_update(self._ctx)
+        self._sync_ctx()
         return self._ctx_buf
+
+    def invalidate_ctx(self) -> None:
+        """Registers were changed behind this class's back (uc.reg_write): drop the copy."""
+        self._ctx_valid = False
 
     def hflags(self) -> int:
         self._sync_ctx()
@@ -586,6 +596,7 @@ class CPU:
         self.uc.context_restore(self._ctx)
 
     def write_frame_regs(self, rip: int, rsp: int, rflags: int) -> None:
+        self._ctx_valid = False
         self._frame_regs.write((rip, rsp, rflags))
 
     def read_frame_regs(self) -> tuple[int, int, int]:
@@ -597,6 +608,7 @@ class CPU:
                       hflags_clear: int = 0) -> None:
         """Enter a handler that changes CS (and maybe SS/CPL): hidden state, then RIP/RSP/RFLAGS."""
         self.set_hidden_state(cpl=cpl, segs=segs, hflags_set=hflags_set, hflags_clear=hflags_clear)
+        self._ctx_valid = False
         self._frame_regs.write((rip, rsp, rflags))
 
     # ------------------------------------------------------------------ SYSCALL

@@ -327,6 +327,7 @@ class Debug:
     def _sync_exits(self) -> None:
         exits = [a for a, bp in self._bps.items() if bp.hook is None and a != self._disarmed]
         self.uc.ctl_set_exits(exits)
+        self.cpu.exit_addresses = frozenset(exits)
 
     def _drop_translations(self, addr: int) -> None:
         # Exits and code hooks are decided when an instruction is translated.

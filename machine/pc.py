@@ -368,6 +368,7 @@ class Machine:
         try:
             # This is our event loop.
             while True:
+                cpu.invalidate_ctx()             # tools may have written registers between slices
                 clock.run_due()
                 if self._stop_requested is not None:
                     return self._stopped()

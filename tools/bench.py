@@ -42,8 +42,12 @@ loop:
 
 
 def _timer_guest(period_ns: int, body: str) -> str:
-    # LAPIC: SVR enable (0x1FF), LVT timer periodic vector 0x40, divide 1, initial count = period.
+    # PIC masked (the PIT runs from reset), LAPIC: SVR enable (0x1FF), LVT timer
+    # periodic vector 0x40, divide 1, initial count = period.
     return f"""
+    mov al, 0xff
+    out 0x21, al
+    out 0xa1, al
     mov rbx, 0xfee000f0
     mov dword ptr [rbx], 0x1ff
     mov rbx, 0xfee003e0
