@@ -464,6 +464,7 @@ class CPU:
             self._stop_reason = Stop.ERROR
         finally:
             self._running = False
+            self._ctx_valid = False          # hooks may have synced mid-slice; the CPU ran on
         executed = self._counter.value
         if executed > self._budget:             # the count hook counts the instruction it stops before
             executed = self._budget
@@ -536,9 +537,10 @@ class CPU:
     def _sync_ctx(self) -> None:
         # The copy stays valid until the CPU runs or a register is written
         # through this class (every write path clears _ctx_valid).
-        if not self._ctx_valid:
+        # Inside a slice (hooks) the guest moves on between calls: always copy.
+        if self._running or not self._ctx_valid:
             self.uc.context_update(self._ctx)
-            self._ctx_valid = True
+            self._ctx_valid = not self._running
 
     def ctx_read(self):
         """A fresh copy of the CPU state, addressed with :class:`Ctx` offsets."""
