@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--icount", type=int, default=1, metavar="NS",
                    help="virtual nanoseconds per instruction (default 1: a 1 GHz CPU)")
     b.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line (multiboot)")
+    b.add_argument("--idle", choices=("realtime", "skip"), default="realtime",
+                   help="while the CPU is halted, let virtual time follow the host clock (realtime, "
+                        "default: QEMU's icount sleep=on) or jump to the next timer at once (skip, as tests do)")
     b.add_argument("-d", "--debug-log", action="store_true",
                    help="print device logs (guest errors, unmodelled features) on stderr")
     b.add_argument("--gdb", default=None, metavar="[HOST]:PORT",
@@ -152,7 +155,7 @@ def cmd_boot(args) -> int:
     log = (lambda msg: sys.stderr.write(f"vmk: {msg}\n")) if args.debug_log else None
     try:
         machine = Machine(MachineConfig(mem=args.mem, ns_per_insn=args.icount, serial=devs,
-                                        debugcon=debugcon, log=log))
+                                        debugcon=debugcon, log=log, realtime_idle=args.idle == "realtime"))
     except ValueError as e:
         return _fail(str(e))
     stub = None
@@ -175,6 +178,8 @@ def cmd_boot(args) -> int:
             result = stub.run(until=args.max_time)
         else:
             result = machine.run(until=args.max_time)
+        for uart in machine.uarts:
+            uart.flush_tx()          # bytes still in the transmitter reach the back end
     finally:
         if stub is not None:
             stub.close()

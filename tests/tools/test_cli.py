@@ -105,3 +105,12 @@ def test_asm_and_disasm_round_trip() -> None:
     assert b"mov eax, 1" in proc.stdout and b"ret" in proc.stdout
     proc = vmk("disasm", "zz")
     assert proc.returncode == 2 and "bad hex" in one_line_error(proc)
+
+
+def test_piped_stdin_feeds_com1(guest_dir: Path) -> None:
+    """The demo echoes what it receives on COM1 and exits through isa-debug-exit on 'q'."""
+    proc = vmk("boot", str(guest_dir / "demo.elf"), "--idle", "skip", "--max-time", "30s", stdin=b"hello q")
+    out = proc.stdout.decode("latin-1")
+    assert "hello" in out.split("type something", 1)[1]
+    assert "bye" in out
+    assert proc.returncode == 1            # (0 << 1) | 1, as QEMU's isa-debug-exit
