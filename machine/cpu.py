@@ -73,6 +73,7 @@ class Ctx(IntEnum):
     tests/machine/test_cpu.py; re-measure if the unicorn pin changes."""
     REGS = 40           # 16 x u64, RAX.. R15 in encoding order
     RIP = 168
+    EFLAGS = 176        # IF/TF/IOPL...; the arithmetic flags live lazily in cc_src
     HFLAGS = 216
     SEGS = 224          # ES CS SS DS FS GS, 24 bytes each: u32 sel, u64 base@+8, u32 limit@+16, u32 flags@+20
     LDT = 368

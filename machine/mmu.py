@@ -71,6 +71,10 @@ def translate(buf, ram_size: int, pg: Paging, linear: int, write: bool = False, 
 
     ``buf`` is the RAM buffer (page tables outside RAM read as not present).
     """
+    if pg.lma and not user:
+        pa = _fast_long_mode(buf, ram_size, pg, linear, write, set_ad)
+        if pa >= 0:
+            return pa
     if not (pg.cr0 & CR0_PG):
         return linear & 0xFFFF_FFFF if not pg.lma else linear
     ec_base = (PFEC.W if write else 0) | (PFEC.U if user else 0)
@@ -136,6 +140,47 @@ def translate(buf, ram_size: int, pg: Paging, linear: int, write: bool = False, 
             return frame | off
         table = e & (_ADDR52 if entry_size == 8 else 0xFFFF_F000)
     raise AssertionError("unreachable")
+
+
+def _fast_long_mode(buf, ram_size: int, pg: Paging, linear: int, write: bool, set_ad: bool) -> int:
+    """The common case, straight-line: a supervisor access in 4-level paging
+    whose entries are present, writable when needed, with A (and D) already
+    set.  Anything else returns -1 and takes the general walk."""
+    unpack = _U64.unpack_from
+    limit = ram_size - 8
+    need = PTE_P | PTE_A | (PTE_W if write else 0)
+    a = (pg.cr3 & _ADDR52) | ((linear >> 36) & 0xFF8)
+    if a > limit:
+        return -1
+    e = unpack(buf, a)[0]
+    if e & need != need:
+        return -1
+    a = (e & _ADDR52) | ((linear >> 27) & 0xFF8)
+    if a > limit:
+        return -1
+    e = unpack(buf, a)[0]
+    if e & need != need:
+        return -1
+    if e & PTE_PS:
+        return -1
+    a = (e & _ADDR52) | ((linear >> 18) & 0xFF8)
+    if a > limit:
+        return -1
+    e = unpack(buf, a)[0]
+    if e & need != need:
+        return -1
+    leaf_need = need | (PTE_D if write and set_ad else 0)
+    if e & PTE_PS:
+        if e & leaf_need != leaf_need:
+            return -1
+        return (e & _ADDR52 & ~0x1F_FFFF) | (linear & 0x1F_FFFF)
+    a = (e & _ADDR52) | ((linear >> 9) & 0xFF8)
+    if a > limit:
+        return -1
+    e = unpack(buf, a)[0]
+    if e & leaf_need != leaf_need:
+        return -1
+    return (e & _ADDR52) | (linear & 0xFFF)
 
 
 def _read_entry(buf, ram_size: int, addr: int, size: int) -> int:

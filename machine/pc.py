@@ -340,9 +340,12 @@ class Machine:
 
     def _take_interrupt(self) -> RunResult | None:
         cpu = self.cpu
-        if not (cpu.rflags & EFLAGS.IF):
+        b = cpu.ctx_read()
+        # IF is never lazily computed: the saved eflags word has it (the
+        # arithmetic flags are not, so the frame reads the full RFLAGS later).
+        if not (struct.unpack_from("<I", b, Ctx.EFLAGS)[0] & EFLAGS.IF):
             return None
-        if cpu.in_interrupt_shadow():
+        if struct.unpack_from("<I", b, Ctx.HFLAGS)[0] & HF.INHIBIT_IRQ:
             return _SHADOW
         vector = self.lapic.acknowledge()
         self.interrupts_taken += 1
