@@ -28,6 +28,8 @@ Everything Unicorn does not do architecturally is done here or in
   ``__do_hook_add`` to return virtual time.
 * A translation block compiled without the count hook ignores ``count``: the
   CPU never runs with ``count=0``.
+* ``emu_start``'s ``until`` address is probed through the page tables on every
+  call, clobbering CR2 and the error code: the CPU runs in "exits" mode.
 * Page-table edits made from Python do not flush Unicorn's TLB:
   :meth:`flush_tlb` must follow them.
 * ``in``/``out`` are not permission-checked by Unicorn: the port bus checks
@@ -297,6 +299,13 @@ class CPU:
         self._frame_regs = RegBatch(uc, [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS])
         self._cs_rflags = RegBatch(uc, [X.UC_X86_REG_CS, X.UC_X86_REG_RFLAGS])
         self._install_hooks()
+        # Quirk: with a plain `until` address Unicorn probes that address's
+        # page at every emu_start; under paging the probe of our never-reached
+        # 0xFFFF...FFFF fails and overwrites CR2 and env->error_code (a guest
+        # #PF handler then reads garbage).  In "exits" mode `until` is ignored
+        # and nothing is probed; the debugger adds its breakpoints as exits.
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
 
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self) -> None:
@@ -386,7 +395,12 @@ class CPU:
             # For INT n the saved RIP already points past the instruction.
             self.event.rip = rip
             self.event.next_rip = rip
-        self._stop(Stop.EVENT)
+        # Stop by cutting the count budget, not with emu_stop: after emu_stop
+        # Unicorn runs the faulting instruction once more and leaves that
+        # second fault pending (its stale error code and CR2 then reach the
+        # hook for the *next* fault).  With the budget cut, Unicorn's count
+        # hook stops before the instruction is tried again.
+        self.request_stop(Stop.EVENT)
 
     def _hook_invalid(self, uc, user_data):
         rip = self._rip.read()[0]

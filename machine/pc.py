@@ -379,14 +379,16 @@ class Machine:
                     r = self._take_event()
                     if r is not None:
                         return r
+                    continue                       # the sink may have stopped the machine
                 shadow = False
                 if lapic.pending() and not self.hold_interrupts:
                     r = self._take_interrupt()
-                    if r is not None:
-                        if r is _SHADOW:
-                            shadow = True          # run the one shadowed instruction, then deliver
-                        else:
-                            return r
+                    if r is _SHADOW:
+                        shadow = True              # run the one shadowed instruction, then deliver
+                    elif r is not None:
+                        return r
+                    elif self._stop_requested is not None:
+                        return self._stopped()     # the sink stopped the machine
                     elif lapic.pending() and not (cpu.rflags & EFLAGS.IF):
                         cpu.arm_interrupt_window()    # held by IF=0: stop as soon as IF is set
                 now = clock.now
