@@ -480,9 +480,11 @@ class CPU:
         finally:
             self._running = False
             self._ctx_valid = False          # hooks may have synced mid-slice; the CPU ran on
-        executed = self._counter.value
-        if executed > self._budget:             # the count hook counts the instruction it stops before
-            executed = self._budget
+        raw = self._counter.value
+        # When the budget runs out, Unicorn's count hook has already counted the
+        # instruction it stops before (raw = budget + 1); when HLT ended the
+        # slice, raw is exactly what retired, even if the HLT used the last unit.
+        executed = raw if raw <= self._budget else self._budget
         reason = self._stop_reason
         w = self._window
         if w[1]:
@@ -490,7 +492,7 @@ class CPU:
             if reason == Stop.COUNT:
                 reason = Stop.REQUEST
         w[0] = 0
-        if reason == Stop.COUNT and executed < count:
+        if reason == Stop.COUNT and raw <= count:
             # Nothing of ours stopped the slice: HLT retired, or a debugger exit address was reached.
             reason = Stop.REQUEST if self._rip.read()[0] in self.exit_addresses else Stop.HALT
         if reason != Stop.HALT:
@@ -633,6 +635,11 @@ class CPU:
         """SYSCALL as the SDM defines it (Unicorn only calls the hook, then RIP += 2)."""
         uc = self.uc
         rip = self._rip.read()[0]
+        if not uc.msr_read(MSR_EFER) & EFER_SCE:
+            # SDM: SYSCALL with EFER.SCE=0 is #UD (Unicorn executes it regardless).
+            self.event = CpuEvent(6, None, False, rip, rip)
+            self.request_stop(Stop.EVENT)
+            return
         rflags = self._rflags.read()[0]
         star = uc.msr_read(MSR_STAR)
         lstar = uc.msr_read(MSR_LSTAR)

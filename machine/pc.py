@@ -187,7 +187,7 @@ class Machine:
     def exit(self, status: int) -> None:
         """End the run with a process exit status (isa-debug-exit)."""
         self._exit_status = status
-        self._stop_requested = "exit"
+        self._stop_requested = _EXIT
         self.cpu.request_stop()
 
     def add_host_input(self, source) -> None:
@@ -453,7 +453,7 @@ class Machine:
     def _stopped(self) -> RunResult:
         reason = self._stop_requested
         self._stop_requested = None
-        if reason == "exit":
+        if reason == _EXIT:
             return RunResult(Why.EXIT, f"guest exit with status {self._exit_status}", self._exit_status)
         if reason == "breakpoint":
             return RunResult(Why.BREAKPOINT, "breakpoint")
@@ -566,6 +566,7 @@ class Machine:
 
 
 _SHADOW = RunResult(Why.STOPPED, "interrupt shadow")
+_EXIT = "\0debug-exit"        # not a reason anyone passes to stop()
 
 
 class _PostCode:

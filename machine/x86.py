@@ -112,7 +112,8 @@ class IdtSink:
                     raise TripleFault("triple fault: repeated faults during delivery") from None
                 if (v in _CONTRIBUTORY and second in _CONTRIBUTORY) or \
                         (v == _PF and (second in _CONTRIBUTORY or second == _PF)):
-                    pending = (_DF, 0, False, True, None)
+                    # #PF detected on the way still loads CR2 (SDM 6.15, #PF), even as it becomes #DF.
+                    pending = (_DF, 0, False, True, f.cr2 if second == _PF else None)
                 else:
                     pending = (second, f.error_code, False, True, f.cr2)
 
@@ -260,19 +261,21 @@ class IdtSink:
         return bytes(out)
 
     def _write(self, pg: Paging, linear: int, data: bytes) -> None:
-        # Translate every page first: a fault leaves memory untouched.
+        """Push a frame. The CPU pushes from the top (SS first), so pages are
+        translated top-down and a #PF reports the first push that faults; every
+        page is translated before anything is written."""
         pieces = []
-        pos = 0
-        while pos < len(data):
-            n = min(len(data) - pos, 0x1000 - ((linear + pos) & 0xFFF))
+        end = len(data)
+        while end > 0:
+            start = max(0, end - 1 - ((linear + end - 1) & 0xFFF))
             try:
-                pa = translate(self.buf, self.ram_size, pg, linear + pos, write=True)
+                pa = translate(self.buf, self.ram_size, pg, linear + start, write=True)
             except PageFault as pf:
-                raise Fault(14, pf.error_code, pf.linear) from None
-            if pa + n > self.ram_size:
+                raise Fault(14, pf.error_code, linear + end - 8) from None
+            if pa + (end - start) > self.ram_size:
                 raise Fault(13, 0)
-            pieces.append((pa, pos, n))
-            pos += n
+            pieces.append((pa, start, end - start))
+            end = start
         for pa, p, n in pieces:
             self.buf[pa:pa + n] = data[p:p + n]
 

@@ -48,7 +48,7 @@ def assemble(source: str, addr: int = ASM_ORG, bits: int = 64) -> bytes:
     return bytes(enc or b"")
 
 
-class TestChar(CharDev):
+class SerialCapture(CharDev):
     """An in-memory serial back end that can stop the machine when text arrives."""
 
     def __init__(self) -> None:
@@ -77,7 +77,7 @@ class TestChar(CharDev):
 class SerialPort:
     """One UART as a test sees it: what the guest sent, and a way to type."""
 
-    def __init__(self, harness: "Harness", index: int, dev: TestChar) -> None:
+    def __init__(self, harness: "Harness", index: int, dev: SerialCapture) -> None:
         self._h = harness
         self.index = index
         self._dev = dev
@@ -166,8 +166,8 @@ class Harness:
     """A machine under test."""
 
     def __init__(self, mem: int = 64 << 20, icount: int = 1, **config) -> None:
-        self._chars = [TestChar(), TestChar()]
-        self.debugcon = TestChar()
+        self._chars = [SerialCapture(), SerialCapture()]
+        self.debugcon = SerialCapture()
         self.machine = Machine(MachineConfig(mem=mem, ns_per_insn=icount, serial=list(self._chars),
                                              debugcon=self.debugcon, **config))
         self._ports = [SerialPort(self, i, c) for i, c in enumerate(self._chars)]

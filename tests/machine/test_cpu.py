@@ -27,6 +27,7 @@ from vmk.testing import baremetal as bm
 from vmk.testing.baremetal import events, install_runtime
 
 ORG = 0x100000                     # where Harness.from_asm puts the code
+LIMIT = 100_000                    # virtual ns for run_to_end: a broken guest fails fast
 LAPIC_LVT_LINT0 = 0x350
 LAPIC_SVR, LAPIC_EOI = 0xF0, 0xB0
 LAPIC_LVT_TIMER, LAPIC_INITIAL, LAPIC_DIVIDE = 0x320, 0x380, 0x3E0
@@ -410,17 +411,21 @@ def test_stepping_one_instruction_per_slice_gives_the_same_faults() -> None:
     assert h.instructions == ref.instructions == 500
 
 
-def test_canary_unicorn_still_records_a_dropped_fault() -> None:
-    """Canary for the quirk above: a raw emu_start stopped by its count just before a
-    faulting instruction leaves old_exception set (vmk's CPU.run resets it)."""
-    src = "mov rcx, 0x8000000000000000\nnop\nmov rax, [rcx]\nnop"
-    h = machine(src, runtime=False)
+def test_no_slice_leaves_a_fault_recorded_in_old_exception() -> None:
+    """The invariant behind the tests above: after any slice -- stopped by its budget
+    right before a faulting instruction, or by the fault itself -- env->old_exception
+    is -1, so the next fault is not combined with a stale one.  (Measured on raw
+    Unicorn 2.1.4 with an `until` address: stopping before `mov rax, [rcx]` left 13.)"""
+    h = machine("mov rcx, 0x8000000000000000\nnop\nmov rax, [rcx]\nnop", runtime=False)
     cpu = h.machine.cpu
-    cpu.uc.emu_start(ORG, 0x8000_0000_0000_0000, 0, 2)
-    assert struct.unpack_from("<i", cpu.ctx_read(), Ctx.OLD_EXCEPTION)[0] == 13
-    h = machine(src, runtime=False)
-    assert h.machine.cpu.run(2) == (2, Stop.COUNT)
-    assert struct.unpack_from("<i", h.machine.cpu.ctx_read(), Ctx.OLD_EXCEPTION)[0] == -1
+
+    def old_exception() -> int:
+        return struct.unpack_from("<i", cpu.ctx_read(), Ctx.OLD_EXCEPTION)[0]
+
+    assert cpu.run(2) == (2, Stop.COUNT) and old_exception() == -1
+    _, why = cpu.run(5)
+    assert why == Stop.EVENT and (cpu.event.vector, cpu.event.error_code) == (13, 0)
+    assert old_exception() == -1
 
 
 # -- privilege changes: SYSCALL/SYSRET, interrupts from ring 3 ---------------------------------------------------
@@ -479,7 +484,7 @@ def test_syscall_from_ring3_enters_lstar_at_cpl0_and_sysret_returns() -> None:
     # hook and adds 2 to RIP: no jump to LSTAR, no CPL change; RCX/R11 untouched.
     h = machine(SYSCALL_SRC)
     put_code(h, KHANDLER, LSTAR_HANDLER)
-    r = h.run_to_end()
+    r = h.run_to_end(LIMIT)
     assert r.why == Why.DEAD
     user_flags = RFLAGS_FIXED | RF_CF | RF_PF | RF_ZF | RF_IF | RF_DF     # xor eax,eax; stc; std
     assert rec(h, 0) == addr_of(h, "mov rbx, 0x7000")      # RCX = the instruction after syscall
@@ -531,7 +536,7 @@ def test_interrupt_from_ring3_runs_a_dpl0_handler_at_cpl0_and_iretq_returns_to_r
     put_code(h, KHANDLER, CR3_INT_HANDLER)
     set_gate(h, 0x41, KHANDLER)
     lapic_timer_at(h, 0x41, 100)
-    r = h.run_to_end()
+    r = h.run_to_end(LIMIT)
     assert r.why == Why.DEAD
     assert rec(h, 0) == PML4_ADDR and rec(h, 1) == bm.SEL.KCODE
     assert rec(h, 2) == bm.RSP0 - 40                       # stack switched to TSS.RSP0
@@ -613,6 +618,19 @@ def test_canary_count_zero_translations_ignore_a_later_count() -> None:
     assert executed == 0                                       # ... uncounted
 
 
+# -- CR2 across slices ----------------------------------------------------------------------------------------
+
+def test_cr2_survives_slice_boundaries() -> None:
+    # Without the workaround (exits mode instead of an `until` address), every
+    # emu_start(until=0xFFFF_FFFF_FFFF_FFFF) makes Unicorn walk the page tables for
+    # until - 1, which is not mapped: CR2 = 0xFFFF_FFFF_FFFF_FFFE after every slice.
+    src = "mov r8, 0x1234\nmov cr2, r8\nnop\nmov rax, cr2\nhlt"
+    h = machine(src)
+    h.run(max_instructions=2)
+    h.run_to_end(LIMIT)
+    assert h.regs.rax == 0x1234 and h.regs.cr2 == 0x1234
+
+
 # -- rdtsc and cpuid ---------------------------------------------------------------------------------------
 
 RDTSC_SRC = """
@@ -654,7 +672,7 @@ def test_rdtsc_is_the_same_across_slicings() -> None:
 
 def _cpuid(leaf: int, icount: int = 1) -> tuple[int, int, int, int]:
     h = machine(f"mov eax, {leaf:#x}\nxor ecx, ecx\ncpuid\nhlt", icount=icount)
-    h.run_to_end()
+    h.run_to_end(LIMIT)
     return h.regs.rax, h.regs.rbx, h.regs.rcx, h.regs.rdx
 
 
@@ -723,7 +741,7 @@ def _faults(h: Harness) -> list[tuple[int, int, int, int]]:
 def test_out_from_ring3_with_iopl0_and_no_bitmap_is_gp_and_does_not_write() -> None:
     # Without the workaround (the bus's IOPL/bitmap check), Unicorn runs IN/OUT at any CPL.
     h = _io_harness(RFLAGS_FIXED)
-    assert h.run_to_end().why == Why.DEAD
+    assert h.run_to_end(LIMIT).why == Why.DEAD
     out_com1, out_com2 = addrs_of(h, "out dx, al")
     assert _faults(h) == [
         (13, 0, out_com1, bm.SEL.UCODE),                      # OUT: #GP(0) on the OUT itself
@@ -738,7 +756,7 @@ def test_out_from_ring3_with_iopl0_and_no_bitmap_is_gp_and_does_not_write() -> N
 
 def test_out_from_ring3_with_iopl3_works() -> None:
     h = _io_harness(RFLAGS_FIXED | IOPL3)
-    assert h.run_to_end().why == Why.DEAD
+    assert h.run_to_end(LIMIT).why == Why.DEAD
     # no I/O fault: only the final hlt (twice: the unused resume address r4 is that hlt)
     assert _faults(h) == [(13, 0, addr_of(h, "hlt"), bm.SEL.UCODE)] * 2
     assert h.regs.r12 == 0x1234565A                           # `in al` read the scratch back
@@ -757,7 +775,7 @@ def test_tss_io_bitmap_allows_exactly_one_port() -> None:
     m.write_physical(bm.TSS_BASE + 102, struct.pack("<H", 104))
     m.write_physical(bm.TSS_BASE + 104, bytes(bitmap))
     m.cpu.uc.reg_write(Reg.TR, (bm.SEL.TSS, bm.TSS_BASE, limit, 0x8900))
-    assert h.run_to_end().why == Why.DEAD
+    assert h.run_to_end(LIMIT).why == Why.DEAD
     assert _faults(h) == [(13, 0, addrs_of(h, "out dx, al")[1], bm.SEL.UCODE),    # COM2: bit set
                           (13, 0, addr_of(h, "out dx, ax"), bm.SEL.UCODE),        # 0x3fe's bit set
                           (13, 0, addr_of(h, "hlt"), bm.SEL.UCODE)]
@@ -767,15 +785,11 @@ def test_tss_io_bitmap_allows_exactly_one_port() -> None:
 
 # -- bugs -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="cpu.py: a HLT that is the last instruction of a slice's budget is "
-                   "reported as Stop.COUNT; the CPU is not marked halted and runs past the HLT")
 def test_hlt_as_the_last_instruction_of_the_budget_halts() -> None:
     h = machine(HLT_SRC)
     assert h.machine.cpu.run(HLT_AT) == (HLT_AT, Stop.HALT)
 
 
-@pytest.mark.xfail(strict=True, reason="cpu.py: a timer deadline that coincides with the end of a HLT sizes "
-                   "the slice so the HLT is its last instruction: the halt is missed and the guest runs on")
 def test_timer_deadline_at_the_end_of_hlt_does_not_skip_the_halt() -> None:
     h = machine(HLT_SRC)
     h.machine.clock.timer(lambda: None, name="idle").arm(HLT_AT)
@@ -784,22 +798,10 @@ def test_timer_deadline_at_the_end_of_hlt_does_not_skip_the_halt() -> None:
     assert h.regs.r10 == 0 and h.instructions == HLT_AT
 
 
-@pytest.mark.xfail(strict=True, reason="cpu.py: every slice runs emu_start(until=0xFFFF_FFFF_FFFF_FFFF); Unicorn "
-                   "walks the page tables for until-1 and, as it is not mapped, sets CR2 = 0xFFFF_FFFF_FFFF_FFFE")
-def test_cr2_survives_slice_boundaries() -> None:
-    src = "mov r8, 0x1234\nmov cr2, r8\nnop\nmov rax, cr2\nhlt"
-    h = machine(src)
-    h.run(max_instructions=2)
-    h.run_to_end()
-    assert h.regs.rax == 0x1234
-
-
-@pytest.mark.xfail(strict=True, reason="cpu.py _architectural_syscall: SYSCALL with EFER.SCE=0 must raise #UD "
-                   "(SDM SYSCALL); vmk enters LSTAR anyway")
 def test_syscall_with_sce_clear_is_ud() -> None:
     src = SYSCALL_SRC.replace("or eax, 1", "and eax, 0xfffffffe")
     h = machine(src)
     put_code(h, KHANDLER, LSTAR_HANDLER)
-    h.run_to_end()
+    h.run_to_end(LIMIT)
     first = events(h)[0]
     assert (first.vector, first.rip, first.cs) == (6, addr_of(h, "syscall"), bm.SEL.UCODE)

@@ -1,0 +1,270 @@
+"""The HAL for VM-kernel mode: between the PC and pid 0.
+
+What it does
+------------
+* **Programs the controllers through their registers**, as a real HAL would:
+  the 8259s are masked (ICW/OCW port writes), the local APIC is enabled (SVR)
+  and its timer set one-shot, the IO-APIC routes COM1's pin to a vector, the
+  UART gets its divisor, FIFO and IER.  Every access goes through the same
+  port and MMIO buses the CPU uses (:meth:`outb`, :meth:`mmio_write`).
+* **Is the machine's interrupt sink**: vectors below 32 are CPU exceptions in
+  the running container and go to the kernel (which ends that container);
+  others run the registered *top half* (drain the device, e.g. the UART RX
+  FIFO into a bounded ring), EOI at once so more interrupts can come, and
+  tell the kernel, which wakes the fibers waiting on the event.
+* **Is the syscall door**: the ``syscall`` hook reads the Linux-convention
+  registers, calls the kernel, and either writes the result into RAX and lets
+  the container continue in the same slice (no exit from Unicorn at all), or,
+  when the call blocks, ends the slice after the instruction so pid 0 can
+  switch fibers.
+* **Tickless timer service**: one LAPIC one-shot at the next deadline pid 0
+  asks for (a fiber timeout or the end of a time slice), never a fixed tick.
+* **Port grants**: ``in``/``out`` from a container reach the bus only for the
+  ports its image entry grants (Unicorn itself does not check).
+
+The kernel side is any object with ``syscall(nr, args) -> int | None``
+(None: the caller blocked), ``fault(vector, error_code, cr2, rip)`` and
+``interrupt(source)`` — see ``vmk.kernel.pid0``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from enum import IntEnum
+from typing import Callable, Protocol
+
+from vmk.machine.cpu import Reg, RegBatch
+from vmk.machine.pc import Machine
+
+from .aspace import KERNEL_RESERVED, FrameAllocator
+from .context import ContextSwitcher, enter_user_mode
+
+__all__ = ["Hal", "KernelPort", "Vector", "SerialRing"]
+
+LAPIC = 0xFEE0_0000
+IOAPIC = 0xFEC0_0000
+
+
+class Vector(IntEnum):
+    TIMER = 0x20
+    COM1 = 0x24
+    COM2 = 0x23
+    SPURIOUS = 0xFF
+
+
+class LapicReg(IntEnum):
+    EOI = 0xB0
+    SVR = 0xF0
+    LVT_TIMER = 0x320
+    LVT_LINT0 = 0x350
+    LVT_LINT1 = 0x360
+    TIMER_INIT = 0x380
+    TIMER_DIVIDE = 0x3E0
+
+
+LVT_MASKED = 1 << 16
+SVR_ENABLE = 1 << 8
+DIVIDE_BY_1 = 0xB
+
+
+class UartReg(IntEnum):
+    RBR_THR = 0
+    IER = 1
+    IIR_FCR = 2
+    LCR = 3
+    MCR = 4
+    LSR = 5
+
+
+LSR_DR = 0x01
+LSR_THRE = 0x20
+IER_RX = 0x01
+IER_THRE = 0x02
+COM1 = 0x3F8
+COM1_PIN = 4
+
+
+class KernelPort(Protocol):
+    def syscall(self, nr: int, args: tuple[int, ...]) -> int | None: ...
+    def fault(self, vector: int, error_code: int | None, cr2: int, rip: int) -> None: ...
+    def interrupt(self, source: str) -> None: ...
+
+
+class SerialRing:
+    """The bounded ring the UART top half drains into; overflow is counted, not hidden."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data: deque[int] = deque()
+        self.overflow = 0
+
+    def put(self, byte: int) -> None:
+        if len(self.data) >= self.size:
+            self.overflow += 1
+            return
+        self.data.append(byte)
+
+    def take(self, n: int) -> bytes:
+        out = bytearray()
+        while self.data and len(out) < n:
+            out.append(self.data.popleft())
+        return bytes(out)
+
+
+class Hal:
+    def __init__(self, machine: Machine, ring_size: int = 4096, log: Callable[[str], None] | None = None) -> None:
+        self.machine = machine
+        self.cpu = machine.cpu
+        self.log = log or machine.log
+        self.kernel: KernelPort | None = None
+        self.frames = FrameAllocator(machine.ram, KERNEL_RESERVED, machine.ram.size)
+        self.frames.on_code_write = self.cpu.uc.ctl_flush_tb
+        self.switcher = ContextSwitcher(self.cpu)
+        self.rx = SerialRing(ring_size)
+        self.tx_queue: deque[int] = deque()
+        self.granted_ports: frozenset[int] = frozenset()
+        self.idling = False
+        self.irq_counts: dict[int, int] = {}
+        self._args = RegBatch(self.cpu.uc, [int(r) for r in (Reg.RAX, Reg.RDI, Reg.RSI, Reg.RDX, Reg.R10,
+                                                            Reg.R8, Reg.R9)])
+        self._rax = RegBatch(self.cpu.uc, [int(Reg.RAX)])
+        self._top_halves: dict[int, Callable[[], None]] = {
+            Vector.TIMER: self._timer_top_half,
+            Vector.COM1: self._uart_top_half,
+        }
+
+    # ------------------------------------------------------------------ registers (through the buses)
+    def outb(self, port: int, value: int) -> None:
+        self.machine.ports.write(port, 1, value)
+
+    def inb(self, port: int) -> int:
+        return self.machine.ports.read(port, 1)
+
+    def mmio_write(self, addr: int, value: int) -> None:
+        base, dev, _ = self.machine.mmio.find(addr)
+        dev.write(addr - base, 4, value)
+
+    def mmio_read(self, addr: int) -> int:
+        base, dev, _ = self.machine.mmio.find(addr)
+        return dev.read(addr - base, 4)
+
+    # ------------------------------------------------------------------ bring-up
+    def start(self, kernel: KernelPort) -> None:
+        """Take over the machine: controllers, CPU mode, sink, syscall door."""
+        self.kernel = kernel
+        m = self.machine
+        # 8259 pair: initialise (vectors 0x30/0x38, out of the way) and mask everything.
+        for port, icw2, icw3 in ((0x20, 0x30, 0x04), (0xA0, 0x38, 0x02)):
+            self.outb(port, 0x11)
+            self.outb(port + 1, icw2)
+            self.outb(port + 1, icw3)
+            self.outb(port + 1, 0x01)
+            self.outb(port + 1, 0xFF)
+        # Local APIC: enabled, LINT0/LINT1 masked (no virtual wire), timer one-shot on Vector.TIMER.
+        self.mmio_write(LAPIC + LapicReg.SVR, SVR_ENABLE | Vector.SPURIOUS)
+        self.mmio_write(LAPIC + LapicReg.LVT_LINT0, LVT_MASKED)
+        self.mmio_write(LAPIC + LapicReg.LVT_LINT1, LVT_MASKED)
+        self.mmio_write(LAPIC + LapicReg.TIMER_DIVIDE, DIVIDE_BY_1)
+        self.mmio_write(LAPIC + LapicReg.LVT_TIMER, Vector.TIMER)
+        # IO-APIC: COM1 (pin 4) -> Vector.COM1, edge, fixed, to APIC 0.
+        self.mmio_write(IOAPIC, 0x10 + 2 * COM1_PIN + 1)
+        self.mmio_write(IOAPIC + 0x10, 0)
+        self.mmio_write(IOAPIC, 0x10 + 2 * COM1_PIN)
+        self.mmio_write(IOAPIC + 0x10, Vector.COM1)
+        # COM1: 115200 8N1, FIFO on (trigger 1), RX interrupts, OUT2 (the PC's IRQ enable).
+        self.outb(COM1 + UartReg.LCR, 0x80)
+        self.outb(COM1 + UartReg.RBR_THR, 1)
+        self.outb(COM1 + UartReg.IER, 0)
+        self.outb(COM1 + UartReg.LCR, 0x03)
+        self.outb(COM1 + UartReg.IIR_FCR, 0x07)
+        self.outb(COM1 + UartReg.MCR, 0x0B)
+        self.outb(COM1 + UartReg.IER, IER_RX)
+        enter_user_mode(m)
+        m.sink = self
+        self.cpu.on_syscall = self._syscall_entry
+        m.port_allowed = self._port_allowed
+
+    # ------------------------------------------------------------------ running containers
+    def idle(self) -> None:
+        """Nothing to run: halt the CPU with interrupts on; interrupts still reach the sink."""
+        self.idling = True
+        self.cpu.rflags = 0x202
+        self.cpu.halted = True
+
+    def resume(self, ctx, cr3: int, ports: frozenset[int] = frozenset()) -> None:
+        """Load a container fiber's registers and address space; it runs at the next slice."""
+        self.idling = False
+        self.granted_ports = ports
+        self.switcher.load(ctx, cr3)
+
+    def save(self, ctx) -> None:
+        self.switcher.save(ctx)
+
+    # ------------------------------------------------------------------ timer service
+    def set_deadline(self, at: int | None) -> None:
+        """One LAPIC one-shot at virtual time ``at`` (None: no timer)."""
+        if at is None:
+            self.mmio_write(LAPIC + LapicReg.TIMER_INIT, 0)
+            return
+        self.mmio_write(LAPIC + LapicReg.TIMER_INIT, max(1, at - self.machine.now))
+
+    # ------------------------------------------------------------------ the interrupt sink
+    def deliver(self, vector: int, *, error_code: int | None = None, software: bool = False,
+                external: bool = True, return_rip: int | None = None, cr2: int | None = None) -> None:
+        self.irq_counts[vector] = self.irq_counts.get(vector, 0) + 1
+        if vector < 32:
+            rip = return_rip if return_rip is not None else self.cpu.rip
+            self.kernel.fault(vector, error_code, cr2 or 0, rip)
+            return
+        top = self._top_halves.get(vector)
+        if top is not None:
+            top()
+        if vector != Vector.SPURIOUS:
+            self.mmio_write(LAPIC + LapicReg.EOI, 0)
+        if self.idling:
+            # No container context is loaded: stay halted until pid 0 resumes one.
+            self.cpu.halted = True
+
+    def _timer_top_half(self) -> None:
+        self.kernel.interrupt("timer")
+
+    def _uart_top_half(self) -> None:
+        # Eager: empty the RX FIFO into the ring now, so the UART can take more.
+        got = False
+        while self.inb(COM1 + UartReg.LSR) & LSR_DR:
+            self.rx.put(self.inb(COM1 + UartReg.RBR_THR))
+            got = True
+        self.inb(COM1 + UartReg.IIR_FCR)            # acknowledge a THRE source
+        if self.tx_queue:
+            self.pump_tx()
+        if got:
+            self.kernel.interrupt("console-rx")
+
+    # ------------------------------------------------------------------ console output (driver side)
+    def console_write(self, data: bytes) -> None:
+        self.tx_queue.extend(data)
+        self.pump_tx()
+
+    def pump_tx(self) -> None:
+        """Fill the TX FIFO while THR is empty; THRE interrupts refill it."""
+        if self.inb(COM1 + UartReg.LSR) & LSR_THRE:
+            for _ in range(16):
+                if not self.tx_queue:
+                    break
+                self.outb(COM1 + UartReg.RBR_THR, self.tx_queue.popleft())
+        ier = IER_RX | (IER_THRE if self.tx_queue else 0)
+        self.outb(COM1 + UartReg.IER, ier)
+
+    # ------------------------------------------------------------------ syscalls
+    def _syscall_entry(self) -> bool:
+        nr, *args = self._args.read()
+        result = self.kernel.syscall(nr, tuple(args))
+        if result is None:
+            # Blocked: end the slice after the instruction (RIP is past it); pid 0 switches.
+            self.cpu.request_stop()
+        else:
+            self._rax.write((result,))
+        return True
+
+    # ------------------------------------------------------------------ ports
+    def _port_allowed(self, port: int, size: int) -> bool:
+        return all(p in self.granted_ports for p in range(port, port + size))

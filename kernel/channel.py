@@ -1,0 +1,275 @@
+"""Channels: synchronous rendezvous points in one global table.
+
+A :class:`Channel` has no buffer: ``send(ch, msg)`` and ``recv(ch)`` are CML
+base operations (kernel/events.py) that commit together, the sender with 0,
+the receiver with the message.  Each side has a FIFO :class:`WaitQueue` of
+parked arms, so blocked senders are served in the order they blocked (and the
+same for receivers).  A try looks only at the head of the opposite queue:
+queues hold only live (WAITING) entries, because a commit removes all of its
+sync's entries at once.
+
+The table
+---------
+
+:class:`ChannelTable` is global (in no container's memory) with a capacity
+fixed at boot.  ``create`` takes the lowest free slot (the slot number is the
+channel id the debugger shows) and raises ``KernelError(ENFILE)`` when the
+table is full: an error the syscall layer returns as ``-ENFILE``; the kernel
+goes on, and a slot comes back when a channel is freed.
+
+Typing
+------
+
+A channel is created with a message size (0 = any size up to
+:data:`MAX_MSG` bytes) and a tag (0 = untyped).  ``send`` checks them when it
+is synced, and a bad message is an arm that fails at once: ``EMSGSIZE`` for a
+wrong size, ``EINVAL`` for a tag that differs from the channel's (a send with
+tag 0 makes no claim and is accepted) or for a non-bytes message on a sized
+channel.  Kernel fibers may send any Python object on a size-0 channel
+(bytes-like messages are copied to ``bytes`` when the operation is made).
+
+Holders, and when "the other side is gone"
+------------------------------------------
+
+A channel is *held* by parties: every handle to it in a container's
+:class:`~vmk.kernel.handles.HandleTable` counts once for that container, and
+kernel code may hold it directly with ``hold()`` / ``release()`` (party
+:data:`~vmk.kernel.events.KERNEL` by default, e.g. the console rx/tx channels
+of the UART driver).  The party of a syncing fiber is its container, or
+KERNEL for a kernel fiber without one.
+
+* The channel is *freed* when its last hold goes: its slot returns to the
+  table, and every fiber parked on it wakes with ``EPIPE``; any later sync on
+  it (through a stale Python reference) fails with ``EPIPE`` at once.
+* It becomes *connected* the first time two different parties hold it.
+* An arm on a channel fails with ``EPIPE`` ("the other side is gone") iff the
+  channel is freed, or it is connected and the syncing party is its only
+  holder: nobody else holds it, so no partner can ever arrive.  This is
+  checked at every try, and re-checked for every parked arm whenever a hold
+  is dropped (a handle closed, a container's table closed).
+
+A channel used only inside one container (never connected) never breaks:
+fibers of one container may rendezvous on it freely.  A connected channel
+whose holders shrink to one party breaks for that party until it is passed on
+again (holders are counted, not remembered, so a server can hand the same
+channel to the next client).  A party that syncs without holding the channel
+(a kernel fiber borrowing it) never gets ``EPIPE`` from a living channel, and
+does not keep it alive: hold what you use.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Any, Iterator
+
+from .events import KERNEL, NOT_READY, BaseOp, Failed, KernelError, Operation, Sync, WaitQueue, Waiter
+from .syscall_table import Errno
+
+__all__ = ["MAX_MSG", "Channel", "ChannelTable", "send", "recv", "message_size"]
+
+MAX_MSG = 4096
+"""Largest message on a channel created with size 0."""
+
+
+def message_size(msg: Any) -> int | None:
+    """Length of a bytes-like message, None for an opaque kernel object."""
+    if isinstance(msg, (bytes, bytearray)):
+        return len(msg)
+    if isinstance(msg, memoryview):
+        return msg.nbytes
+    return None
+
+
+class Channel:
+    """One slot of the :class:`ChannelTable`.  Made by ``ChannelTable.create`` only."""
+    __slots__ = ("cid", "msg_size", "tag", "name", "sendq", "recvq", "_holders", "connected",
+                 "freed", "_table", "sends", "__weakref__")
+
+    def __init__(self, table: ChannelTable, cid: int, msg_size: int, tag: int, name: str) -> None:
+        self._table = table
+        self.cid = cid
+        self.msg_size = msg_size
+        self.tag = tag
+        self.name = name
+        self.sendq = WaitQueue()        # parked senders (payload = message)
+        self.recvq = WaitQueue()        # parked receivers
+        self._holders: dict[Any, int] = {}
+        self.connected = False
+        self.freed = False
+        self.sends = 0                  # messages delivered, for the debugger
+
+    # -- holders -------------------------------------------------------------
+    def hold(self, party: Any = KERNEL) -> None:
+        """Add a hold by ``party`` (a container or KERNEL)."""
+        if self.freed:
+            raise KernelError(Errno.EBADF, f"channel {self.cid} is freed")
+        self._holders[party] = self._holders.get(party, 0) + 1
+        if len(self._holders) >= 2:
+            self.connected = True
+
+    def release(self, party: Any = KERNEL) -> None:
+        """Drop one hold by ``party``; frees the channel with its last hold."""
+        n = self._holders.get(party, 0)
+        if n <= 0:
+            raise ValueError(f"{party!r} does not hold channel {self.cid}")
+        if n == 1:
+            del self._holders[party]
+        else:
+            self._holders[party] = n - 1
+            return                      # the set of parties is unchanged
+        if not self._holders:
+            self.freed = True
+            self._table._free(self)
+        self._wake_broken()
+
+    @property
+    def holders(self) -> dict[Any, int]:
+        return dict(self._holders)
+
+    def broken_for(self, party: Any) -> bool:
+        """True iff an arm synced by ``party`` must fail with EPIPE (see module doc)."""
+        if self.freed:
+            return True
+        return self.connected and len(self._holders) == 1 and party in self._holders
+
+    def _wake_broken(self) -> None:
+        for q in (self.sendq, self.recvq):
+            for w in q:
+                if self.broken_for(w.sync.party):
+                    q.remove(w)
+                    w.sync.complete(w.arm, Failed(KernelError(Errno.EPIPE, f"channel {self.cid}")))
+
+    # -- typing ----------------------------------------------------------------
+    def check(self, msg: Any, tag: int = 0) -> KernelError | None:
+        """The error a send of ``msg`` with ``tag`` would get, or None."""
+        size = message_size(msg)
+        if self.msg_size:
+            if size is None:
+                return KernelError(Errno.EINVAL, f"channel {self.cid} carries {self.msg_size}-byte messages")
+            if size != self.msg_size:
+                return KernelError(Errno.EMSGSIZE, f"{size} bytes on a {self.msg_size}-byte channel")
+        elif size is not None and size > MAX_MSG:
+            return KernelError(Errno.EMSGSIZE, f"{size} bytes > {MAX_MSG}")
+        if tag and self.tag and tag != self.tag:
+            return KernelError(Errno.EINVAL, f"tag {tag} on a channel of tag {self.tag}")
+        return None
+
+    def __repr__(self) -> str:
+        state = "freed" if self.freed else f"holders={len(self._holders)}"
+        return (f"<Channel {self.cid}{' ' + self.name if self.name else ''} {state} "
+                f"senders={len(self.sendq)} receivers={len(self.recvq)}>")
+
+
+class ChannelTable:
+    """The global channel pool, ``capacity`` slots, lowest free slot first."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.capacity = capacity
+        self._slots: list[Channel | None] = [None] * capacity
+        self._free_ids = list(range(capacity))       # a heap
+        self.high_water = 0
+
+    def create(self, msg_size: int = 0, tag: int = 0, *, holder: Any = KERNEL, name: str = "") -> Channel:
+        """A new channel held once by ``holder``.
+
+        Raises ``KernelError(EINVAL)`` for a size outside 0..MAX_MSG or a negative
+        tag, ``KernelError(ENFILE)`` when the table is full.
+        """
+        if not 0 <= msg_size <= MAX_MSG:
+            raise KernelError(Errno.EINVAL, f"message size {msg_size}")
+        if tag < 0:
+            raise KernelError(Errno.EINVAL, f"tag {tag}")
+        if not self._free_ids:
+            raise KernelError(Errno.ENFILE, f"all {self.capacity} channels in use")
+        cid = heapq.heappop(self._free_ids)
+        ch = Channel(self, cid, msg_size, tag, name)
+        self._slots[cid] = ch
+        ch.hold(holder)
+        self.high_water = max(self.high_water, self.in_use)
+        return ch
+
+    def _free(self, ch: Channel) -> None:
+        assert self._slots[ch.cid] is ch
+        self._slots[ch.cid] = None
+        heapq.heappush(self._free_ids, ch.cid)
+
+    def get(self, cid: int) -> Channel | None:
+        if 0 <= cid < self.capacity:
+            return self._slots[cid]
+        return None
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free_ids)
+
+    def __iter__(self) -> Iterator[Channel]:
+        return (ch for ch in self._slots if ch is not None)
+
+    def __len__(self) -> int:
+        return self.in_use
+
+
+class _Send(BaseOp):
+    __slots__ = ("ch", "msg", "tag")
+
+    def __init__(self, ch: Channel, msg: Any, tag: int) -> None:
+        self.ch = ch
+        self.msg = bytes(msg) if isinstance(msg, (bytearray, memoryview)) else msg
+        self.tag = tag
+
+    def try_(self, sync: Sync, arm: int) -> Any:
+        ch = self.ch
+        err = ch.check(self.msg, self.tag)
+        if err is not None:
+            return Failed(err)
+        if ch.broken_for(sync.party):
+            return Failed(KernelError(Errno.EPIPE, f"channel {ch.cid}"))
+        w = ch.recvq.first(exclude=sync)
+        if w is None:
+            return NOT_READY
+        ch.recvq.remove(w)
+        ch.sends += 1
+        w.sync.complete(w.arm, self.msg)
+        return 0
+
+    def block(self, sync: Sync, arm: int) -> Waiter:
+        return self.ch.sendq.park(sync, arm, self.msg)
+
+    def describe(self, sync: Sync) -> str:
+        return f"send on channel {self.ch.cid}"
+
+
+class _Recv(BaseOp):
+    __slots__ = ("ch",)
+
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
+
+    def try_(self, sync: Sync, arm: int) -> Any:
+        ch = self.ch
+        if ch.broken_for(sync.party):
+            return Failed(KernelError(Errno.EPIPE, f"channel {ch.cid}"))
+        w = ch.sendq.first(exclude=sync)
+        if w is None:
+            return NOT_READY
+        ch.sendq.remove(w)
+        ch.sends += 1
+        w.sync.complete(w.arm, 0)
+        return w.payload
+
+    def block(self, sync: Sync, arm: int) -> Waiter:
+        return self.ch.recvq.park(sync, arm)
+
+    def describe(self, sync: Sync) -> str:
+        return f"recv on channel {self.ch.cid}"
+
+
+def send(ch: Channel, msg: Any, tag: int = 0) -> Operation:
+    """Rendezvous with a receiver, offering ``msg``; commits with 0."""
+    return _Send(ch, msg, tag)
+
+
+def recv(ch: Channel) -> Operation:
+    """Rendezvous with a sender; commits with its message."""
+    return _Recv(ch)
