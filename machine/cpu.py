@@ -319,22 +319,45 @@ class CPU:
         uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
                     self._hook_unmapped)
         self._install_rdtsc_hook()
-        self._install_window_hook()
+        self._window = (ctypes.c_int32 * 2)()
+        self._window_cb = _fasthooks.setup(ctypes.cast(_lib.uc_reg_read, ctypes.c_void_p).value,
+                                           ctypes.cast(_lib.uc_emu_stop, ctypes.c_void_p).value,
+                                           X.UC_X86_REG_RFLAGS)
+        self._window_hook: int | None = None
+        self._window_quiet = 0
+
+    # Discussion: the interrupt-window block hook costs 10-20% on tight loops
+    # (Unicorn calls out at every translation block), so it is installed only
+    # while interrupts actually wait for IF=1, and removed again after
+    # WINDOW_LINGER slices without use.  A block hook only reaches code
+    # translated after it was added, hence the translation flush each way, and
+    # hence it is never installed from inside a slice: arming there ends the
+    # slice instead, and the machine arms again between slices.
+    WINDOW_LINGER = 256
 
     def _install_window_hook(self) -> None:
-        """The interrupt-window block hook (machine/_fasthooks.c), in C."""
-        cb = _fasthooks.setup(ctypes.cast(_lib.uc_reg_read, ctypes.c_void_p).value,
-                              ctypes.cast(_lib.uc_emu_stop, ctypes.c_void_p).value, X.UC_X86_REG_RFLAGS)
-        self._window = (ctypes.c_int32 * 2)()
         h = ctypes.c_size_t()
-        status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_BLOCK, ctypes.c_void_p(cb),
+        status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_BLOCK, ctypes.c_void_p(self._window_cb),
                                   ctypes.cast(self._window, ctypes.c_void_p),
                                   ctypes.c_uint64(1), ctypes.c_uint64(0))
         if status != 0:
             raise UcError(status)
+        self._window_hook = h.value
+        self.uc.ctl_flush_tb()
+
+    def _remove_window_hook(self) -> None:
+        _lib.uc_hook_del(self.uc._uch, ctypes.c_size_t(self._window_hook))
+        self._window_hook = None
+        self.uc.ctl_flush_tb()
 
     def arm_interrupt_window(self) -> None:
         """Stop at the first block boundary where RFLAGS.IF=1 (an interrupt is waiting)."""
+        if self._window_hook is None:
+            if self._running:
+                self.request_stop()          # install between slices, then arm again
+                return
+            self._install_window_hook()
+        self._window_quiet = 0
         self._window[0] = 1
 
     def _install_rdtsc_hook(self) -> None:
@@ -491,7 +514,12 @@ class CPU:
             w[1] = 0
             if reason == Stop.COUNT:
                 reason = Stop.REQUEST
-        w[0] = 0
+        if w[0]:
+            w[0] = 0
+        elif self._window_hook is not None:
+            self._window_quiet += 1
+            if self._window_quiet > self.WINDOW_LINGER:
+                self._remove_window_hook()
         if reason == Stop.COUNT and raw <= count:
             # Nothing of ours stopped the slice: HLT retired, or a debugger exit address was reached.
             reason = Stop.REQUEST if self._rip.read()[0] in self.exit_addresses else Stop.HALT

@@ -271,12 +271,14 @@ class _Manifest:
         self.fail(f"{key} must be nanoseconds or a duration such as \"1ms\", not {_toml_repr(value)}",
                   table, None, key)
 
-    def ports(self, value: Any, i: int) -> tuple[tuple[int, int], ...]:
+    def ports(self, value: Any, i: int, who: str) -> tuple[tuple[int, int], ...]:
+        def bad(what: str, needle: str | None = None) -> NoReturn:
+            self.fail(f"container {who!r}: {what}", "container", i, "ports", needle)
         if not isinstance(value, list):
-            self.fail(f"ports must be a list of ports and \"FIRST-LAST\" ranges, not {_toml_repr(value)}",
-                      "container", i, "ports")
+            bad(f"ports must be a list of ports and \"FIRST-LAST\" ranges, not {_toml_repr(value)}")
         ranges = []
         for item in value:
+            needle = f'"{item}"' if isinstance(item, str) else None
             if isinstance(item, int) and not isinstance(item, bool):
                 first = last = item
             else:
@@ -286,14 +288,13 @@ class _Manifest:
                 except ValueError:
                     m = None
                 if m is None:
-                    self.fail(f"bad port {_toml_repr(item)}: use a number or a \"FIRST-LAST\" range "
-                              "such as \"0x3F8-0x3FF\"", "container", i, "ports",
-                              item if isinstance(item, str) else None)
+                    bad(f"bad port {_toml_repr(item)}: use a number or a \"FIRST-LAST\" range such as "
+                        "\"0x3F8-0x3FF\"", needle)
             for port in (first, last):
                 if not 0 <= port <= MAX_PORT:
-                    self.fail(f"port {port:#x} is out of range (0..{MAX_PORT:#x})", "container", i, "ports")
+                    bad(f"port {port:#x} is out of range (0..{MAX_PORT:#x})", needle)
             if first > last:
-                self.fail(f"port range {item!r} is backwards", "container", i, "ports", str(item))
+                bad(f"port range {_toml_repr(item)} is backwards", needle)
             ranges.append((first, last))
         merged: list[tuple[int, int]] = []
         for first, last in sorted(ranges):
@@ -372,7 +373,7 @@ class _Manifest:
                 self.size(self.required(c, "container", i, "memory"), "container", i, "memory"),
                 self.size(c.get("stack", d.stack), "container", i, "stack"),
                 self.integer(c.get("priority", d.priority), "container", i, "priority"),
-                self.ports(c.get("ports", []), i),
+                self.ports(c.get("ports", []), i, name),
                 tuple(irqs),
                 autostart,
                 tuple(self.strings(c.get("handles", []), "container", i, "handles"))))
@@ -474,7 +475,12 @@ def build_image(manifest: str | os.PathLike[str], *, include_dir: Path = INCLUDE
 _SECTION_DIRECTIVES = {".section", ".data", ".text", ".bss", ".rodata", ".previous", ".pushsection",
                        ".popsection", ".subsection"}
 _LABEL = re.compile(r"\s*([A-Za-z_.$][\w.$@]*)\s*:(?!:)")
+_ASSIGNMENT = re.compile(r"\s*[A-Za-z_.$][\w.$@]*\s*=")
 _WORD = r"(?<![\w.$@]){}(?![\w.$@])"
+_SYMBOL_START = r"\(*\s*[A-Za-z_.$]"
+_UNARY_MINUS = re.compile(rf"(?:^|[,(+*/~-])\s*[-~]\s*{_SYMBOL_START}")
+_NUMBER_MINUS = re.compile(rf"(?<![\w.$])(?:0[xX][0-9a-fA-F]+|\d+)\s*\)*\s*-\s*{_SYMBOL_START}")
+_BRACKET_MINUS = re.compile(rf"-\s*{_SYMBOL_START}")
 
 
 def _split_code(line: str) -> tuple[str, list[str]]:
@@ -506,31 +512,61 @@ def _split_code(line: str) -> tuple[str, list[str]]:
     return "".join(out), statements
 
 
+def _misencoded(instruction: str) -> str | None:
+    """Why keystone 0.9.2 would silently mis-encode this instruction, or None.
+
+    Measured: in an instruction operand, ``-SYM``, ``~SYM`` and ``8 - SYM``
+    become a RIP-relative memory operand, and ``[rbx - SYM]`` /
+    ``[rbx + b - a]`` get the wrong displacement; ``SYM``, ``SYM + 8``,
+    ``[rbx + SYM]``, ``b - a`` and symbols defined negative
+    (``.equ X, -EPIPE``) are encoded right.
+    """
+    parts = instruction.split(None, 1)
+    if len(parts) < 2 or parts[0].startswith(".") or _ASSIGNMENT.match(instruction):
+        return None
+    operands = parts[1]
+    for m in re.finditer(r"\[([^\]]*)\]", operands):
+        if _BRACKET_MINUS.search(m.group(1)):
+            return "subtracting a symbol inside [...] gets a wrong displacement"
+    outside = re.sub(r"\[[^\]]*\]", " ", operands)
+    if _UNARY_MINUS.search(outside) or _NUMBER_MINUS.search(outside):
+        return "a negated symbol becomes a memory operand"
+    return None
+
+
 @dataclass(slots=True)
 class _KsResult:
     ok: bool
     code: bytes = b""
-    asked: tuple[str, ...] = ()     # names the symbol resolver was asked for (undefined symbols)
+    errno: int = 0                  # keystone's KS_ERR_*
     error: str = ""                 # keystone's error kind, its stderr diagnostic, or the crash
+    asked: tuple[str, ...] = ()     # with resolve=True: the undefined symbols
 
 
-def _ks_run(text: str, base: int) -> _KsResult:
+def _ks_run(text: str, base: int, resolve: bool) -> _KsResult:
     import keystone
 
     ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
     asked: list[str] = []
-
-    def resolver(symbol: bytes, value: Any) -> bool:
-        asked.append(symbol.decode(errors="replace"))
-        value[0] = base
-        return True
-
-    ks.sym_resolver = resolver
+    if resolve:
+        # Only to learn the names of undefined symbols: setting any option
+        # (ks_option) switches keystone 0.9.2 to radix 16 for good, so "32"
+        # becomes 0x32 (keystone issues #481, #538); such code is thrown away.
+        def resolver(symbol: bytes, value: Any) -> bool:
+            asked.append(symbol.decode(errors="replace"))
+            value[0] = base
+            return True
+        ks.sym_resolver = resolver
+    else:
+        canary, _ = ks.asm(b".byte 10", 0, as_bytes=True)
+        if canary != b"\x0a":
+            return _KsResult(False, error="keystone reads decimal numbers as hexadecimal in this process "
+                                          "(keystone issue #481)")
     try:
         enc, _ = ks.asm(text.encode("ascii"), base, as_bytes=True)
     except keystone.KsError as e:
-        return _KsResult(False, asked=tuple(dict.fromkeys(asked)), error=str(e))
-    return _KsResult(True, bytes(enc or b""), tuple(dict.fromkeys(asked)))
+        return _KsResult(False, errno=e.errno, error=str(e), asked=tuple(dict.fromkeys(asked)))
+    return _KsResult(True, bytes(enc or b""), asked=tuple(dict.fromkeys(asked)))
 
 
 def _in_child(fn: Callable[..., _KsResult], *args: Any) -> _KsResult:
@@ -574,6 +610,8 @@ def assemble(name: str, text: bytes | str, path: str, *, source: str | None = No
     ``path`` names the file in error messages; ``source`` is what the image
     records as the program's source (default ``path``).
     """
+    import keystone
+
     def fail(line: int, what: str) -> NoReturn:
         raise BuildError(f"{path}:{line}: {what}")
 
@@ -602,50 +640,60 @@ def assemble(name: str, text: bytes | str, path: str, *, source: str | None = No
                         "(keystone 0.9.2 crashes on section directives)")
             if word in (".include", ".incbin"):
                 fail(n, f"{word} is not supported by keystone (vmk.inc is already predefined)")
+            why = _misencoded(rest)
+            if why is not None:
+                fail(n, f"keystone 0.9.2 mis-encodes this: {why}; define the value first "
+                        f"(.equ NAME, -SYMBOL) or use the ERR_* constants: {line.strip()}")
         code_lines.append(code)
 
     prelude = generate_inc()
 
-    def run(count: int | None, symbols: list[str]) -> _KsResult:
+    def run(count: int | None, symbols: list[str], resolve: bool = False) -> _KsResult:
         body = "\n".join(code_lines if count is None else code_lines[:count])
         trailer = f"\n.quad {', '.join(symbols)}" if symbols else ""
-        return _in_child(_ks_run, f"{prelude}{body}{trailer}\n", base)
+        return _in_child(_ks_run, f"{prelude}{body}{trailer}\n", base, resolve)
+
+    def undefined(symbol: str) -> NoReturn:
+        pat = re.compile(_WORD.format(re.escape(symbol)))
+        line = next((n for n, code in enumerate(code_lines, 1) if pat.search(code)), 0)
+        if line:
+            fail(line, f"undefined symbol {symbol!r}: {lines[line - 1].strip()}")
+        raise BuildError(f"{path}: undefined symbol {symbol!r}")
 
     # The label addresses come from a trailer ".quad label, ..." assembled after the program.
     names = list(labels)
     while True:
         result = run(None, names)
-        if not result.ok:
+        if result.ok or result.errno != keystone.KS_ERR_ASM_SYMBOL_MISSING:
             break
-        undefined = [s for s in result.asked if s not in names]
-        if undefined:
-            sym = undefined[0]
-            pat = re.compile(_WORD.format(re.escape(sym)))
-            line = next((n for n, code in enumerate(code_lines, 1) if pat.search(code)), 0)
-            if line:
-                fail(line, f"undefined symbol {sym!r}: {lines[line - 1].strip()}")
-            raise BuildError(f"{path}: undefined symbol {sym!r}")
-        wrong = [s for s in result.asked if s in names]     # not labels after all
-        if not wrong:
+        asked = run(None, names, resolve=True).asked
+        for symbol in asked:
+            if symbol not in names:
+                undefined(symbol)
+        if not asked:
             break
-        names = [s for s in names if s not in wrong]
+        names = [s for s in names if s not in asked]      # the label scan was wrong about these
     if not result.ok:
-        if run(len(code_lines), []).ok:     # the trailer's fault: keep the code, drop the symbols
-            names, result = [], run(len(code_lines), [])
-        else:
-            lo, hi = 1, len(code_lines)     # run(hi) fails; find the shortest failing prefix
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if run(mid, []).ok:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            err = run(hi, []).error or result.error
-            err = err[:1].lower() + err[1:]
-            hint = ""
-            if ";" in code_lines[hi - 1] and "mnemonic" in err:
-                hint = " (';' separates statements in keystone; comments start with '#')"
-            fail(hi, f"{err}: {lines[hi - 1].strip()}{hint}")
+        missing = keystone.KS_ERR_ASM_SYMBOL_MISSING
+
+        def fails(count: int) -> _KsResult | None:      # a prefix may miss its forward references
+            r = run(count, [])
+            return r if not r.ok and r.errno != missing else None
+
+        if fails(len(code_lines)) is None:
+            raise BuildError(f"{path}: {result.error}")
+        lo, hi = 1, len(code_lines)         # fails(hi); find the shortest failing prefix
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fails(mid) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        err = (fails(hi) or result).error
+        err = err[:1].lower() + err[1:]
+        hint = " (';' separates statements in keystone; comments start with '#')" if ";" in code_lines[hi - 1] \
+            else ""
+        fail(hi, f"{err}: {lines[hi - 1].strip()}{hint}")
     code = result.code
     addresses: dict[str, int] = {}
     if names:
@@ -655,7 +703,7 @@ def assemble(name: str, text: bytes | str, path: str, *, source: str | None = No
         raise BuildError(f"{path}: assembles to no code")
     entry = addresses.get("_start", base)
     segment = Segment(base, code, len(code), SegFlag.R | SegFlag.W | SegFlag.X)
-    return Program(name, source or path, entry, (segment,), addresses)
+    return Program(name, source or path, entry, (segment,), dict(sorted(addresses.items())))
 
 
 # ---------------------------------------------------------------------- C (gcc)

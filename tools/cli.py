@@ -3,6 +3,7 @@
     vmk boot IMAGE [--serial SPEC] [--serial2 SPEC] [--mem SIZE] [--debugcon SPEC]
                    [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
                    [--gdb [HOST]:PORT [--wait-gdb]]
+    vmk build MANIFEST -o IMAGE [-v]
     vmk debug [HOST]:PORT [--batch FILE]
     vmk asm "INSTR; ..." [--addr A] [--bits 64]
     vmk disasm HEXBYTES [--addr A] [--bits 64]
@@ -14,10 +15,13 @@ an image that cannot be booted; 3 for a triple fault or an emulation error;
 130 after Ctrl-C.  Every user error is one line on stderr, never a traceback.
 With ``--gdb``, a kill from the debugger ends ``vmk boot`` with status 0 (as
 QEMU).  ``vmk debug`` exits 0, or 1 when a ``--batch`` command failed.
+``vmk build`` prints nothing (``-v``: a one-line summary) and exits 0, or 2
+with one line naming the manifest or source FILE:LINE.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vmk.boot.loader import ImageError, load_kernel
@@ -77,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--wait-gdb", action="store_true",
                    help="do not start the CPU until a debugger attaches and continues (QEMU's -S)")
 
+    bu = sub.add_parser("build", help="build a vmk image (VM kernel settings + containers) from a manifest")
+    bu.add_argument("manifest", help="the manifest (TOML); program sources are relative to it")
+    bu.add_argument("-o", "--output", required=True, metavar="IMAGE", help="the image file to write")
+    bu.add_argument("-v", "--verbose", action="store_true", help="print a one-line summary")
+
     dbg = sub.add_parser("debug", help="the vmk debugger shell, attached to 'vmk boot --gdb [HOST]:PORT'")
     dbg.add_argument("address", metavar="[HOST]:PORT", help="where the GDB stub listens (e.g. :1234)")
     dbg.add_argument("--batch", default=None, metavar="FILE",
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "boot":
             return cmd_boot(args)
+        if args.cmd == "build":
+            return cmd_build(args)
         if args.cmd == "asm":
             return cmd_asm(args)
         if args.cmd == "bench":
@@ -200,6 +211,19 @@ def cmd_boot(args) -> int:
         sys.stderr.write(f"vmk: killed by the debugger (t={t})\n")
         return 0
     return _fail(result.message, EXIT_FAULT)
+
+
+def cmd_build(args) -> int:
+    from .build import BuildError, build
+    try:
+        image = build(args.manifest, args.output)
+    except BuildError as e:
+        return _fail(str(e))
+    if args.verbose:
+        size = os.path.getsize(args.output)
+        print(f"{args.output}: {len(image.programs)} programs, {len(image.containers)} containers "
+              f"({len(image.boot_order())} at boot), {len(image.channels)} channels, {size} bytes")
+    return 0
 
 
 def cmd_asm(args) -> int:

@@ -16,8 +16,10 @@ number in RAX and the arguments in RDI, RSI, RDX, R10, R8, R9 (clobbering
 RCX, R11 and memory).  Wrappers return the raw result: a negative errno on
 failure.
 
-``vmk.inc``: the same constants as ``.equ NAME, value`` lines plus the event
-field offsets (``EVENT_OFF_<FIELD>``) and ``EVENT_SIZE``; ``#`` comments.
+``vmk.inc``: the same constants as ``.equ NAME, value`` lines, plus
+``ERR_<E>`` = -errno (keystone 0.9.2 mis-encodes ``-EPIPE`` in an
+instruction), the event field offsets (``EVENT_OFF_<FIELD>``) and
+``EVENT_SIZE``; ``#`` comments.
 Both keystone and GNU as accept this; ``vmk build`` prepends it to every
 ``.s`` program, and a GNU as source can ``.include "vmk.inc"``.
 """
@@ -118,6 +120,9 @@ def generate_inc() -> str:
     out += [f".equ SYS_{s.name.upper()}, {s.number}" for s in SYSCALLS]
     out += ["", "# Errors: syscalls return -errno"]
     out += [f".equ {e.name}, {int(e)}" for e in Errno]
+    out += ["", "# What a failing syscall returns (-errno): keystone 0.9.2 turns '-EPIPE' in an",
+            "# instruction into a memory operand, so compare with ERR_EPIPE instead"]
+    out += [f".equ ERR_{e.name}, {-int(e)}" for e in Errno]
     out += ["", "# struct vmk_event.kind"]
     out += [f".equ EV_{k.name}, {int(k)}" for k in EventKind]
     out += ["", "# struct vmk_event: field offsets and size"]
