@@ -176,7 +176,25 @@ def bench_rss(quick: bool) -> list[Row]:
              f"bare python {int(base) / 1024:.0f} MiB; target <= 200 MiB", _verdict(mib <= 200, ""))]
 
 
+def bench_host(quick: bool) -> list[Row]:
+    """What a call from Python into C costs on this host: every exit from the
+    guest (port, MMIO, interrupt delivery) is a handful of them, so the
+    interrupt rate scales with it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    f = libc.abs
+    f.argtypes, f.restype = [ctypes.c_int], ctypes.c_int
+    n = 100_000
+    t = time.perf_counter()
+    for _ in range(n):
+        f(5)
+    per = (time.perf_counter() - t) / n * 1e6
+    return [("host: one ctypes call (libc abs)", f"{per:.2f} us", "~0.1-0.2 us on a typical desktop", "")]
+
+
 BENCHES: dict[str, Callable[[bool], list[Row]]] = {
+    "host": bench_host,
     "compute": bench_compute,
     "timer-irq": bench_timer_irq,
     "boot": bench_boot,

@@ -30,7 +30,7 @@ marked *required*; no other key is accepted::
     program = "shell"            # required: a [[program]] name
     memory = "256K"              # required: RAM for program + heap + stack, whole pages;
                                  #   an integer is bytes, a string needs a unit (K, M, G)
-    stack = "64K"                # counted in memory (default 64K)
+    stack = "16K"                # counted in memory (default 16K)
     priority = 1                 # 0..255, higher runs first
     ports = [0x3F8, "0x2F8-0x2FF"]   # I/O ports granted (single ports or "A-B" ranges)
     irqs = [4]                   # IRQ lines granted (0..23, not 2); one container per line
