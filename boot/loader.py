@@ -15,6 +15,9 @@ Two kinds of bare-metal kernel boot, as users know them from QEMU:
   passed both ways: EAX/EBX as above and RDI/RSI (magic, info) so a C entry
   ``kmain(uint32_t magic, uint32_t info)`` works directly.
 
+Before the entry, the interrupt controllers, PIT and COM1 are left as a PC
+BIOS leaves them (``firmware.py``), as on QEMU.
+
 Where vmk puts its own boot data (low memory, below the kernel):
 GDT 0x8000, multiboot info 0x9000 (command line, memory map and names follow
 it), long-mode page tables 0x10000-0x15FFF.
@@ -34,6 +37,8 @@ from elftools.elf.sections import SymbolTableSection
 
 from vmk.machine.cpu import EFER_LMA, EFER_LME, HF, MSR_EFER, Reg, Seg
 from vmk.machine.pc import Machine
+
+from .firmware import bios_state
 
 __all__ = ["ImageError", "BootInfo", "load_kernel", "load_kernel_bytes", "enter_protected_mode", "enter_long_mode", "MULTIBOOT_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC"]
 
@@ -55,6 +60,7 @@ MBI_LOADER_NAME = 1 << 9
 GDT_ADDR = 0x8000
 MBI_ADDR = 0x9000
 PML4_ADDR = 0x10000
+BOOT_DATA_END = PML4_ADDR + 0x6000
 LONG_MODE_STACK = 0x80000
 LOW_MEM_END = 0x9FC00              # 639 KiB of conventional memory, as QEMU reports
 KERNEL_MIN = 0x100000
@@ -127,6 +133,7 @@ def load_kernel_bytes(machine: Machine, data: bytes, path: str = "<image>", cmdl
         if flags & 0xFFFC & ~(MB_FLAG_MEMINFO | MB_FLAG_VIDEO) & 0xFFFF:
             raise ImageError(f"{path}: multiboot header requires unsupported features (flags {flags:#x})")
         info.mbi = _write_multiboot_info(machine, cmdline or path, path)
+        bios_state(machine)
         enter_protected_mode(machine, info.entry, info.mbi)
         return info
     if is_elf:
@@ -136,6 +143,7 @@ def load_kernel_bytes(machine: Machine, data: bytes, path: str = "<image>", cmdl
                 raise ImageError(f"{path}: ELF64 for {elf['e_machine']}, not x86-64")
             info = _load_elf(machine, elf, data, path, "elf64")
             info.mbi = _write_multiboot_info(machine, cmdline or path, path)
+            bios_state(machine)
             enter_long_mode(machine, info.entry, info.mbi)
             return info
         raise ImageError(f"{path}: ELF32 file without a multiboot header in its first 8 KiB")
@@ -178,9 +186,9 @@ def _load_elf(machine: Machine, elf: ELFFile, data: bytes, path: str, kind: str)
         if paddr + memsz > machine.ram.size:
             raise ImageError(f"{path}: segment {i} at {paddr:#x}+{memsz:#x} does not fit in "
                              f"{machine.ram.size >> 20} MiB of RAM (try --mem)")
-        if memsz and paddr < KERNEL_MIN and kind == "multiboot" and paddr + memsz > GDT_ADDR:
-            raise ImageError(f"{path}: segment {i} at {paddr:#x} overlaps low memory used by the boot "
-                             "loader (load kernels at 1 MiB or above)")
+        if memsz and paddr < BOOT_DATA_END and paddr + memsz > GDT_ADDR:
+            raise ImageError(f"{path}: segment {i} at {paddr:#x}+{memsz:#x} overlaps the boot loader's data "
+                             f"at {GDT_ADDR:#x}-{BOOT_DATA_END:#x} (load kernels at 1 MiB or above)")
         machine.write_physical(paddr, data[offset:offset + filesz])
         if memsz > filesz:
             machine.write_physical(paddr + filesz, bytes(memsz - filesz))
