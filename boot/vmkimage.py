@@ -102,7 +102,7 @@ PAGE_SIZE = 0x1000
 USER_BASE = 0x0040_0000
 STACK_TOP = 0x7FFF_F000
 MAX_MEMORY = STACK_TOP - USER_BASE          # the whole user range
-DEFAULT_STACK = 64 << 10
+DEFAULT_STACK = 16 << 10
 MAX_MSG_SIZE = 4096                         # chan_create: 0 = any size up to this
 MAX_TAG = 0xFFFF_FFFF
 MAX_CHANNELS = 65536

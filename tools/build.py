@@ -43,14 +43,19 @@ marked *required*; no other key is accepted::
 
 Programs.  A ``.s`` source is assembled by keystone (64-bit, Intel syntax,
 ``#`` comments, ``;`` separates statements) at 0x400000 as one read-write-
-execute segment; the constants of ``vmk.inc`` (``SYS_*``, ``E*``, ``EV_*``,
-``EVENT_OFF_*``, ``EVENT_SIZE``) are predefined; the entry is the label
-``_start`` or the first byte.  Section directives (``.data``...) are refused:
-keystone 0.9.2 crashes on them.  A ``.c`` program is compiled and linked by
-gcc with ``guest/include/vmk_crt0.c`` (``_start`` calls ``int main(void)``
-and exits with its value) and ``guest/include/vmk.ld`` (text at 0x400000,
-data on the next page); ``#include "vmk.h"`` gives the syscall wrappers.
-Every label / ELF symbol is kept in the image for the debugger.
+execute segment; the constants of ``vmk.inc`` (``SYS_*``, ``E*``, ``ERR_*`` =
+-errno, ``EV_*``, ``EVENT_OFF_*``, ``EVENT_SIZE``) are predefined; the entry is
+the label ``_start``, or the first byte.  What keystone 0.9.2 gets wrong is
+refused with the line rather than silently mis-assembled: section directives
+(``.data``...: it crashes), ``.include`` (ignored), and a subtracted or
+negated symbol in an instruction (``cmp rax, -EPIPE`` becomes a memory
+operand: write ``ERR_EPIPE``).  A ``.c`` program is compiled and linked by gcc
+(:data:`CFLAGS`) with ``guest/include/vmk_crt0.c`` (``_start`` calls
+``int main(void)`` and exits with its value) and ``guest/include/vmk.ld``
+(text at 0x400000, data on the next page); ``#include "vmk.h"`` gives the
+syscall wrappers.  An ``.elf`` must be a static ELF64 x86-64 executable whose
+segments lie in the user range.  Every label / ELF symbol is kept in the
+image for the debugger.
 
 Errors are one line: ``MANIFEST:LINE: what`` for the manifest (the line of
 the offending key: TOML syntax errors come from tomllib, the rest is found
@@ -61,11 +66,14 @@ Discussion: keystone 0.9.2 crashes the process on some inputs (``.data``)
 and prints diagnostics straight to file descriptor 2, so every assembly runs
 in a forked child whose stderr goes to a temporary file.  Keystone reports an
 error kind but no line: the line is found by assembling growing prefixes of
-the source (binary search) with a symbol resolver that accepts every name,
-so that forward references do not fail a prefix.
+the source (binary search), where a prefix that only misses a symbol (a
+forward reference cut off) counts as good.  The name of an undefined symbol
+comes from a run with a symbol resolver, whose output is thrown away: setting
+any keystone option switches it to radix 16 ("32" = 0x32, keystone #481).
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import re
@@ -105,7 +113,10 @@ from .units import parse_duration
 __all__ = ["BuildError", "build", "build_image", "assemble", "compile_c", "load_elf_program",
            "CFLAGS", "LDFLAGS"]
 
+# -mgeneral-regs-only: a guest fiber's saved context is its general registers
+# (hal/context.py); code that used SSE would lose XMM state at a fiber switch.
 CFLAGS = ("-ffreestanding", "-nostdlib", "-static", "-fno-pic", "-no-pie", "-mno-red-zone", "-O2",
+          "-mgeneral-regs-only",
           "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fcf-protection=none", "-std=gnu11")
 LDFLAGS = ("-Wl,--build-id=none", "-Wl,-z,max-page-size=0x1000", "-Wl,-z,noexecstack")
 CRT0 = "vmk_crt0.c"
@@ -209,16 +220,20 @@ class _Manifest:
         for key, value in self.doc.items():
             if key not in _TABLES:
                 known = ", ".join(f"[{t}]" if t == "kernel" else f"[[{t}]]" for t in _TABLES)
-                line = self.lines.find(None, None, key)
-                for i, hname, _ in self.lines.headers:
-                    if hname == key or hname.startswith(key + "."):
-                        line = i + 1
-                        break
-                raise BuildError(f"{self.path}:{line}: unknown table or key {key!r} (known: {known})")
+                self.top_fail(f"unknown table or key {key!r} (known: {known})", key)
             if key == "kernel" and not isinstance(value, dict):
-                self.fail("kernel must be a table: [kernel]", None, None, key)
+                self.top_fail("kernel must be a table: [kernel]", key)
             if key != "kernel" and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
-                self.fail(f"{key} must be an array of tables: [[{key}]]", None, None, key)
+                self.top_fail(f"{key} must be an array of tables: [[{key}]]", key)
+
+    def top_fail(self, what: str, key: str) -> NoReturn:
+        """An error about a top-level key: its `key =` line or its first table header."""
+        line = self.lines.find(None, None, key)
+        for i, hname, _ in self.lines.headers:
+            if hname == key or hname.startswith(key + "."):
+                line = i + 1
+                break
+        raise BuildError(f"{self.path}:{line}: {what}")
 
     def entries(self, table: str) -> list[dict[str, Any]]:
         value = self.doc.get(table, [])
@@ -414,7 +429,7 @@ def _toml_repr(value: Any) -> str:
 
 
 def _source_kind(source: str) -> str | None:
-    ext = os.path.splitext(source)[1].lower()
+    ext = os.path.splitext(source)[1]          # case matters: a .S file is for the C preprocessor + GNU as
     return {".s": "asm", ".asm": "asm", ".c": "c", ".elf": "elf"}.get(ext)
 
 
@@ -578,6 +593,7 @@ def _in_child(fn: Callable[..., _KsResult], *args: Any) -> _KsResult:
         if pid == 0:                    # the child: never returns
             status = 0
             try:
+                faulthandler.disable()  # a crash is an expected outcome here, not worth a Python traceback
                 os.dup2(err.fileno(), 2)
                 out.write(pickle.dumps(fn(*args)))
                 out.flush()
@@ -718,7 +734,8 @@ def compile_c(sources: list[str], cflags: list[str] | tuple[str, ...] = (), *,
         cmd = [gcc, *CFLAGS, f"-I{include_dir}", *cflags, "-T", str(include_dir / LINKER_SCRIPT), *LDFLAGS,
                "-o", out, str(include_dir / CRT0), *sources, "-lgcc"]
         try:
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=GCC_TIMEOUT)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=GCC_TIMEOUT,
+                                  env={**os.environ, "LC_ALL": "C"})      # ASCII quotes in messages
         except subprocess.TimeoutExpired:
             raise BuildError(f"{sources[0]}: gcc did not finish in {GCC_TIMEOUT} s") from None
         if proc.returncode != 0:
