@@ -11,7 +11,7 @@ STAMP   := $(VENV)/.installed-stamp
 OUT     ?= out
 GUEST   := $(OUT)/guest
 
-.PHONY: run run-baremetal test bench lint guest clean
+.PHONY: run run-console run-baremetal test bench lint guest clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,15 @@ $(STAMP): pyproject.toml
 guest:
 	$(MAKE) -s -C guest OUT=$(abspath $(GUEST))
 
-run: run-baremetal
+run: run-console
 
+# The VM kernel's console demo: pid 1 is a shell on COM1 (try: help, ps, spawn hello).
+run-console: $(STAMP)
+	@mkdir -p $(OUT)
+	$(VMK) build demo/console/console.toml -o $(OUT)/console.img
+	$(VMK) boot $(OUT)/console.img
+
+# The bare-metal demo kernel (guest/demo): timer ticks and an echo, 'q' quits.
 run-baremetal: $(STAMP) guest
 	$(VMK) boot $(GUEST)/demo.elf
 

@@ -19,9 +19,10 @@ writable), so the kernel checks a syscall's pointer arguments and copies
 message bytes without walking the tables: ``check``/``read``/``write`` raise
 :class:`UserFault` for anything outside the container.
 
-Invariants: a frame belongs to at most one space; ``used`` never exceeds the
-space's ``limit``; page-table frames count against the limit too (they are
-the container's memory); ``destroy()`` returns every frame.
+Invariants: a frame belongs to at most one space; ``used`` (the pages the
+container can touch) never exceeds the space's ``limit``, which is the
+``memory`` of its image entry; its page-table frames are kernel memory, kept
+in ``tables`` and not counted; ``destroy()`` returns every frame.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ class AddressSpace:
     used: int = 0
 
     def __post_init__(self) -> None:
-        self.pml4 = self._take_frame()
+        self.pml4 = self.frames.alloc()
         self._tables.append(self.pml4)
 
     @property
@@ -127,7 +128,7 @@ class AddressSpace:
             slot = table + ((va >> shift) & 0x1FF) * 8
             entry = struct.unpack_from("<Q", buf, slot)[0]
             if not entry & _P:
-                new = self._take_frame()
+                new = self.frames.alloc()
                 self._tables.append(new)
                 entry = new | _P | _W | _U
                 struct.pack_into("<Q", buf, slot, entry)

@@ -236,6 +236,8 @@ class Hal:
         self.inb(COM1 + UartReg.IIR_FCR)            # acknowledge a THRE source
         if self.tx_queue:
             self.pump_tx()
+            if not self.tx_queue:
+                self.kernel.interrupt("console-tx-done")
         if got:
             self.kernel.interrupt("console-rx")
 
@@ -259,8 +261,8 @@ class Hal:
         nr, *args = self._args.read()
         result = self.kernel.syscall(nr, tuple(args))
         if result is None:
-            # Blocked: end the slice after the instruction (RIP is past it); pid 0 switches.
-            self.cpu.request_stop()
+            # Blocked: end the run after this instruction (RIP is past it); pid 0 switches.
+            self.machine.stop("syscall blocked")
         else:
             self._rax.write((result,))
         return True

@@ -59,15 +59,18 @@ does not keep it alive: hold what you use.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from .events import KERNEL, NOT_READY, BaseOp, Failed, KernelError, Operation, Sync, WaitQueue, Waiter
+from .events import KERNEL, NOT_READY, BaseOp, Failed, KernelError, Operation, Sync, Waiter, WaitQueue
 from .syscall_table import Errno
 
-__all__ = ["MAX_MSG", "Channel", "ChannelTable", "send", "recv", "message_size"]
+__all__ = ["MAX_MSG", "MAX_TAG", "Channel", "ChannelTable", "message_size", "recv", "send"]
 
 MAX_MSG = 4096
 """Largest message on a channel created with size 0."""
+MAX_TAG = 0xFFFF_FFFF
+"""Largest channel tag (tags are u32 in the image; 0 = untyped)."""
 
 
 def message_size(msg: Any) -> int | None:
@@ -81,8 +84,20 @@ def message_size(msg: Any) -> int | None:
 
 class Channel:
     """One slot of the :class:`ChannelTable`.  Made by ``ChannelTable.create`` only."""
-    __slots__ = ("cid", "msg_size", "tag", "name", "sendq", "recvq", "_holders", "connected",
-                 "freed", "_table", "sends", "__weakref__")
+    __slots__ = (
+        "__weakref__",
+        "_holders",
+        "_table",
+        "cid",
+        "connected",
+        "freed",
+        "msg_size",
+        "name",
+        "recvq",
+        "sendq",
+        "sends",
+        "tag",
+    )
 
     def __init__(self, table: ChannelTable, cid: int, msg_size: int, tag: int, name: str) -> None:
         self._table = table
@@ -173,12 +188,12 @@ class ChannelTable:
     def create(self, msg_size: int = 0, tag: int = 0, *, holder: Any = KERNEL, name: str = "") -> Channel:
         """A new channel held once by ``holder``.
 
-        Raises ``KernelError(EINVAL)`` for a size outside 0..MAX_MSG or a negative
-        tag, ``KernelError(ENFILE)`` when the table is full.
+        Raises ``KernelError(EINVAL)`` for a size outside 0..MAX_MSG or a tag
+        outside 0..MAX_TAG, ``KernelError(ENFILE)`` when the table is full.
         """
         if not 0 <= msg_size <= MAX_MSG:
             raise KernelError(Errno.EINVAL, f"message size {msg_size}")
-        if tag < 0:
+        if not 0 <= tag <= MAX_TAG:
             raise KernelError(Errno.EINVAL, f"tag {tag}")
         if not self._free_ids:
             raise KernelError(Errno.ENFILE, f"all {self.capacity} channels in use")

@@ -65,6 +65,8 @@ Decisions
   final ``result``.  They must not block.  An exception in a wrap function
   fails the sync (it is raised in the kernel fiber); for a guest fiber
   anything but a KernelError is a kernel bug and propagates.
+* Nacks are signalled inside the commit, before the winner's wrap functions
+  run, so a server parked on a nack is queued before the syncing fiber.
 * A fiber killed while blocked aborts its sync: all arms are cancelled and
   every nack of the sync is signalled (the client gave up on all of them;
   CML would leave them unsignalled and servers waiting forever).
@@ -76,9 +78,10 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .syscall_table import Errno
 
@@ -88,11 +91,35 @@ if TYPE_CHECKING:
     from vmk.machine.clock import Clock
 
 __all__ = [
-    "KernelError", "OpState", "KERNEL", "Failed", "NOT_READY",
-    "Operation", "BaseOp", "Choice", "Wrap", "Guard", "WithNack",
-    "Sync", "Waiter", "WaitQueue", "Condition", "IrqSource",
-    "always", "never", "timeout", "at_time", "join", "cond_wait", "irq",
-    "choice", "wrap", "wrap_handler", "guard", "with_nack", "perform",
+    "KERNEL",
+    "NOT_READY",
+    "BaseOp",
+    "Choice",
+    "Condition",
+    "Failed",
+    "Guard",
+    "IrqSource",
+    "KernelError",
+    "OpState",
+    "Operation",
+    "Sync",
+    "WaitQueue",
+    "Waiter",
+    "WithNack",
+    "Wrap",
+    "always",
+    "at_time",
+    "choice",
+    "cond_wait",
+    "guard",
+    "irq",
+    "join",
+    "never",
+    "perform",
+    "timeout",
+    "with_nack",
+    "wrap",
+    "wrap_handler",
 ]
 
 
@@ -226,7 +253,7 @@ class WithNack(Operation):
 
 class Waiter:
     """One parked arm in a :class:`WaitQueue`; its own cancel token."""
-    __slots__ = ("sync", "arm", "payload", "queue")
+    __slots__ = ("arm", "payload", "queue", "sync")
 
     def __init__(self, sync: Sync, arm: int, payload: Any, queue: WaitQueue) -> None:
         self.sync = sync
@@ -285,7 +312,7 @@ class WaitQueue:
 
 
 class _Arm:
-    __slots__ = ("op", "chain", "nacks", "token")
+    __slots__ = ("chain", "nacks", "op", "token")
 
     def __init__(self, op: BaseOp, chain: tuple[tuple[Callable[[Any], Any], bool], ...],
                  nacks: frozenset[Condition]) -> None:
@@ -303,8 +330,18 @@ class Sync:
     sync (``timeout`` is relative to it).  ``on_commit(outcome)`` is called
     when a *parked* sync commits (the scheduler makes the fiber runnable).
     """
-    __slots__ = ("state", "party", "clock", "t0", "arms", "nacks", "on_commit", "winner",
-                 "fiber", "catch_all")
+    __slots__ = (
+        "arms",
+        "catch_all",
+        "clock",
+        "fiber",
+        "nacks",
+        "on_commit",
+        "party",
+        "state",
+        "t0",
+        "winner",
+    )
 
     def __init__(self, clock: Clock, party: Any, on_commit: Callable[[Any], None],
                  fiber: Any = None, catch_all: bool = True) -> None:
@@ -352,7 +389,7 @@ class Sync:
                 continue
             try:
                 outcome = f(outcome.error if is_handler else outcome)
-            except Exception as exc:  # noqa: BLE001 - a wrap error fails the sync
+            except Exception as exc:
                 if not self.catch_all and not isinstance(exc, KernelError):
                     self.state = OpState.SYNCED
                     raise
@@ -482,7 +519,7 @@ class Condition:
     ``signal()`` wakes every waiter, now and later; it returns True the first
     time and False afterwards (idempotent).
     """
-    __slots__ = ("name", "signalled", "waiters", "cid")
+    __slots__ = ("cid", "name", "signalled", "waiters")
     _ids = itertools.count(1)
 
     def __init__(self, name: str = "") -> None:
@@ -534,7 +571,7 @@ class IrqSource:
     them wake with the count (Loko signals the IRQ's cvar the same way); they
     are queued by priority by the scheduler, not here.
     """
-    __slots__ = ("line", "name", "fires", "pending", "waiters")
+    __slots__ = ("fires", "line", "name", "pending", "waiters")
 
     def __init__(self, line: int, name: str = "") -> None:
         self.line = line

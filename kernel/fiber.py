@@ -24,22 +24,24 @@ State machine (:class:`FiberState`)::
 ``waiting_on`` describes a BLOCKED fiber's sync for the debugger
 ("recv on channel 3 | timeout at 1200 ns").
 
-A fiber's *priority* (lower runs first) is its own if given at spawn, else its
+A fiber's *priority* (higher runs first) is its own if given at spawn, else its
 container's (read every time it is queued, so a container's priority can
 change), else :data:`KERNEL_PRIORITY`.  Its *party* (for channels: whose side
 it is on) is its container, or KERNEL.
 """
 from __future__ import annotations
 
+from collections.abc import Generator
 from enum import Enum
-from typing import Any, Generator
+from typing import Any
 
 from .events import KERNEL, Sync, WaitQueue
 
-__all__ = ["FiberState", "FiberKind", "Fiber", "KERNEL_PRIORITY"]
+__all__ = ["KERNEL_PRIORITY", "Fiber", "FiberKind", "FiberState"]
 
-KERNEL_PRIORITY = 0
-"""Priority of pid 0's fibers unless given; lower numbers run first."""
+KERNEL_PRIORITY = 255
+"""Priority of pid 0's fibers unless given: the top of the image's container
+range 0..255 (``boot/vmkimage.py`` MAX_PRIORITY); higher numbers run first."""
 
 
 class FiberState(Enum):
@@ -56,9 +58,25 @@ class FiberKind(Enum):
 
 class Fiber:
     """One fiber.  Created by ``Scheduler.spawn_kernel`` / ``spawn_guest`` only."""
-    __slots__ = ("fid", "kind", "name", "container", "state", "waiting_on", "result", "error",
-                 "exit_value", "joiners", "gen", "ctx", "_priority", "_sync", "_resume", "_rq",
-                 "__weakref__")
+    __slots__ = (
+        "__weakref__",
+        "_priority",
+        "_resume",
+        "_rq",
+        "_sync",
+        "container",
+        "ctx",
+        "error",
+        "exit_value",
+        "fid",
+        "gen",
+        "joiners",
+        "kind",
+        "name",
+        "result",
+        "state",
+        "waiting_on",
+    )
 
     def __init__(self, fid: int, kind: FiberKind, name: str, container: Any, priority: int | None,
                  gen: Generator[Any, Any, Any] | None = None, ctx: Any = None) -> None:

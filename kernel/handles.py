@@ -23,13 +23,14 @@ for bad guest input.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Any, TypeVar, overload
 
 from .channel import Channel, ChannelTable
 from .events import KernelError
 from .syscall_table import Errno
 
-__all__ = ["HandleTable", "DEFAULT_HANDLES"]
+__all__ = ["DEFAULT_HANDLES", "HandleTable"]
 
 DEFAULT_HANDLES = 64
 """Handles per container unless the image says otherwise (``EMFILE`` beyond)."""
@@ -74,14 +75,20 @@ class HandleTable:
         return h
 
     # -- lookup ----------------------------------------------------------------
-    def get(self, h: int, kind: type[T] | None = None) -> T:
+    @overload
+    def get(self, h: int) -> Any: ...
+
+    @overload
+    def get(self, h: int, kind: type[T]) -> T: ...
+
+    def get(self, h: int, kind: type[Any] | None = None) -> Any:
         """The object behind ``h``; EBADF if not open here or not a ``kind``."""
-        obj = self._objs.get(h) if isinstance(h, int) and not isinstance(h, bool) else None
+        obj: Any = self._objs.get(h) if isinstance(h, int) and not isinstance(h, bool) else None
         if obj is None:
             raise KernelError(Errno.EBADF, f"handle {h!r} is not open")
         if kind is not None and not isinstance(obj, kind):
             raise KernelError(Errno.EBADF, f"handle {h} is a {type(obj).__name__}, not a {kind.__name__}")
-        return obj  # type: ignore[no-any-return]
+        return obj
 
     def channel(self, h: int) -> Channel:
         return self.get(h, Channel)

@@ -171,11 +171,17 @@ def cmd_boot(args) -> int:
         return _fail(str(e))
     stub = None
     try:
+        vm = None
         try:
-            boot_info = load_kernel(machine, args.image, args.append)
+            vm = _load_vm_image(machine, args.image)
+            boot_info = None if vm is not None else load_kernel(machine, args.image, args.append)
         except ImageError as e:
             return _fail(str(e))
-        if gdb_addr is not None:
+        if vm is not None:
+            if gdb_addr is not None:
+                return _fail("--gdb with a vmk image is not supported yet (bare-metal kernels only)")
+            result = vm.run(until=args.max_time)
+        elif gdb_addr is not None:
             from .gdbstub import GdbStub
             from .kernelview import view_for
             stub = GdbStub(machine, host=gdb_addr[0], port=gdb_addr[1], wait=args.wait_gdb,
@@ -224,6 +230,20 @@ def cmd_build(args) -> int:
         print(f"{args.output}: {len(image.programs)} programs, {len(image.containers)} containers "
               f"({len(image.boot_order())} at boot), {len(image.channels)} channels, {size} bytes")
     return 0
+
+
+def _load_vm_image(machine, path: str):
+    """A vmk image (built by ``vmk build``) boots the VM kernel; anything else is a bare-metal kernel."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None                          # load_kernel reports it
+    from vmk.boot.vmkimage import is_vmk_image, read_image
+    if not is_vmk_image(head):
+        return None
+    from vmk.kernel.pid0 import VMKernel
+    return VMKernel(machine, read_image(path))
 
 
 def cmd_asm(args) -> int:

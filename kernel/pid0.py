@@ -1,0 +1,522 @@
+"""pid 0: the VM kernel that boots a vmk image and runs its containers.
+
+How it works
+------------
+pid 0 is Python; containers (pid >= 1) are guest code in ring 3, each with
+its own address space (hal/aspace.py).  This module joins the pieces:
+
+* the **fiber scheduler** (kernel/scheduler.py) decides who runs: kernel
+  fibers (the console drivers, generators) and guest fibers (register
+  contexts);
+* the **HAL** (hal/vm.py) runs a guest fiber on the CPU until it traps into
+  the kernel: a syscall that blocks, a fault, an interrupt that woke someone,
+  or the end of its time slice;
+* **syscalls** are dispatched here (``syscall``), from Unicorn's syscall hook:
+  one that completes at once returns its value into RAX without leaving the
+  CPU slice; one that blocks parks the fiber (``sched.sync``) and ends it;
+* **time** is tickless: :class:`KernelClock` keeps pid 0's timers (fiber
+  timeouts, sleeps) and the HAL programs the LAPIC one-shot for the earliest
+  of them or the end of the running time slice, whichever comes first.
+
+This is our event loop (``VMKernel.run``)::
+
+    run the kernel fibers that are runnable (drivers: eager bottom halves)
+    pick the next guest fiber; none -> the CPU idles until an interrupt
+    load it, arm the timer, run the machine until the HAL stops it
+    save its registers; a blocked/exited fiber stays where the syscall put it
+
+A fault in a container (page fault, #GP, #UD, ...) ends that container with a
+one-line report (pid, fault, RIP, address); the others go on.
+"""
+from __future__ import annotations
+
+import heapq
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from vmk.boot.vmkimage import Image
+from vmk.hal.aspace import PAGE, AddressSpace, OutOfMemory, UserFault
+from vmk.hal.context import GuestContext
+from vmk.hal.vm import Hal
+from vmk.machine.pc import Machine, RunResult, Why
+
+from . import events as ev
+from .channel import ChannelTable, recv, send
+from .events import Condition, IrqSource, KernelError
+from .fiber import FiberState
+from .handles import HandleTable
+from .scheduler import Blocked, Scheduler
+from .syscall_table import EVENT_SIZE, Errno, EventKind, Syscall
+
+__all__ = ["VMKernel", "Container", "KernelClock"]
+
+EXCEPTION_NAMES = {0: "#DE divide error", 6: "#UD invalid opcode", 13: "#GP general protection",
+                   14: "#PF page fault", 3: "#BP breakpoint", 17: "#AC alignment check"}
+
+
+class KernelClock:
+    """pid 0's timers, on the machine's virtual time, delivered by the LAPIC one-shot."""
+
+    def __init__(self, machine: Machine, on_change: Callable[[], None]) -> None:
+        self._machine = machine
+        self._heap: list[tuple[int, int, "KTimer"]] = []
+        self._seq = 0
+        self._on_change = on_change
+
+    @property
+    def now(self) -> int:
+        return self._machine.clock.now
+
+    def timer(self, callback: Callable[[], None], name: str = "") -> "KTimer":
+        return KTimer(self, callback, name)
+
+    def _push(self, t: "KTimer") -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t.deadline, self._seq, t))
+        self._on_change()
+
+    def next_deadline(self) -> int | None:
+        h = self._heap
+        while h and h[0][2].deadline != h[0][0]:
+            heapq.heappop(h)
+        return h[0][0] if h else None
+
+    def run_due(self) -> None:
+        now = self.now
+        h = self._heap
+        while h and h[0][0] <= now:
+            deadline, _, t = heapq.heappop(h)
+            if t.deadline != deadline:
+                continue
+            t.deadline = None
+            t.callback()
+
+
+class KTimer:
+    __slots__ = ("_clock", "callback", "deadline", "name")
+
+    def __init__(self, clock: KernelClock, callback: Callable[[], None], name: str) -> None:
+        self._clock = clock
+        self.callback = callback
+        self.deadline: int | None = None
+        self.name = name
+
+    @property
+    def armed(self) -> bool:
+        return self.deadline is not None
+
+    def arm(self, deadline: int) -> None:
+        self.deadline = int(deadline)
+        self._clock._push(self)
+
+    def arm_in(self, delay: int) -> None:
+        self.arm(self._clock.now + delay)
+
+    def cancel(self) -> None:
+        self.deadline = None
+
+
+@dataclass(eq=False)
+class Container:
+    pid: int
+    name: str
+    aspace: AddressSpace
+    handles: HandleTable
+    priority: int
+    ports: frozenset[int]
+    exit_code: int | None = None
+    ended: Condition = field(default_factory=Condition)
+    fibers: list = field(default_factory=list)
+    stack_next: int = 0                 # where the next kernel-chosen fiber stack goes (grows down)
+    heap_base: int = 0
+
+    def __repr__(self) -> str:
+        return f"<container {self.pid} {self.name}>"
+
+
+class VMKernel:
+    """Boot a vmk image on a machine and run it."""
+
+    FIBER_STACK = 16 * PAGE
+
+    def __init__(self, machine: Machine, image: Image, log: Callable[[str], None] | None = None) -> None:
+        self.machine = machine
+        self.image = image
+        self.log = log or (lambda msg: machine.log(f"kernel: {msg}"))
+        k = image.kernel
+        self.hal = Hal(machine, ring_size=k.console_ring)
+        self.kclock = KernelClock(machine, self._reprogram_timer)
+        self.sched = Scheduler(self.kclock, policy=str(getattr(k.policy, "value", k.policy)), log=self.log)
+        self.channels = ChannelTable(k.channels)
+        self.timeslice = k.timeslice_ns
+        self.containers: dict[int, Container] = {}
+        self._next_pid = 1
+        self.current = None                     # the guest fiber on the CPU
+        self._slice_end: int | None = None
+        self.reports: list[str] = []            # one line per container that faulted or was killed
+        self._free_stacks: dict[int, list[int]] = {}     # pid -> stack tops to reuse
+        self._fiber_stacks: dict[int, int] = {}          # fid -> the stack the kernel gave it
+        # console: the UART driver speaks these two channels (Loko's ns8250 pattern)
+        self.console_rx = self.channels.create(0, name="console.rx")
+        self.console_tx = self.channels.create(0, name="console.tx")
+        self.rx_irq = IrqSource(4, "console-rx")
+        self.named = {c.name: self.channels.create(c.msg_size, c.tag, name=c.name) for c in image.channels}
+        self.sched.spawn_kernel(self._uart_rx_driver(), "uart-rx")
+        self.sched.spawn_kernel(self._uart_tx_driver(), "uart-tx")
+        self.hal.start(self)
+        for spec in image.boot_order():
+            self.start_container(spec.name)
+
+    # ------------------------------------------------------------------ containers
+    def start_container(self, name: str, passed: list[Any] | None = None) -> Container:
+        spec = self.image.container(name)
+        prog = self.image.program(spec.program)
+        layout = self.image.layout(spec)
+        aspace = AddressSpace(self.hal.frames, spec.memory)
+        try:
+            for seg in prog.segments:
+                start = seg.vaddr & ~(PAGE - 1)
+                end = (seg.vaddr + seg.memsz + PAGE - 1) & ~(PAGE - 1)
+                aspace.map(start, end - start, writable=True)
+                aspace.write(seg.vaddr, bytes(seg.data), force=True)
+            if layout.heap_size:
+                aspace.map(layout.heap_base, layout.heap_size)
+            aspace.map(layout.stack_bottom, layout.stack_top - layout.stack_bottom)
+        except OutOfMemory:
+            aspace.destroy()
+            raise
+        pid = self._next_pid
+        self._next_pid += 1
+        c = Container(pid, name, aspace, HandleTable(None), 255 - spec.priority, frozenset(_ports(spec)))
+        c.handles = HandleTable(c)
+        for h in spec.handles:
+            ch = {"console.rx": self.console_rx, "console.tx": self.console_tx}.get(h) or self.named[h]
+            c.handles.install(ch)
+        for obj in passed or []:
+            c.handles.install(obj)
+        # fiber_spawn(stack_top=0) stacks come from the top of the heap, downwards.
+        c.stack_next = layout.heap_base + layout.heap_size
+        c.heap_base = layout.heap_base
+        self.containers[pid] = c
+        ctx = GuestContext.start(prog.entry, layout.stack_top)
+        f = self.sched.spawn_guest(ctx, c, name=f"{name}.main", priority=c.priority)
+        c.fibers.append(f)
+        return c
+
+    def _end_container(self, c: Container, code: int, report: str | None = None) -> None:
+        if c.exit_code is not None:
+            return
+        c.exit_code = code
+        if report:
+            self.reports.append(report)
+            self.hal.console_write((f"vmk: {report}\n").encode())
+        self.sched.kill_container(c)
+        c.handles.close_all()
+        c.aspace.destroy()
+        c.ended.signal()
+        if self.current is not None and self.current.container is c:
+            self.current = None
+            self.machine.stop("container ended")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, until: int | None = None) -> RunResult:
+        """This is our event loop: schedule fibers and run the machine between traps."""
+        sched = self.sched
+        m = self.machine
+        while True:
+            sched.run_kernel_fibers()
+            if self._finished():
+                m._drain()                       # the last bytes leave the UART's shift register
+                return RunResult(Why.EXIT, "all containers ended", self.containers[1].exit_code
+                                 if 1 in self.containers else 0)
+            f = sched.next_fiber()
+            if f is None:
+                self.current = None
+                self.hal.idle()
+                self._slice_end = None
+                self._reprogram_timer()
+            else:
+                self.current = f
+                c = f.container
+                ctx: GuestContext = f.ctx
+                if f.result is not None:
+                    ctx["rax"] = f.result
+                    f.result = None
+                self.hal.resume(ctx, c.aspace.cr3, c.ports)
+                self._slice_end = m.now + self.timeslice
+                self._reprogram_timer()
+            r = m.run(until=until)
+            if self.current is not None:
+                cur = self.current
+                self.hal.save(cur.ctx)
+                if cur.state is FiberState.RUNNING:
+                    sched.yield_(cur)
+                self.current = None
+            if r.why not in (Why.STOPPED,):
+                return r
+
+    def _finished(self) -> bool:
+        """Every container has ended and the console has sent everything."""
+        return bool(self.containers) and all(c.exit_code is not None for c in self.containers.values()) \
+            and not self.hal.tx_queue and not self.sched.policy.runnable()
+
+    def _reprogram_timer(self) -> None:
+        d = self.kclock.next_deadline()
+        if self._slice_end is not None and (d is None or self._slice_end < d):
+            d = self._slice_end
+        self.hal.set_deadline(d)
+
+    # ------------------------------------------------------------------ the HAL's calls
+    def interrupt(self, source: str) -> None:
+        if source == "timer":
+            self.kclock.run_due()
+            if self._slice_end is not None and self.machine.now >= self._slice_end:
+                self.machine.stop("time slice")
+            self._reprogram_timer()
+        elif source == "console-rx":
+            self.rx_irq.fire()
+        elif source == "console-tx-done" and self._finished():
+            self.machine.stop("finished")
+        if self.sched.policy.runnable() and (self.current is None or source != "timer"):
+            self.machine.stop(f"wakeup ({source})")
+
+    def fault(self, vector: int, error_code: int | None, cr2: int, rip: int) -> None:
+        f = self.current
+        if f is None:
+            self.machine.stop("fault with no fiber")
+            return
+        c = f.container
+        what = EXCEPTION_NAMES.get(vector, f"exception {vector}")
+        extra = f" at address {cr2:#x}" if vector == 14 else ""
+        ec = f" error {error_code:#x}" if error_code is not None else ""
+        self._end_container(c, -128 - vector, f"pid {c.pid} ({c.name}) killed: {what}{ec} at RIP {rip:#x}{extra}")
+
+    # ------------------------------------------------------------------ drivers (kernel fibers)
+    def _uart_rx_driver(self):
+        while True:
+            yield ev.irq(self.rx_irq)
+            data = self.hal.rx.take(len(self.hal.rx.data))
+            try:
+                for b in data:
+                    yield send(self.console_rx, bytes([b]))
+            except KernelError:
+                return                  # nobody can read the console any more
+
+    def _uart_tx_driver(self):
+        while True:
+            try:
+                msg = yield recv(self.console_tx)
+            except KernelError:
+                return                  # every container that could write is gone (EPIPE)
+            self.hal.console_write(bytes(msg))
+
+    # ------------------------------------------------------------------ syscalls
+    def syscall(self, nr: int, args: tuple[int, ...]) -> int | None:
+        f = self.current
+        if f is None:
+            return -Errno.ENOSYS
+        c = f.container
+        handler = _SYSCALLS.get(nr)
+        if handler is None:
+            return -int(Errno.ENOSYS)
+        try:
+            return handler(self, f, c, *args[:6])
+        except UserFault:
+            return -int(Errno.EFAULT)
+        except OutOfMemory:
+            return -int(Errno.ENOMEM)
+        except KernelError as e:
+            return -int(e.errno)
+
+    def _sync(self, f, op) -> int | None:
+        out = self.sched.sync(f, op)
+        return None if isinstance(out, Blocked) else out.value
+
+    # each takes (kernel, fiber, container, rdi, rsi, rdx, r10, r8, r9)
+    def sys_exit(self, f, c, code, *_):
+        self._end_container(c, _signed(code))
+        return None
+
+    def sys_yield(self, f, c, *_):
+        self.machine.stop("yield")
+        return 0
+
+    def sys_fiber_spawn(self, f, c, entry, stack_top, arg, *_):
+        given = stack_top == 0
+        if given:
+            free = self._free_stacks.setdefault(c.pid, [])
+            if free:
+                stack_top = free.pop()
+            else:
+                if c.stack_next - self.FIBER_STACK < c.heap_base:
+                    return -int(Errno.ENOMEM)
+                stack_top = c.stack_next
+                c.stack_next -= self.FIBER_STACK
+        c.aspace.check(stack_top - 8, 8, write=True)
+        ctx = GuestContext.start(entry, stack_top & ~0xF, arg)
+        nf = self.sched.spawn_guest(ctx, c, name=f"{c.name}.fiber", priority=c.priority)
+        if given:
+            self._fiber_stacks[nf.fid] = stack_top
+        c.fibers.append(nf)
+        return nf.fid
+
+    def sys_fiber_join(self, f, c, fid, *_):
+        target = self.sched.fibers.get(fid)
+        if target is None or target.container is not c:
+            return -int(Errno.ESRCH)
+        return self._sync(f, ev.join(target))
+
+    def sys_fiber_exit(self, f, c, value, *_):
+        self.sched.exit(f, _signed(value))
+        top = self._fiber_stacks.pop(f.fid, None)
+        if top is not None:
+            self._free_stacks.setdefault(c.pid, []).append(top)
+        c.fibers.remove(f)
+        self.machine.stop("fiber exit")
+        if not c.fibers:
+            self._end_container(c, 0)
+        return None
+
+    def sys_fiber_self(self, f, c, *_):
+        return f.fid
+
+    def sys_chan_create(self, f, c, size, tag, *_):
+        return c.handles.create_channel(self.channels, size, tag)
+
+    def sys_chan_close(self, f, c, h, *_):
+        c.handles.close(h)
+        return 0
+
+    def sys_send(self, f, c, h, buf, n, *_):
+        ch = c.handles.channel(h)
+        data = c.aspace.read(buf, n)
+        return self._sync(f, send(ch, data))
+
+    def sys_recv(self, f, c, h, buf, n, *_):
+        ch = c.handles.channel(h)
+        c.aspace.check(buf, n, write=True)
+        return self._sync(f, ev.wrap(recv(ch), lambda msg: _deliver(c, buf, n, msg)))
+
+    def sys_sync(self, f, c, events_ptr, count, *_):
+        if not 0 < count <= 64:
+            return -int(Errno.EINVAL)
+        raw = c.aspace.read(events_ptr, count * EVENT_SIZE)
+        arms = []
+        for i in range(count):
+            kind, _flags, handle, a0, a1, _res = struct.unpack_from("<IIqQQq", raw, i * EVENT_SIZE)
+            arms.append(ev.wrap(self._event_op(c, kind, handle, a0, a1),
+                                lambda v, i=i: _store_result(c, events_ptr, i, v)))
+        return self._sync(f, ev.choice(*arms))
+
+    def _event_op(self, c: Container, kind: int, handle: int, a0: int, a1: int):
+        if kind == EventKind.SEND:
+            return send(c.handles.channel(handle), c.aspace.read(a0, a1))
+        if kind == EventKind.RECV:
+            c.aspace.check(a0, a1, write=True)
+            return ev.wrap(recv(c.handles.channel(handle)), lambda msg: _deliver(c, a0, a1, msg))
+        if kind == EventKind.TIMEOUT:
+            return ev.timeout(a0)
+        if kind == EventKind.AT_TIME:
+            return ev.at_time(a0)
+        if kind == EventKind.JOIN:
+            target = self.sched.fibers.get(handle)
+            if target is None or target.container is not c:
+                raise KernelError(Errno.ESRCH, "no such fiber")
+            return ev.join(target)
+        if kind == EventKind.COND:
+            return ev.cond_wait(c.handles.get(handle, Condition))
+        if kind == EventKind.ALWAYS:
+            return ev.always(a0)
+        if kind == EventKind.NEVER:
+            return ev.never()
+        raise KernelError(Errno.EINVAL, f"unknown event kind {kind}")
+
+    def sys_sleep(self, f, c, ns, *_):
+        return self._sync(f, ev.timeout(ns))
+
+    def sys_time(self, f, c, *_):
+        return self.machine.now
+
+    def sys_getpid(self, f, c, *_):
+        return c.pid
+
+    def sys_spawn(self, f, c, name_ptr, name_len, handles_ptr, nhandles, *_):
+        if not 0 < name_len <= 64 or not 0 <= nhandles <= 16:
+            return -int(Errno.EINVAL)
+        name = c.aspace.read(name_ptr, name_len).decode("latin-1")
+        hs = struct.unpack(f"<{nhandles}q", c.aspace.read(handles_ptr, 8 * nhandles)) if nhandles else ()
+        try:
+            self.image.container(name)
+        except (KeyError, ValueError, LookupError):
+            return -int(Errno.ESRCH)
+        objs = [c.handles.get(h) for h in hs]
+        try:
+            child = self.start_container(name, objs)
+        except OutOfMemory:
+            return -int(Errno.ENOMEM)
+        return child.pid
+
+    def sys_wait(self, f, c, pid, *_):
+        child = self.containers.get(pid)
+        if child is None:
+            return -int(Errno.ECHILD)
+        if child.exit_code is not None:
+            return child.exit_code
+        return self._sync(f, ev.wrap(ev.cond_wait(child.ended), lambda _v: child.exit_code))
+
+    def sys_console_write(self, f, c, buf, n, *_):
+        if n < 0 or n > 65536:
+            return -int(Errno.EINVAL)
+        self.hal.console_write(c.aspace.read(buf, n))
+        return n
+
+    def sys_handle_dup(self, f, c, h, *_):
+        return c.handles.dup(h)
+
+    def sys_cond_create(self, f, c, *_):
+        return c.handles.install(Condition())
+
+    def sys_cond_signal(self, f, c, h, *_):
+        c.handles.get(h, Condition).signal()
+        return 0
+
+
+_SYSCALLS: dict[int, Callable[..., int | None]] = {
+    Syscall.EXIT: VMKernel.sys_exit, Syscall.YIELD: VMKernel.sys_yield,
+    Syscall.FIBER_SPAWN: VMKernel.sys_fiber_spawn, Syscall.FIBER_JOIN: VMKernel.sys_fiber_join,
+    Syscall.FIBER_EXIT: VMKernel.sys_fiber_exit, Syscall.FIBER_SELF: VMKernel.sys_fiber_self,
+    Syscall.CHAN_CREATE: VMKernel.sys_chan_create, Syscall.CHAN_CLOSE: VMKernel.sys_chan_close,
+    Syscall.SEND: VMKernel.sys_send, Syscall.RECV: VMKernel.sys_recv, Syscall.SYNC: VMKernel.sys_sync,
+    Syscall.SLEEP: VMKernel.sys_sleep, Syscall.TIME: VMKernel.sys_time, Syscall.GETPID: VMKernel.sys_getpid,
+    Syscall.SPAWN: VMKernel.sys_spawn, Syscall.WAIT: VMKernel.sys_wait,
+    Syscall.CONSOLE_WRITE: VMKernel.sys_console_write, Syscall.HANDLE_DUP: VMKernel.sys_handle_dup,
+    Syscall.COND_CREATE: VMKernel.sys_cond_create, Syscall.COND_SIGNAL: VMKernel.sys_cond_signal,
+}
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _deliver(c: Container, buf: int, n: int, msg: Any) -> int:
+    data = bytes(msg)[:n]
+    if c.exit_code is None:
+        c.aspace.write(buf, data)
+    return len(data)
+
+
+def _store_result(c: Container, events_ptr: int, i: int, value: Any) -> Any:
+    if c.exit_code is None and isinstance(value, int):
+        c.aspace.write(events_ptr + i * EVENT_SIZE + 32, struct.pack("<q", value))
+    return i
+
+
+def _ports(spec) -> list[int]:
+    out = []
+    for p in spec.ports:
+        if isinstance(p, (list, tuple)):
+            out.extend(range(p[0], p[1] + 1))
+        else:
+            out.append(int(p))
+    return out
