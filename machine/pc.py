@@ -200,8 +200,9 @@ class Machine:
             self._pollers.remove(source)
 
     def stop(self, reason: str = "stopped") -> None:
-        """Ask the run loop to return at the next instruction boundary."""
-        self._stop_requested = reason
+        """Ask the run loop to return at the next instruction boundary (the first reason given wins)."""
+        if self._stop_requested is None:
+            self._stop_requested = reason
         self.cpu.request_stop()
 
     def _interrupt_became_pending(self) -> None:
