@@ -1,0 +1,122 @@
+"""A container that faults is ended with a one-line report; the others go on.
+
+Containers are written in assembly (keystone, with the vmk.inc constants)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmk.boot.vmkimage import read_image
+from vmk.kernel.pid0 import VMKernel
+from vmk.machine.pc import Machine, MachineConfig, Why
+from vmk.testing.harness import SerialCapture
+from vmk.tools.build import build
+
+TICKER = """
+    mov r12, 3
+again:
+    mov rax, SYS_SLEEP
+    mov rdi, 1000000
+    syscall
+    lea rsi, [rip + msg]
+    mov rdi, 1
+    mov rdx, 5
+    mov rax, SYS_SEND
+    syscall
+    dec r12
+    jnz again
+    mov rdi, 42
+    mov rax, SYS_EXIT
+    syscall
+msg:
+    .ascii "tick\\n"
+"""
+
+WILD_READ = """
+    mov rbx, 0x900000000
+    mov rax, [rbx]
+    mov rax, SYS_EXIT
+    syscall
+"""
+
+PORT_POKE = """
+    mov dx, 0x3ff
+    mov al, 0x5a
+    out dx, al
+    mov rdi, 0
+    mov rax, SYS_EXIT
+    syscall
+"""
+
+BAD_SYSCALLS = """
+    mov rax, 9999
+    syscall
+    mov r13, rax
+    mov rax, SYS_SEND
+    mov rdi, 77
+    mov rsi, 0
+    mov rdx, 4
+    syscall
+    mov r14, rax
+    mov rax, SYS_SEND
+    mov rdi, 1
+    mov rsi, 0xdead0000
+    mov rdx, 4
+    syscall
+    mov r15, rax
+    mov rdi, r13
+    add rdi, r14
+    add rdi, r15
+    mov rax, SYS_EXIT
+    syscall
+"""
+
+
+def make_image(tmp: Path, programs: dict[str, str], ports: dict[str, list[int]] | None = None) -> Path:
+    lines = ["[kernel]", "channels = 16", ""]
+    for name, src in programs.items():
+        (tmp / f"{name}.s").write_text(src)
+        lines += ["[[program]]", f'name = "{name}"', f'source = "{name}.s"', ""]
+    for name in programs:
+        lines += ["[[container]]", f'name = "{name}"', f'program = "{name}"', 'memory = "128K"',
+                  'handles = ["console.rx", "console.tx"]']
+        if ports and name in ports:
+            lines.append(f"ports = {ports[name]}")
+        lines.append("")
+    (tmp / "image.toml").write_text("\n".join(lines))
+    build(tmp / "image.toml", tmp / "image.img")
+    return tmp / "image.img"
+
+
+def run(image: Path, until: int = 100_000_000):
+    com1 = SerialCapture()
+    m = Machine(MachineConfig(serial=[com1]))
+    k = VMKernel(m, read_image(image))
+    r = k.run(until=until)
+    return r, k, com1.data.decode()
+
+
+def test_faulting_container_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
+    r, k, out = run(make_image(tmp_path, {"ticker": TICKER, "wild": WILD_READ}))
+    assert r.why == Why.EXIT
+    assert out.count("tick\n") == 3                     # pid 1 ran to its end
+    assert k.containers[1].exit_code == 42
+    [report] = k.reports
+    assert report.startswith("pid 2 (wild) killed: #PF page fault error 0x4 at RIP 0x40000a")
+    assert "at address 0x900000000" in report
+    assert report in out
+
+
+def test_ungranted_port_is_a_fault_granted_port_works(tmp_path: Path) -> None:
+    r, k, out = run(make_image(tmp_path, {"poke": PORT_POKE}))
+    assert k.reports and "#GP general protection" in k.reports[0]
+    assert k.machine.uarts[0].read(7, 1) != 0x5A
+    r, k, out = run(make_image(tmp_path, {"poke": PORT_POKE}, ports={"poke": [0x3FF]}))
+    assert not k.reports and k.containers[1].exit_code == 0
+    assert k.machine.uarts[0].read(7, 1) == 0x5A
+
+
+def test_bad_syscalls_get_errors_not_crashes(tmp_path: Path) -> None:
+    r, k, out = run(make_image(tmp_path, {"bad": BAD_SYSCALLS}))
+    assert r.why == Why.EXIT and not k.reports
+    # -ENOSYS + -EBADF + -EFAULT
+    assert k.containers[1].exit_code == -(38 + 9 + 14)
