@@ -253,6 +253,8 @@ class VMKernel:
                 if cur.state is FiberState.RUNNING:
                     sched.yield_(cur)
                 self.current = None
+            if self._slice_end is not None and m.now >= self._slice_end:
+                sched.slice_expired()           # the container scheduler moves on (per-container policy)
             if r.why not in (Why.STOPPED,):
                 return r
 
