@@ -11,7 +11,7 @@ STAMP   := $(VENV)/.installed-stamp
 OUT     ?= out
 GUEST   := $(OUT)/guest
 
-.PHONY: run run-console run-baremetal test bench lint guest clean
+.PHONY: run run-console run-pipeline run-baremetal test bench lint guest clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ run-console: $(STAMP)
 	@mkdir -p $(OUT)
 	$(VMK) build demo/console/console.toml -o $(OUT)/console.img
 	$(VMK) boot $(OUT)/console.img
+
+# Three containers in a pipeline over channels (timer-driven, interrupt-driven, output).
+run-pipeline: $(STAMP)
+	@mkdir -p $(OUT)
+	$(VMK) build demo/pipeline/pipeline.toml -o $(OUT)/pipeline.img
+	$(VMK) boot $(OUT)/pipeline.img
 
 # The bare-metal demo kernel (guest/demo): timer ticks and an echo, 'q' quits.
 run-baremetal: $(STAMP) guest
