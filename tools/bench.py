@@ -214,6 +214,11 @@ def _extra_benches() -> dict[str, Callable[[bool], list[Row]]]:
         return [(name, f"{value:,.2f}" if isinstance(value, float) else str(value), ref, "")
                 for name, value, ref in bench_debug(quick)]
     extra["debug"] = debug_rows
+    try:
+        from .bench_kernel import bench_kernel
+    except ImportError:
+        return extra
+    extra["kernel"] = bench_kernel
     return extra
 
 
