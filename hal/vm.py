@@ -262,7 +262,7 @@ class Hal:
         result = self.kernel.syscall(nr, tuple(args))
         if result is None:
             # Blocked: end the run after this instruction (RIP is past it); pid 0 switches.
-            self.machine.stop("syscall blocked")
+            self.machine.stop("kernel: syscall blocked")
         else:
             self._rax.write((result,))
         return True

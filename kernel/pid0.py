@@ -51,6 +51,8 @@ from .syscall_table import EVENT_SIZE, Errno, EventKind, Syscall
 
 __all__ = ["VMKernel", "Container", "KernelClock"]
 
+KSTOP = "kernel: "          # prefix of the machine stops pid 0 makes for itself
+
 EXCEPTION_NAMES = {0: "#DE divide error", 6: "#UD invalid opcode", 13: "#GP general protection",
                    14: "#PF page fault", 3: "#BP breakpoint", 17: "#AC alignment check"}
 
@@ -188,7 +190,7 @@ class VMKernel:
             raise
         pid = self._next_pid
         self._next_pid += 1
-        c = Container(pid, name, aspace, HandleTable(None), 255 - spec.priority, frozenset(_ports(spec)))
+        c = Container(pid, name, aspace, HandleTable(None), spec.priority, frozenset(_ports(spec)))
         c.handles = HandleTable(c)
         for h in spec.handles:
             ch = {"console.rx": self.console_rx, "console.tx": self.console_tx}.get(h) or self.named[h]
@@ -217,46 +219,55 @@ class VMKernel:
         c.ended.signal()
         if self.current is not None and self.current.container is c:
             self.current = None
-            self.machine.stop("container ended")
+            self.machine.stop(KSTOP + "container ended")
 
     # ------------------------------------------------------------------ the loop
-    def run(self, until: int | None = None) -> RunResult:
-        """This is our event loop: schedule fibers and run the machine between traps."""
+    def run(self, until: int | None = None, max_instructions: int | None = None) -> RunResult:
+        """This is our event loop: schedule fibers and run the machine between traps.
+
+        Returns on the end of the image, the time limit, or any machine stop
+        that is not pid 0's own (a debugger breakpoint or step): the fiber on
+        the CPU then stays loaded, and the next call goes on with it."""
         sched = self.sched
         m = self.machine
+        limit = None if max_instructions is None else m.instructions + max_instructions
         while True:
-            sched.run_kernel_fibers()
-            if self._finished():
-                m._drain()                       # the last bytes leave the UART's shift register
-                return RunResult(Why.EXIT, "all containers ended", self.containers[1].exit_code
-                                 if 1 in self.containers else 0)
-            f = sched.next_fiber()
-            if f is None:
-                self.current = None
-                self.hal.idle()
-                self._slice_end = None
-                self._reprogram_timer()
-            else:
-                self.current = f
-                c = f.container
-                ctx: GuestContext = f.ctx
-                if f.result is not None:
-                    ctx["rax"] = f.result
-                    f.result = None
-                self.hal.resume(ctx, c.aspace.cr3, c.ports)
-                self._slice_end = m.now + self.timeslice
-                self._reprogram_timer()
-            r = m.run(until=until)
+            if self.current is None and not self.hal.idling:
+                sched.run_kernel_fibers()
+                if self._finished():
+                    m._drain()                       # the last bytes leave the UART's shift register
+                    return RunResult(Why.EXIT, "all containers ended", self.containers[1].exit_code
+                                     if 1 in self.containers else 0)
+                f = sched.next_fiber()
+                if f is None:
+                    self.hal.idle()
+                    self._slice_end = None
+                    self._reprogram_timer()
+                else:
+                    self.current = f
+                    c = f.container
+                    ctx: GuestContext = f.ctx
+                    if f.result is not None:
+                        ctx["rax"] = f.result
+                        f.result = None
+                    self.hal.resume(ctx, c.aspace.cr3, c.ports)
+                    self._slice_end = m.now + self.timeslice
+                    self._reprogram_timer()
+            left = None if limit is None else max(0, limit - m.instructions)
+            if left == 0:
+                return RunResult(Why.STOPPED, "instruction limit reached")
+            r = m.run(until=until, max_instructions=left)
+            if not (r.why == Why.STOPPED and r.message.startswith(KSTOP)):
+                return r                        # not ours: the fiber stays on the CPU
             if self.current is not None:
                 cur = self.current
                 self.hal.save(cur.ctx)
                 if cur.state is FiberState.RUNNING:
                     sched.yield_(cur)
                 self.current = None
+            self.hal.idling = False
             if self._slice_end is not None and m.now >= self._slice_end:
                 sched.slice_expired()           # the container scheduler moves on (per-container policy)
-            if r.why not in (Why.STOPPED,):
-                return r
 
     def _finished(self) -> bool:
         """Every container has ended and the console has sent everything."""
@@ -274,19 +285,19 @@ class VMKernel:
         if source == "timer":
             self.kclock.run_due()
             if self._slice_end is not None and self.machine.now >= self._slice_end:
-                self.machine.stop("time slice")
+                self.machine.stop(KSTOP + "time slice")
             self._reprogram_timer()
         elif source == "console-rx":
             self.rx_irq.fire()
         elif source == "console-tx-done" and self._finished():
-            self.machine.stop("finished")
+            self.machine.stop(KSTOP + "finished")
         if self.sched.policy.runnable() and (self.current is None or source != "timer"):
-            self.machine.stop(f"wakeup ({source})")
+            self.machine.stop(f"{KSTOP}wakeup ({source})")
 
     def fault(self, vector: int, error_code: int | None, cr2: int, rip: int) -> None:
         f = self.current
         if f is None:
-            self.machine.stop("fault with no fiber")
+            self.machine.stop(KSTOP + "fault with no fiber")
             return
         c = f.container
         what = EXCEPTION_NAMES.get(vector, f"exception {vector}")
@@ -341,7 +352,7 @@ class VMKernel:
         return None
 
     def sys_yield(self, f, c, *_):
-        self.machine.stop("yield")
+        self.machine.stop(KSTOP + "yield")
         return 0
 
     def sys_fiber_spawn(self, f, c, entry, stack_top, arg, *_):
@@ -375,7 +386,7 @@ class VMKernel:
         if top is not None:
             self._free_stacks.setdefault(c.pid, []).append(top)
         c.fibers.remove(f)
-        self.machine.stop("fiber exit")
+        self.machine.stop(KSTOP + "fiber exit")
         if not c.fibers:
             self._end_container(c, 0)
         return None

@@ -255,6 +255,9 @@ class Debug:
         self.machine = machine
         self.cpu = machine.cpu
         self.uc = machine.cpu.uc
+        # What "run" means: the machine's loop for a bare-metal kernel, pid 0's
+        # loop for a VM image (tools/vmview.py sets it).
+        self.runner: Callable[..., RunResult] = machine.run
         self._bps: dict[int, _Exit] = {}
         self._watches: dict[tuple[int, int, WatchKind], _Watch] = {}
         self._disarmed: int | None = None       # breakpoint stepped over in the current one-instruction slice
@@ -420,7 +423,7 @@ class Debug:
         """Run until a breakpoint, a watchpoint, a stop request or the end of the run."""
         self._prepare()
         try:
-            result = self.machine.run(until=until, max_instructions=max_instructions)
+            result = self.runner(until=until, max_instructions=max_instructions)
         finally:
             self._finish()
         stepped = result.why == Why.STOPPED and result.message in (STEP_MESSAGE, STEP_STOP)

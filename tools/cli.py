@@ -177,15 +177,20 @@ def cmd_boot(args) -> int:
             boot_info = None if vm is not None else load_kernel(machine, args.image, args.append)
         except ImageError as e:
             return _fail(str(e))
-        if vm is not None:
-            if gdb_addr is not None:
-                return _fail("--gdb with a vmk image is not supported yet (bare-metal kernels only)")
+        if vm is not None and gdb_addr is None:
             result = vm.run(until=args.max_time)
         elif gdb_addr is not None:
             from .gdbstub import GdbStub
             from .kernelview import view_for
-            stub = GdbStub(machine, host=gdb_addr[0], port=gdb_addr[1], wait=args.wait_gdb,
-                           view=view_for(machine, boot_info), symbols=boot_info.symbols)
+            if vm is not None:
+                from .vmview import VMKernelView, attach
+                first = vm.image.boot_order()[0]
+                stub = GdbStub(machine, host=gdb_addr[0], port=gdb_addr[1], wait=args.wait_gdb,
+                               view=VMKernelView(vm), symbols=dict(vm.image.program(first.program).symbols))
+                attach(stub, vm)
+            else:
+                stub = GdbStub(machine, host=gdb_addr[0], port=gdb_addr[1], wait=args.wait_gdb,
+                               view=view_for(machine, boot_info), symbols=boot_info.symbols)
             try:
                 host, port = stub.listen()
             except OSError as e:

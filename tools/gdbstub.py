@@ -741,6 +741,8 @@ class GdbStub:
             return cmd.run(words[1:])
         except (ValueError, DebugError) as e:
             return f"error: {e}"
+        except Exception as e:  # noqa: BLE001 - a broken monitor command must not end the session
+            return f"error: monitor {words[0]} failed: {type(e).__name__}: {e}"
 
     def _m_help(self, args: list[str]) -> str:
         return "\n".join(f"{name:<11} {c.help}" for name, c in sorted(self.monitor.items()))

@@ -148,9 +148,26 @@ def test_gdb_attaches_to_a_running_machine_and_kills_it(guest_dir: Path, tmp_pat
     assert "killed by the debugger" in vm.stderr
 
 
-@pytest.mark.skip(reason="TODO(VM kernel): 'info threads' listing the fibers of a VM image needs the VM "
-                         "kernel (fibers, containers) and its KernelView, which do not exist yet; the "
-                         "stub side is covered by "
-                         "test_gdbstub.py::test_kernel_view_threads_registers_and_commands")
-def test_info_threads_lists_the_fibers_of_a_vm_image() -> None:
-    raise NotImplementedError
+def test_info_threads_lists_the_fibers_of_a_vm_image(tmp_path: Path, boot) -> None:
+    if shutil.which("gcc") is None:
+        pytest.skip("the console demo's programs are C (gcc needed)")
+    from vmk.tools.build import build
+    image = tmp_path / "console.img"
+    build(Path(__file__).resolve().parents[2] / "demo" / "console" / "console.toml", image)
+    serial = tmp_path / "com1.txt"
+    vm = boot(image, serial, "--wait-gdb", "--idle", "skip", "--max-time", "50ms")
+    args = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off",
+            "-ex", "set architecture i386:x86-64", "-ex", f"target remote 127.0.0.1:{vm.port}"]
+    for c in ["break *0x400000", "continue", "info threads", "info registers rip", "stepi",
+              "monitor fibers", "monitor containers", "monitor channels", "detach"]:
+        args += ["-ex", c]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
+    text = out.stdout + out.stderr
+    assert "hit Breakpoint 1, 0x0000000000400000" in text, text
+    assert "shell.main: pid 1 (shell), running" in text            # the fiber on the CPU
+    assert "uart-rx: pid 0 (kernel)" in text and "uart-tx: pid 0 (kernel)" in text
+    assert "0x0000000000400002 in ?? ()" in text                    # stepi: one instruction
+    assert "   1  shell" in text and "console.tx" in text           # monitor containers / channels
+    assert "[Inferior 1 (Remote target) detached]" in text
+    assert vm.wait() == 124                                         # the shell waits for input
+    assert serial.read_bytes().startswith(b"vmk console: type help")
