@@ -141,6 +141,7 @@ class VMKernel:
     """Boot a vmk image on a machine and run it."""
 
     FIBER_STACK = 16 * PAGE
+    MAX_FIBERS = 256              # per container: a fiber bomb gets -EAGAIN, not the kernel's memory
 
     def __init__(self, machine: Machine, image: Image, log: Callable[[str], None] | None = None) -> None:
         self.machine = machine
@@ -356,6 +357,8 @@ class VMKernel:
         return 0
 
     def sys_fiber_spawn(self, f, c, entry, stack_top, arg, *_):
+        if len(c.fibers) >= self.MAX_FIBERS:
+            return -int(Errno.EAGAIN)
         given = stack_top == 0
         if given:
             free = self._free_stacks.setdefault(c.pid, [])

@@ -94,7 +94,9 @@ record = st.tuples(st.integers(min_value=0, max_value=25) | st.integers(min_valu
                    wild, wild, wild, wild, wild, wild)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples every run (a failure reproduces; CI is deterministic)
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(records=st.lists(record, min_size=N, max_size=N))
 def test_random_syscalls_never_crash_or_leak(tmp_path_factory, records) -> None:
     if not _IMAGE:
@@ -106,7 +108,8 @@ def test_random_syscalls_never_crash_or_leak(tmp_path_factory, records) -> None:
     table = b"".join(struct.pack("<7Q", *[v & (2**64 - 1) for v in rec]) + bytes(8) for rec in records)
     fuzz.aspace.write(TABLE, table)
     keeper_pages = {va: bytes(m.ram.buf[pa:pa + 4096]) for va, (pa, _) in keep.aspace.pages.items()}
-    k.run(until=m.now + 50_000_000)                     # never raises: that is the test
+    k.run(until=m.now + 20_000_000)                     # never raises: that is the test
+    assert all(len(c.fibers) <= k.MAX_FIBERS for c in k.containers.values())
     # the keeper's memory is untouched (it only sleeps; its stack changes, its code/data may not)
     for va, (pa, _) in keep.aspace.pages.items() if keep.exit_code is None else []:
         if va < 0x7F00_0000:

@@ -120,3 +120,24 @@ def test_bad_syscalls_get_errors_not_crashes(tmp_path: Path) -> None:
     assert r.why == Why.EXIT and not k.reports
     # -ENOSYS + -EBADF + -EFAULT
     assert k.containers[1].exit_code == -(38 + 9 + 14)
+
+
+FIBER_BOMB = """
+start:
+    mov rax, SYS_FIBER_SPAWN
+    lea rdi, [rip + start]
+    mov rsi, 0x7fffe000
+    mov rdx, 0
+    syscall
+    cmp rax, 0
+    jge start
+    mov rdi, rax
+    mov rax, SYS_EXIT
+    syscall
+"""
+
+
+def test_fiber_bomb_gets_eagain_and_the_kernel_survives(tmp_path: Path) -> None:
+    r, k, out = run(make_image(tmp_path, {"bomb": FIBER_BOMB, "ticker": TICKER}), until=200_000_000)
+    assert k.containers[1].exit_code == -11             # -EAGAIN from the fiber limit
+    assert out.count("tick\n") == 3 and k.containers[2].exit_code == 42
