@@ -330,3 +330,31 @@ def test_debug_usage_errors(tmp_path: Path) -> None:
     proc = subprocess.run([*VMK, "debug", f":{port}", "--batch", str(tmp_path / "missing.txt")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--batch" in proc.stderr
+
+
+def test_batch_on_a_vm_image_lists_fibers_and_containers(tmp_path: Path) -> None:
+    import shutil as _shutil
+    if _shutil.which("gcc") is None:
+        pytest.skip("the console demo's programs are C (gcc needed)")
+    from vmk.tools.build import build
+    image = tmp_path / "console.img"
+    build(Path(__file__).resolve().parents[2] / "demo" / "console" / "console.toml", image)
+    serial = tmp_path / "com1.txt"
+    vm = VmkBoot(image, serial, "--wait-gdb", "--idle", "skip", "--max-time", "50ms")
+    try:
+        script = _write(tmp_path, "s.txt", "break 0x400000\ncontinue\nfibers\ncontainers\nchannels\n"
+                                           "step\nregs\ndetach\n")
+        proc = subprocess.run([*VMK, "debug", f":{vm.port}", "--batch", str(script)],
+                              capture_output=True, text=True, timeout=120)
+        status = vm.wait()
+    finally:
+        vm.kill()
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stopped: breakpoint 1 at 0x400000" in out
+    assert "shell.main" in out and "uart-rx" in out and "pid 1 (shell)" in out     # fibers
+    assert "   1  shell" in out                                                    # containers
+    assert "console.rx" in out and "console.tx" in out                             # channels
+    assert "RIP=0000000000400002" in out                                           # one step
+    assert status == 124
+    assert serial.read_bytes().startswith(b"vmk console: type help")
