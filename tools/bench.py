@@ -109,23 +109,40 @@ def bench_compute(quick: bool) -> list[Row]:
              f"raw Unicorn count mode {raw / 1e6:.1f} M/s", _verdict(ratio >= 0.9, f"ratio {ratio:.3f}, target >= 0.9"))]
 
 
+MIN_HANDLER = """
+    push rax
+    mov rax, 0xfee000b0
+    mov dword ptr [rax], 0
+    pop rax
+    iretq
+"""
+
+
 def bench_timer_irq(quick: bool) -> list[Row]:
-    from vmk.testing import Harness
-    from vmk.testing.baremetal import install_runtime
+    import struct
+
+    from vmk.testing import Harness, assemble
+    from vmk.testing.baremetal import IDT_BASE, SEL, install_runtime
 
     h = Harness.from_asm(_timer_guest(10_000, "idle:\n    hlt\n    jmp idle\n"), mem=128 << 20)
     install_runtime(h)
+    # The handler is only what the target asks for: EOI and return (the runtime's
+    # logging handler would add an rdtsc exit per interrupt).
+    handler = 0x7000
+    h.machine.write_physical(handler, assemble(MIN_HANDLER, handler))
+    gate = struct.pack("<HHBBHII", handler & 0xFFFF, SEL.KCODE, 0, 0x8E, (handler >> 16) & 0xFFFF, 0, 0)
+    h.machine.write_physical(IDT_BASE + 16 * 0x40, gate)
     h.run_for(1_000_000)
-    before = h.irq_counts.get(0x40, 0)
     span = 200_000_000 if quick else 1_000_000_000          # virtual ns: 20k / 100k interrupts
+    before = h.machine.interrupts_taken
     t = time.perf_counter()
     h.run_for(span)
     dt = time.perf_counter() - t
-    n = h.irq_counts.get(0x40, 0) - before
+    n = h.machine.interrupts_taken - before
     rate = n / dt
     per = dt / n * 1e6 if n else float("inf")
-    return [("timer-irq: interrupts delivered per host second", f"{rate:,.0f}/s ({per:.1f} us each)",
-             "target 50,000/s", _verdict(rate >= 50_000, ""))]
+    return [("timer-irq: LAPIC timer interrupts per host second, handler = EOI + iretq",
+             f"{rate:,.0f}/s ({per:.1f} us each)", "target 50,000/s", _verdict(rate >= 50_000, ""))]
 
 
 def bench_boot(quick: bool) -> list[Row]:
