@@ -277,5 +277,5 @@ def bench_kernel(quick: bool) -> list[tuple[str, str, str, str]]:
         for policy in ("global", "per-container"):
             lat, rate = _wakeup(tmp, policy, 10 if quick else 30)
             rows.append((f"kernel: interrupt-to-fiber wakeup, {policy} policy, 2 busy containers",
-                         f"{lat / 1000:,.1f} us virtual", f"{rate:,.1f} wakeups per host second", ""))
+                         f"{lat:,.0f} ns virtual (mean)", f"{rate:,.1f} wakeups per host second", ""))
     return rows
