@@ -17,7 +17,6 @@ case: the interrupt is taken right after the write that made it deliverable.
 """
 from __future__ import annotations
 
-import re
 import struct
 
 import pytest
@@ -26,8 +25,6 @@ from vmk.testing.harness import ASM_ORG
 from vmk.testing import baremetal
 from vmk.testing.baremetal import EOI_LAPIC, EOI_PIC, EOI_PIC_SLAVE, events, install_runtime
 
-LAPIC = 0xFEE0_0000
-IOAPIC = 0xFEC0_0000
 LAPIC_TPR, LAPIC_PPR, LAPIC_EOI, LAPIC_SVR = 0x80, 0xA0, 0xB0, 0xF0
 LAPIC_ISR0, LAPIC_TMR0, LAPIC_IRR0, LAPIC_ICR_LO = 0x100, 0x180, 0x200, 0x300
 SVR_ENABLED = 0x1FF
@@ -49,79 +46,16 @@ UART_RBR, UART_IER, UART_FCR, UART_LCR = 0, 1, 2, 3
 IER_RX, IER_THRE = 0x01, 0x02
 BAUD_CLOCK = 1_843_200
 
-HOOKS = 0x16000                # free RAM between the page tables (0x10000-0x15FFF) and the log (0x20000)
-REC = 0x1C000                  # where guest code records what it reads
 
 # -- counting instructions ---------------------------------------------------------------------------
 
-_LABEL = re.compile(r"^[A-Za-z_.][\w.]*:\s*")
-
-
-def count_insns(src: str) -> int:
-    """Instruction statements in assembly text: one per line or ';'-separated part, labels excluded."""
-    n = 0
-    for stmt in re.split(r"[;\n]", src):
-        stmt = _LABEL.sub("", stmt.strip()).strip()
-        if stmt:
-            n += 1
-    return n
-
-
-def _runtime_tsc_offset() -> int:
-    """Instructions from a delivery to the runtime's rdtsc, inclusive."""
-    common = baremetal._COMMON_ASM
-    return count_insns("push 0; push 32; jmp 0x5000") + count_insns(common[:common.index("rdtsc")]) + 1
-
-
-RUNTIME_TSC = _runtime_tsc_offset()
-
-
-class Asm:
-    """Straight-line guest code from t = 0; each call returns the time at which it ends."""
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.t = 0
-        self._labels = 0
-
-    def __call__(self, src: str) -> int:
-        self.parts.append(src)
-        self.t += count_insns(src)
-        return self.t
-
-    def spin(self, iterations: int) -> int:
-        self._labels += 1
-        label = f"spin{self._labels}"
-        self.parts.append(f"mov ecx, {iterations}\n{label}: dec ecx\njnz {label}")
-        self.t += 1 + 2 * iterations
-        return self.t
-
-    def idle(self) -> None:
-        self.parts.append("sti\nidle: hlt\njmp idle")
-
-    @property
-    def source(self) -> str:
-        return "\n".join(self.parts)
-
-
-def outb(port: int, value: int) -> str:
-    if port < 0x100:
-        return f"mov al, {value:#x}\nout {port:#x}, al"
-    return f"mov dx, {port:#x}\nmov al, {value:#x}\nout dx, al"
-
-
-def lapic_write(reg: int, value: int) -> str:
-    return f"mov rsi, {LAPIC + reg:#x}\nmov dword ptr [rsi], {value:#x}"
+from irqkit import HOOKS, IOAPIC, LAPIC, REC, RUNTIME_TSC, Asm, count_insns, ioapic_write, lapic_write, outb  # noqa: E402,F401
 
 
 def lapic_record(reg: int, slot: int) -> str:
     """Store the LAPIC register as a dword at REC + slot."""
     return (f"mov rsi, {LAPIC + reg:#x}\nmov eax, dword ptr [rsi]\n"
             f"mov rdi, {REC + slot:#x}\nmov dword ptr [rdi], eax")
-
-
-def ioapic_write(index: int, value: int) -> str:
-    return f"mov rsi, {IOAPIC:#x}\nmov dword ptr [rsi], {index:#x}\nmov dword ptr [rsi+0x10], {value:#x}"
 
 
 def ioapic_route(pin: int, low: int, dest: int = 0) -> str:
