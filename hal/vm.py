@@ -199,6 +199,21 @@ class Hal:
     def save(self, ctx) -> None:
         self.switcher.save(ctx)
 
+    # ------------------------------------------------------------------ IRQs granted to containers
+    IRQ_VECTOR_BASE = 0x40
+
+    def grant_irq(self, line: int, on_fire: Callable[[], None]) -> int:
+        """Route ISA/IO-APIC line ``line`` to a vector whose top half calls ``on_fire``
+        (the kernel turns it into an IRQ event a container syncs on).  Edge, unmasked."""
+        pin = 2 if line == 0 else line
+        vector = self.IRQ_VECTOR_BASE + line
+        self.mmio_write(IOAPIC, 0x10 + 2 * pin + 1)
+        self.mmio_write(IOAPIC + 0x10, 0)
+        self.mmio_write(IOAPIC, 0x10 + 2 * pin)
+        self.mmio_write(IOAPIC + 0x10, vector)
+        self._top_halves[vector] = on_fire
+        return vector
+
     # ------------------------------------------------------------------ timer service
     def set_deadline(self, at: int | None) -> None:
         """One LAPIC one-shot at virtual time ``at`` (None: no timer)."""

@@ -132,6 +132,7 @@ class Container:
     fibers: list = field(default_factory=list)
     stack_next: int = 0                 # where the next kernel-chosen fiber stack goes (grows down)
     heap_base: int = 0
+    irqs: dict = field(default_factory=dict)     # IRQ line -> IrqSource, for the lines granted in the image
 
     def __repr__(self) -> str:
         return f"<container {self.pid} {self.name}>"
@@ -164,6 +165,7 @@ class VMKernel:
         self.console_rx = self.channels.create(0, name="console.rx")
         self.console_tx = self.channels.create(0, name="console.tx")
         self.rx_irq = IrqSource(4, "console-rx")
+        self.irq_sources: dict[int, IrqSource] = {}
         self.named = {c.name: self.channels.create(c.msg_size, c.tag, name=c.name) for c in image.channels}
         self.sched.spawn_kernel(self._uart_rx_driver(), "uart-rx")
         self.sched.spawn_kernel(self._uart_tx_driver(), "uart-tx")
@@ -199,6 +201,12 @@ class VMKernel:
         for obj in passed or []:
             c.handles.install(obj)
         # fiber_spawn(stack_top=0) stacks come from the top of the heap, downwards.
+        for line in spec.irqs:
+            src = self.irq_sources.get(line)
+            if src is None:
+                src = self.irq_sources[line] = IrqSource(line, f"irq {line}")
+                self.hal.grant_irq(line, lambda src=src: self._irq_fired(src))
+            c.irqs[line] = src
         c.stack_next = layout.heap_base + layout.heap_size
         c.heap_base = layout.heap_base
         self.containers[pid] = c
@@ -294,6 +302,11 @@ class VMKernel:
             self.machine.stop(KSTOP + "finished")
         if self.sched.policy.runnable() and (self.current is None or source != "timer"):
             self.machine.stop(f"{KSTOP}wakeup ({source})")
+
+    def _irq_fired(self, src: IrqSource) -> None:
+        """Top half of a line granted to a container: count it; the waiting fiber wakes."""
+        if src.fire():
+            self.machine.stop(f"{KSTOP}wakeup (irq {src.line})")
 
     def fault(self, vector: int, error_code: int | None, cr2: int, rip: int) -> None:
         f = self.current
@@ -442,6 +455,11 @@ class VMKernel:
             return ev.join(target)
         if kind == EventKind.COND:
             return ev.cond_wait(c.handles.get(handle, Condition))
+        if kind == EventKind.IRQ:
+            src = c.irqs.get(handle)
+            if src is None:
+                raise KernelError(Errno.EPERM, f"IRQ {handle} is not granted to this container")
+            return ev.irq(src)
         if kind == EventKind.ALWAYS:
             return ev.always(a0)
         if kind == EventKind.NEVER:

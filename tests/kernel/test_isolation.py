@@ -141,3 +141,91 @@ def test_fiber_bomb_gets_eagain_and_the_kernel_survives(tmp_path: Path) -> None:
     r, k, out = run(make_image(tmp_path, {"bomb": FIBER_BOMB, "ticker": TICKER}), until=200_000_000)
     assert k.containers[1].exit_code == -11             # -EAGAIN from the fiber limit
     assert out.count("tick\n") == 3 and k.containers[2].exit_code == 42
+
+
+COM2_DRIVER = """
+    # COM2 (granted: ports 0x2F8-0x2FF, IRQ 3): 115200 8N1, FIFO, RX interrupts, OUT2
+    mov dx, 0x2fb
+    mov al, 0x80
+    out dx, al
+    mov dx, 0x2f8
+    mov al, 1
+    out dx, al
+    mov dx, 0x2f9
+    mov al, 0
+    out dx, al
+    mov dx, 0x2fb
+    mov al, 3
+    out dx, al
+    mov dx, 0x2fa
+    mov al, 7
+    out dx, al
+    mov dx, 0x2fc
+    mov al, 0x0b
+    out dx, al
+    mov dx, 0x2f9
+    mov al, 1
+    out dx, al
+    mov r12, 0
+wait:
+    lea rdi, [rip + ev]
+    mov rsi, 1
+    mov rax, SYS_SYNC
+    syscall
+drain:
+    mov dx, 0x2fd
+    in al, dx
+    test al, 1
+    jz wait
+    mov dx, 0x2f8
+    in al, dx
+    lea rsi, [rip + buf]
+    mov [rsi], al
+    mov rdi, 1
+    mov rdx, 1
+    mov rax, SYS_SEND
+    syscall
+    inc r12
+    cmp r12, 5
+    jne drain
+    mov rdi, 0
+    mov rax, SYS_EXIT
+    syscall
+ev:
+    .long EV_IRQ
+    .long 0
+    .quad 3
+    .quad 0
+    .quad 0
+    .quad 0
+buf:
+    .quad 0
+"""
+
+
+def test_container_drives_its_granted_uart_through_irq_events(tmp_path: Path) -> None:
+    (tmp_path / "drv.s").write_text(COM2_DRIVER)
+    (tmp_path / "img.toml").write_text("""
+[kernel]
+channels = 8
+[[program]]
+name = "drv"
+source = "drv.s"
+[[container]]
+name = "drv"
+program = "drv"
+memory = "64K"
+ports = ["0x2F8-0x2FF"]
+irqs = [3]
+handles = ["console.rx", "console.tx"]
+""")
+    build(tmp_path / "img.toml", tmp_path / "img.img")
+    com1 = SerialCapture()
+    m = Machine(MachineConfig(serial=[com1]))
+    k = VMKernel(m, read_image(tmp_path / "img.img"))
+    m.clock.timer(lambda: m.uarts[1].receive(b"he")).arm(2_000_000)
+    m.clock.timer(lambda: m.uarts[1].receive(b"llo")).arm(9_000_000)
+    r = k.run(until=100_000_000)
+    assert com1.data.decode() == "hello"
+    assert r.why == Why.EXIT and k.containers[1].exit_code == 0 and not k.reports
+    assert k.irq_sources[3].fires >= 2                  # at least one interrupt per burst
