@@ -149,25 +149,30 @@ def test_gdb_attaches_to_a_running_machine_and_kills_it(guest_dir: Path, tmp_pat
 
 
 def test_info_threads_lists_the_fibers_of_a_vm_image(tmp_path: Path, boot) -> None:
+    """The pipeline demo (three containers) under gdb: fibers as threads, monitor commands,
+    a breakpoint and a step in a container; after detach it finishes exactly as it would alone."""
     if shutil.which("gcc") is None:
-        pytest.skip("the console demo's programs are C (gcc needed)")
+        pytest.skip("the pipeline demo's programs are C (gcc needed)")
     from vmk.tools.build import build
-    image = tmp_path / "console.img"
-    build(Path(__file__).resolve().parents[2] / "demo" / "console" / "console.toml", image)
+    image = tmp_path / "pipeline.img"
+    build(Path(__file__).resolve().parents[2] / "demo" / "pipeline" / "pipeline.toml", image)
     serial = tmp_path / "com1.txt"
-    vm = boot(image, serial, "--wait-gdb", "--idle", "skip", "--max-time", "50ms")
+    vm = boot(image, serial, "--wait-gdb", "--idle", "skip", "--max-time", "10s")
     args = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off",
             "-ex", "set architecture i386:x86-64", "-ex", f"target remote 127.0.0.1:{vm.port}"]
     for c in ["break *0x400000", "continue", "info threads", "info registers rip", "stepi",
-              "monitor fibers", "monitor containers", "monitor channels", "detach"]:
+              "monitor fibers", "monitor containers", "monitor channels", "delete", "detach"]:
         args += ["-ex", c]
     out = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
     text = out.stdout + out.stderr
     assert "hit Breakpoint 1, 0x0000000000400000" in text, text
-    assert "shell.main: pid 1 (shell), running" in text            # the fiber on the CPU
+    assert "mixer.main: pid 2 (mixer), running" in text              # priority 2: it runs first
+    assert "printer.main: pid 1 (printer)" in text and "ticker.main: pid 3 (ticker)" in text
     assert "uart-rx: pid 0 (kernel)" in text and "uart-tx: pid 0 (kernel)" in text
     assert "0x0000000000400002 in ?? ()" in text                    # stepi: one instruction
-    assert "   1  shell" in text and "console.tx" in text           # monitor containers / channels
+    assert "   3  ticker" in text and "numbers" in text and "lines" in text
     assert "[Inferior 1 (Remote target) detached]" in text
-    assert vm.wait() == 124                                         # the shell waits for input
-    assert serial.read_bytes().startswith(b"vmk console: type help")
+    assert vm.wait() == 0                                           # every container ended
+    assert serial.read_bytes().decode().splitlines() == [
+        "[20 ms] tick 1", "[40 ms] tick 2", "[60 ms] tick 3", "[80 ms] tick 4", "[100 ms] tick 5",
+        "[100 ms] done"]
