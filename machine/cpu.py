@@ -537,14 +537,6 @@ class CPU:
             self.halted = True
         return executed, reason
 
-    def read_code_byte(self, rip: int) -> int:
-        """Byte at a linear address (paging honoured via the machine's MMU when set)."""
-        return self.mem_read_linear(rip, 1)[0]
-
-    # set by the machine: linear-address reads for the few places the CPU needs them
-    def mem_read_linear(self, addr: int, size: int) -> bytes:
-        return bytes(self.uc.mem_read(addr, size))
-
     # ------------------------------------------------------------------ registers
     def reg(self, r: Reg) -> int:
         return self.uc.reg_read(r)

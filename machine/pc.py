@@ -161,7 +161,6 @@ class Machine:
         cpu.port_out = self._port_out
         cpu.rdtsc = lambda: self.clock.now
         cpu.cpuid = self._cpuid
-        cpu.mem_read_linear = self.read_linear
         self.idt = IdtSink(cpu, self.ram.buf, self.ram.size, self._tagged("cpu"))
         self.sink: InterruptSink = self.idt
         self.port_allowed: Callable[[int, int], bool] = self._port_allowed_iopl
