@@ -48,7 +48,7 @@ bench: $(STAMP) guest
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check machine boot hal kernel tools testing tests
+	$(VENV)/bin/ruff check machine boot hal kernel tools testing
 
 clean:
 	rm -rf $(OUT) .pytest_cache

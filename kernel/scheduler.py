@@ -211,11 +211,11 @@ class GlobalPolicy:
         if k is None and g is None:
             return None
         if g is None or (k is not None and k < g):
-            return self._kernel.pop()         
-        return self._guest.pop()              
+            return self._kernel.pop()
+        return self._guest.pop()
 
     def pop_kernel(self, tick: int) -> Fiber | None:
-        return self._kernel.pop()             
+        return self._kernel.pop()
 
     def discard(self, f: Fiber) -> None:
         self._queue(f).discard(f)
@@ -288,7 +288,7 @@ class PerContainerPolicy:
         while (g := self._ready.pop()) is not None:
             if len(g.queue):
                 self.current, self.budget = g, self.quantum
-                return g                      
+                return g
         return None
 
     def pop_next(self, tick: int) -> Fiber | None:
@@ -301,7 +301,7 @@ class PerContainerPolicy:
             if g is None:
                 return None
         self.budget -= 1
-        return g.queue.pop()                  
+        return g.queue.pop()
 
     def pop_kernel(self, tick: int) -> Fiber | None:
         g = self._groups.get(KERNEL)

@@ -252,7 +252,7 @@ def run_benchmarks(quick: bool = False, only: list[str] | None = None) -> int:
         return 2
     print(f"vmk bench ({'quick' if quick else 'full'}), python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs")
-    for name, fn in selected.items():
+    for fn in selected.values():
         for row in fn(quick):
             measured, ref, verdict = row[1], row[2], row[3]
             print(f"  {row[0]}\n      {measured:<36} ref: {ref:<40} {verdict}")

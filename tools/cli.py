@@ -151,14 +151,16 @@ def cmd_boot(args) -> int:
         except ValueError as e:
             return _fail(str(e))
     devs = []
+    opt = "--serial"
     try:
-        for spec, opt in ((args.serial, "--serial"), (args.serial2, "--serial2")):
+        for spec, opt in ((args.serial, "--serial"), (args.serial2, "--serial2")):  # noqa: B007 - opt names the failing option
             devs.append(parse_chardev(spec))
+        opt = "--debugcon"
         debugcon = parse_chardev(args.debugcon) if args.debugcon else None
     except (ValueError, OSError) as e:
         for dev in devs:
             dev.close()
-        return _fail(str(e))
+        return _fail(f"{opt}: {e}")
     for dev in devs:
         path = getattr(dev, "path", None)
         if path and type(dev).__name__ == "PtyChar":
