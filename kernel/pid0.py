@@ -35,6 +35,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from vmk.boot.loader import ImageError
 from vmk.boot.vmkimage import Image
 from vmk.hal.aspace import PAGE, AddressSpace, OutOfMemory, UserFault
 from vmk.hal.context import GuestContext
@@ -171,7 +172,12 @@ class VMKernel:
         self.sched.spawn_kernel(self._uart_tx_driver(), "uart-tx")
         self.hal.start(self)
         for spec in image.boot_order():
-            self.start_container(spec.name)
+            try:
+                self.start_container(spec.name)
+            except OutOfMemory:
+                free = self.hal.frames.available * PAGE
+                raise ImageError(f"container {spec.name!r} needs {spec.memory >> 10} KiB but only "
+                                 f"{free >> 10} KiB of guest RAM is left (try --mem)") from None
 
     # ------------------------------------------------------------------ containers
     def start_container(self, name: str, passed: list[Any] | None = None) -> Container:

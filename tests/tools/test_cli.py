@@ -114,3 +114,14 @@ def test_piped_stdin_feeds_com1(guest_dir: Path) -> None:
     assert "hello" in out.split("type something", 1)[1]
     assert "bye" in out
     assert proc.returncode == 1            # (0 << 1) | 1, as QEMU's isa-debug-exit
+
+
+def test_vm_image_that_does_not_fit_in_ram(tmp_path: Path) -> None:
+    from vmk.tools.build import build
+    (tmp_path / "p.s").write_text("l: jmp l\n")
+    (tmp_path / "m.toml").write_text('[kernel]\nchannels = 4\n[[program]]\nname = "p"\nsource = "p.s"\n'
+                                     '[[container]]\nname = "p"\nprogram = "p"\nmemory = "64M"\n')
+    build(tmp_path / "m.toml", tmp_path / "m.img")
+    proc = vmk("boot", str(tmp_path / "m.img"), "--mem", "32M", "--serial", "null")
+    assert proc.returncode == 2
+    assert "needs 65536 KiB" in one_line_error(proc)
