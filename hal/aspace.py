@@ -93,6 +93,9 @@ class AddressSpace:
     pages: dict[int, tuple[int, bool]] = field(default_factory=dict)     # vpage -> (frame, writable)
     _tables: list[int] = field(default_factory=list)
     used: int = 0
+    # A range mapped on first touch (the heap): a page fault or a kernel access
+    # there maps a zeroed page, up to the limit.
+    demand: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         self.pml4 = self.frames.alloc()
@@ -136,6 +139,14 @@ class AddressSpace:
         slot = table + ((va >> 12) & 0x1FF) * 8
         struct.pack_into("<Q", buf, slot, frame | _P | _U | (_W if writable else 0))
 
+    def fault_in(self, va: int) -> bool:
+        """Map the page of ``va`` if it lies in the demand range (raises OutOfMemory at the limit)."""
+        page = va & ~(PAGE - 1)
+        if page in self.pages or not self.demand[0] <= page < self.demand[1]:
+            return False
+        self.map(page, PAGE)
+        return True
+
     def destroy(self) -> None:
         for frame, _ in self.pages.values():
             self.frames.free(frame)
@@ -153,6 +164,9 @@ class AddressSpace:
         page = va & ~(PAGE - 1)
         while page < va + size:
             got = self.pages.get(page)
+            if got is None and self.demand[0] <= page < self.demand[1]:
+                self.map(page, PAGE)
+                got = self.pages[page]
             if got is None or (write and not got[1]):
                 raise UserFault(f"address {max(page, va):#x} is not {'writable' if write else 'mapped'}")
             page += PAGE

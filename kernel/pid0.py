@@ -171,6 +171,13 @@ class VMKernel:
         self.sched.spawn_kernel(self._uart_rx_driver(), "uart-rx")
         self.sched.spawn_kernel(self._uart_tx_driver(), "uart-tx")
         self.hal.start(self)
+        # Heaps are demand-paged, but what the image promises its containers must exist.
+        free = self.hal.frames.available * PAGE
+        for spec in image.boot_order():
+            if spec.memory > free:
+                raise ImageError(f"container {spec.name!r} needs {spec.memory >> 10} KiB but only "
+                                 f"{free >> 10} KiB of guest RAM is left (try --mem)")
+            free -= spec.memory
         for spec in image.boot_order():
             try:
                 self.start_container(spec.name)
@@ -191,8 +198,8 @@ class VMKernel:
                 end = (seg.vaddr + seg.memsz + PAGE - 1) & ~(PAGE - 1)
                 aspace.map(start, end - start, writable=True)
                 aspace.write(seg.vaddr, bytes(seg.data), force=True)
-            if layout.heap_size:
-                aspace.map(layout.heap_base, layout.heap_size)
+            # The heap is mapped on first touch (page faults and kernel accesses).
+            aspace.demand = (layout.heap_base, layout.heap_base + layout.heap_size)
             aspace.map(layout.stack_bottom, layout.stack_top - layout.stack_bottom)
         except OutOfMemory:
             aspace.destroy()
@@ -320,6 +327,14 @@ class VMKernel:
             self.machine.stop(KSTOP + "fault with no fiber")
             return
         c = f.container
+        if vector == 14 and error_code is not None and not error_code & 1:
+            try:
+                if c.aspace.fault_in(cr2):
+                    return                      # demand-paged heap: the instruction runs again
+            except OutOfMemory:
+                self._end_container(c, -int(Errno.ENOMEM), f"pid {c.pid} ({c.name}) killed: out of memory "
+                                    f"({c.aspace.limit >> 10} KiB) at address {cr2:#x}, RIP {rip:#x}")
+                return
         what = EXCEPTION_NAMES.get(vector, f"exception {vector}")
         extra = f" at address {cr2:#x}" if vector == 14 else ""
         ec = f" error {error_code:#x}" if error_code is not None else ""

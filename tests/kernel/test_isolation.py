@@ -229,3 +229,40 @@ handles = ["console.rx", "console.tx"]
     assert com1.data.decode() == "hello"
     assert r.why == Why.EXIT and k.containers[1].exit_code == 0 and not k.reports
     assert k.irq_sources[3].fires >= 2                  # at least one interrupt per burst
+
+
+HEAP_TOUCH = """
+    # write one byte per page across 8 heap pages, then read them back
+    mov rbx, 0x401000
+    mov rcx, 8
+touch:
+    mov byte ptr [rbx], 0x5a
+    add rbx, 0x1000
+    dec rcx
+    jnz touch
+    mov rbx, 0x401000
+    movzx rdi, byte ptr [rbx + 0x7000]
+    mov rax, SYS_EXIT
+    syscall
+"""
+
+HEAP_HOG = """
+    mov rbx, 0x401000
+hog:
+    mov byte ptr [rbx], 1
+    add rbx, 0x1000
+    jmp hog
+"""
+
+
+def test_heap_pages_are_mapped_on_first_touch(tmp_path: Path) -> None:
+    r, k, out = run(make_image(tmp_path, {"heap": HEAP_TOUCH}))
+    c = k.containers[1]
+    assert c.exit_code == 0x5A and not k.reports
+
+
+def test_a_container_past_its_memory_is_ended_with_a_report(tmp_path: Path) -> None:
+    r, k, out = run(make_image(tmp_path, {"hog": HEAP_HOG, "ticker": TICKER}), until=200_000_000)
+    [report] = k.reports
+    assert report.startswith("pid 1 (hog) killed:")
+    assert k.containers[2].exit_code == 42 and out.count("tick\n") == 3
