@@ -123,6 +123,7 @@ class Hal:
         self.tx_queue: deque[int] = deque()
         self.granted_ports: frozenset[int] = frozenset()
         self.idling = False
+        self._deadline: int | None = None
         self.irq_counts: dict[int, int] = {}
         self._args = RegBatch(self.cpu.uc, [int(r) for r in (Reg.RAX, Reg.RDI, Reg.RSI, Reg.RDX, Reg.R10,
                                                             Reg.R8, Reg.R9)])
@@ -216,7 +217,12 @@ class Hal:
 
     # ------------------------------------------------------------------ timer service
     def set_deadline(self, at: int | None) -> None:
-        """One LAPIC one-shot at virtual time ``at`` (None: no timer)."""
+        """One LAPIC one-shot at virtual time ``at`` (None: no timer).  Reprogramming
+        the timer for the deadline it already has is skipped (a fiber switch inside
+        one time slice keeps the slice's deadline)."""
+        if at == self._deadline and (at is None or at > self.machine.now):
+            return
+        self._deadline = at
         if at is None:
             self.mmio_write(LAPIC + LapicReg.TIMER_INIT, 0)
             return
@@ -240,6 +246,7 @@ class Hal:
             self.cpu.halted = True
 
     def _timer_top_half(self) -> None:
+        self._deadline = None            # the one-shot has fired
         self.kernel.interrupt("timer")
 
     def _uart_top_half(self) -> None:

@@ -159,6 +159,7 @@ class VMKernel:
         self._next_pid = 1
         self.current = None                     # the guest fiber on the CPU
         self._slice_end: int | None = None
+        self._slice_owner: Container | None = None
         self.reports: list[str] = []            # one line per container that faulted or was killed
         self._free_stacks: dict[int, list[int]] = {}     # pid -> stack tops to reuse
         self._fiber_stacks: dict[int, int] = {}          # fid -> the stack the kernel gave it
@@ -264,6 +265,7 @@ class VMKernel:
                 if f is None:
                     self.hal.idle()
                     self._slice_end = None
+                    self._slice_owner = None
                     self._reprogram_timer()
                 else:
                     self.current = f
@@ -273,7 +275,10 @@ class VMKernel:
                         ctx["rax"] = f.result
                         f.result = None
                     self.hal.resume(ctx, c.aspace.cr3, c.ports)
-                    self._slice_end = m.now + self.timeslice
+                    if c is not self._slice_owner or self._slice_end is None or m.now >= self._slice_end:
+                        # A new time slice when another container gets the CPU (or the last one ran out).
+                        self._slice_owner = c
+                        self._slice_end = m.now + self.timeslice
                     self._reprogram_timer()
             left = None if limit is None else max(0, limit - m.instructions)
             if left == 0:
