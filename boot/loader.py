@@ -36,6 +36,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from vmk.machine.cpu import EFER_LMA, EFER_LME, HF, MSR_EFER, Reg, Seg
+from vmk.machine.mmu import CR0_PE, CR0_PG, CR0_WP, CR4_PAE
 from vmk.machine.pc import Machine
 
 from .firmware import bios_state
@@ -79,11 +80,7 @@ SEL_CODE32 = 0x08
 SEL_DATA = 0x10
 SEL_CODE64 = 0x18
 
-CR0_PE = 1 << 0
 CR0_ET = 1 << 4
-CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
 CR4_OSFXSR = 1 << 9
 
 

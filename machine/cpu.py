@@ -29,7 +29,9 @@ Everything Unicorn does not do architecturally is done here or in
 * A translation block compiled without the count hook ignores ``count``: the
   CPU never runs with ``count=0``.
 * ``emu_start``'s ``until`` address is probed through the page tables on every
-  call, clobbering CR2 and the error code: the CPU runs in "exits" mode.
+  call, clobbering CR2 and the error code (and leaving ``old_exception`` set,
+  so the next fault became #DF): the CPU runs in "exits" mode, where nothing
+  is probed.
 * Page-table edits made from Python do not flush Unicorn's TLB:
   :meth:`flush_tlb` must follow them.
 * ``in``/``out`` are not permission-checked by Unicorn: the port bus checks
@@ -291,7 +293,6 @@ class CPU:
         self.on_syscall: Callable[[], bool] | None = None
         self.rdtsc: Callable[[], int] = lambda: 0
         self.cpuid: Callable[[int, int], tuple[int, int, int, int] | None] = lambda leaf, sub: None
-        self._io_regs = RegBatch(uc, [X.UC_X86_REG_RIP])
         self._rip = RegBatch(uc, [X.UC_X86_REG_RIP])
         self._rflags = RegBatch(uc, [X.UC_X86_REG_RFLAGS])
         self._abcd = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX])
@@ -523,16 +524,6 @@ class CPU:
         if reason == Stop.COUNT and raw <= count:
             # Nothing of ours stopped the slice: HLT retired, or a debugger exit address was reached.
             reason = Stop.REQUEST if self._rip.read()[0] in self.exit_addresses else Stop.HALT
-        if reason != Stop.HALT:
-            # Quirk: when a slice is stopped (budget, emu_stop from a hook,
-            # even from the fault hook itself) just before a faulting
-            # instruction, Unicorn starts it once more, records the fault in
-            # env->old_exception and drops it; the next real fault would then
-            # arrive as #DF (notes §1.2).  Reset it after every slice.
-            self._sync_ctx()
-            if _i32(self._ctx_buf, Ctx.OLD_EXCEPTION) != -1:
-                struct.pack_into("<i", self._ctx_buf, Ctx.OLD_EXCEPTION, -1)
-                self.uc.context_restore(self._ctx)
         if reason == Stop.HALT:
             self.halted = True
         return executed, reason

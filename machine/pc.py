@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import select
 import struct
-import sys
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -165,6 +164,7 @@ class Machine:
         self.sink: InterruptSink = self.idt
         self.port_allowed: Callable[[int, int], bool] = self._port_allowed_iopl
         self.interrupts_taken = 0
+        self._io_fault_rax: int | None = None     # RAX before a faulting IN (restored: the fault wins)
         self._pollers: list[CharDev] = [c for c in serial if c.fileno() is not None]
         self._next_poll = 0.0
         self._host_ref = 0.0
@@ -326,7 +326,7 @@ class Machine:
     def _take_event(self) -> RunResult | None:
         ev = self.cpu.event
         self.cpu.event = None
-        if ev.vector == 13 and getattr(self, "_io_fault_rax", None) is not None:
+        if ev.vector == 13 and self._io_fault_rax is not None:
             self.cpu.set_reg(Reg.RAX, self._io_fault_rax)
             self._io_fault_rax = None
         try:
@@ -582,7 +582,3 @@ class _PostCode:
 
 def _nothing() -> None:
     return None
-
-
-def _stderr(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
