@@ -1,32 +1,184 @@
 /*
- * _fasthooks: the one piece of vmk that must run on every translation block,
- * so it is C rather than Python.
+ * _fasthooks: the few pieces of vmk that run on every interrupt, every I/O
+ * access or every translation block, so they are C rather than Python.
  *
- * The interrupt window.  An interrupt can become pending while RFLAGS.IF=0
- * (inside a handler, in a cli section).  It must be taken right after the
- * guest sets IF again (STI + its shadow, POPF, IRET), but Unicorn cannot hook
- * those instructions.  QEMU ends a translation block after each of them, so a
- * block hook sees the first block after IF went to 1.  While `armed` is set
- * the hook reads RFLAGS and stops the emulation when IF=1; the machine then
- * delivers at that exact instruction boundary.  Disarmed, it costs one load
- * and a branch per block.
+ * 1. Hook gateways.  Unicorn's Python binding turns every callback into a
+ *    ctypes callback (argument conversion, GIL re-entry, a Python wrapper
+ *    that catches exceptions): 1.5-4 us per call on a slow host.  Here each
+ *    hook is a small C function that calls the Python callable it was given
+ *    as user_data with vectorcall.  `emu_start` runs Unicorn *holding the
+ *    GIL* (ctypes would release it), so a gateway calls straight into
+ *    Python.  The first exception a callable raises is kept, the emulation
+ *    is stopped, and `emu_start` raises it.  Other Python threads wait for
+ *    the end of the slice (slices are bounded by the machine's quantum).
+ *
+ * 2. The interrupt window.  An interrupt can become pending while RFLAGS.IF=0
+ *    (inside a handler, in a cli section).  It must be taken right after the
+ *    guest sets IF again (STI + its shadow, POPF, IRET), but Unicorn cannot
+ *    hook those instructions.  QEMU ends a translation block after each of
+ *    them, so a block hook sees the first block after IF went to 1.  While
+ *    `armed` is set the hook reads RFLAGS and stops the emulation when IF=1;
+ *    the machine then delivers at that exact instruction boundary.
+ *    Disarmed, it costs one load and a branch per block.
+ *
+ * 3. Interrupt delivery, the common case.  `deliver64` delivers a hardware
+ *    interrupt or exception in long mode through a 64-bit interrupt or trap
+ *    gate whose handler runs at the current privilege on the current stack:
+ *    it reads the IDT gate and the GDT code descriptor by linear address
+ *    (4-level walk, A/D bits set as the CPU sets them), checks them as the
+ *    SDM says, pushes SS:RSP, RFLAGS, CS:RIP (and the error code) and loads
+ *    RIP/RSP/RFLAGS.  Anything else (a fault on the way, IST, a privilege
+ *    change, legacy mode, a bad gate) returns SLOW without having changed
+ *    the CPU, and x86.py's general path delivers it, faults included.
  *
  * Unicorn's functions are passed in as addresses from the ctypes binding, so
- * this module does not link against libunicorn.
+ * this module does not link against libunicorn.  The saved-context offsets
+ * (Unicorn 2.1.4's CPUX86State) are passed in by cpu.py, which measures and
+ * tests them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdbool.h>
+#include <string.h>
 
 typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*uc_reg_batch_fn)(void *uc, int *regs, void **vals, int count);
 typedef int (*uc_emu_stop_fn)(void *uc);
+typedef int (*uc_emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
+typedef int (*uc_context_save_fn)(void *uc, void *context);
 
 static uc_reg_read_fn p_reg_read;
+static uc_reg_batch_fn p_reg_write_batch;
 static uc_emu_stop_fn p_emu_stop;
-static int rflags_id;
+static uc_emu_start_fn p_emu_start;
+static uc_context_save_fn p_context_save;
+static int rflags_id, rip_id, rsp_id;
+
+/* Saved-context offsets (cpu.py's Ctx). */
+static Py_ssize_t off_regs, off_rip, off_eflags, off_hflags, off_segs, off_gdt, off_idt, off_cr0, off_cr3, off_cr4;
+#define SEG_SIZE 24
+#define SEG_CS 1
+#define SEG_SS 2
+
+/* The first exception raised by a Python callable during emu_start. */
+static PyObject *exc_type, *exc_value, *exc_tb;
+
+static void hook_failed(void *uc)
+{
+    if (exc_type == NULL)
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+    else
+        PyErr_Clear();
+    p_emu_stop(uc);
+}
+
+static PyObject *call(void *uc, void *callable, PyObject *const *args, size_t n)
+{
+    PyObject *r = PyObject_Vectorcall((PyObject *)callable, args, n, NULL);
+    if (r == NULL)
+        hook_failed(uc);
+    return r;
+}
+
+static void drop(PyObject **args, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        Py_XDECREF(args[i]);
+}
+
+/* ---------------------------------------------------------------- gateways */
+
+static uint32_t gw_in(void *uc, uint32_t port, int size, void *ud)
+{
+    PyObject *a[2] = {PyLong_FromUnsignedLong(port), PyLong_FromLong(size)};
+    PyObject *r = call(uc, ud, a, 2);
+    drop(a, 2);
+    if (r == NULL)
+        return 0xFFFFFFFFu;
+    uint32_t v = (uint32_t)PyLong_AsUnsignedLongLongMask(r);
+    Py_DECREF(r);
+    if (PyErr_Occurred())
+        hook_failed(uc);
+    return v;
+}
+
+static void gw_out(void *uc, uint32_t port, int size, uint32_t value, void *ud)
+{
+    PyObject *a[3] = {PyLong_FromUnsignedLong(port), PyLong_FromLong(size), PyLong_FromUnsignedLong(value)};
+    PyObject *r = call(uc, ud, a, 3);
+    drop(a, 3);
+    Py_XDECREF(r);
+}
+
+static void gw_void(void *uc, void *ud)
+{
+    PyObject *r = call(uc, ud, NULL, 0);
+    Py_XDECREF(r);
+}
+
+/* CPUID / RDTSC shape: nonzero return = the hook emulated the instruction. */
+static int gw_int(void *uc, void *ud)
+{
+    PyObject *r = call(uc, ud, NULL, 0);
+    if (r == NULL)
+        return 0;
+    int v = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return v > 0;
+}
+
+static bool gw_bool(void *uc, void *ud)
+{
+    return gw_int(uc, ud) != 0;
+}
+
+static void gw_intr(void *uc, uint32_t intno, void *ud)
+{
+    PyObject *a[1] = {PyLong_FromUnsignedLong(intno)};
+    PyObject *r = call(uc, ud, a, 1);
+    drop(a, 1);
+    Py_XDECREF(r);
+}
+
+static bool gw_mem(void *uc, int type, uint64_t address, int size, int64_t value, void *ud)
+{
+    PyObject *a[4] = {PyLong_FromLong(type), PyLong_FromUnsignedLongLong(address), PyLong_FromLong(size),
+                      PyLong_FromLongLong(value)};
+    PyObject *r = call(uc, ud, a, 4);
+    drop(a, 4);
+    if (r == NULL)
+        return false;
+    int v = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return v > 0;
+}
+
+static uint64_t gw_mmio_read(void *uc, uint64_t offset, unsigned size, void *ud)
+{
+    PyObject *a[2] = {PyLong_FromUnsignedLongLong(offset), PyLong_FromUnsignedLong(size)};
+    PyObject *r = call(uc, ud, a, 2);
+    drop(a, 2);
+    if (r == NULL)
+        return 0;
+    uint64_t v = PyLong_AsUnsignedLongLongMask(r);
+    Py_DECREF(r);
+    if (PyErr_Occurred())
+        hook_failed(uc);
+    return v;
+}
+
+static void gw_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, void *ud)
+{
+    PyObject *a[3] = {PyLong_FromUnsignedLongLong(offset), PyLong_FromUnsignedLong(size),
+                      PyLong_FromUnsignedLongLong(value)};
+    PyObject *r = call(uc, ud, a, 3);
+    drop(a, 3);
+    Py_XDECREF(r);
+}
 
 /* user_data points at the CPU's window, an int32[2] owned by Python: [0] armed, [1] fired. */
-static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+static void window_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     volatile int32_t *window = (volatile int32_t *)user_data;
     (void)address; (void)size;
@@ -41,20 +193,266 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     }
 }
 
-static PyObject *setup(PyObject *self, PyObject *args)
+/* ---------------------------------------------------------------- running */
+
+/* run(uc, count, until) -> (uc_err, RFLAGS after): emu_start from the current RIP, GIL held. */
+static PyObject *run(PyObject *self, PyObject *args)
 {
-    unsigned long long rr, es;
+    unsigned long long uc, count, until;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKi", &rr, &es, &rflags_id))
+    if (!PyArg_ParseTuple(args, "KKK", &uc, &count, &until))
+        return NULL;
+    void *h = (void *)(uintptr_t)uc;
+    uint64_t rip = 0;
+    p_reg_read(h, rip_id, &rip);
+    int status = p_emu_start(h, rip, until, 0, (size_t)count);
+    if (exc_type != NULL) {
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+        exc_type = exc_value = exc_tb = NULL;
+        return NULL;
+    }
+    uint64_t rflags = 0;
+    p_reg_read(h, rflags_id, &rflags);
+    return Py_BuildValue("iK", status, (unsigned long long)rflags);
+}
+
+/* ---------------------------------------------------------------- delivery */
+
+#define PTE_P 1ull
+#define PTE_W 2ull
+#define PTE_A 0x20ull
+#define PTE_D 0x40ull
+#define PTE_PS 0x80ull
+#define ADDR52 0x000FFFFFFFFFF000ull
+#define CR0_WP (1ull << 16)
+#define CR0_PG (1ull << 31)
+#define HF_CPL 3u
+#define HF_INHIBIT_IRQ (1u << 3)
+#define HF_LMA (1u << 14)
+#define EFL_IF 0x200ull
+#define EFL_TF 0x100ull
+#define EFL_NT 0x4000ull
+#define EFL_RF 0x10000ull
+#define EFL_VM 0x20000ull
+
+enum { OK = 0, SLOW = 1 };
+
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* A supervisor access through 4-level paging; returns the physical address or
+ * -1 (not present, not writable with CR0.WP, tables outside RAM, ...: the
+ * general walk in Python decides which fault that is).  Sets A on every level
+ * and D on the leaf of a write, as the CPU does. */
+static int64_t walk(uint8_t *ram, uint64_t ram_size, uint64_t cr0, uint64_t cr3, uint64_t linear, int write)
+{
+    static const int shifts[4] = {39, 30, 21, 12};
+    uint64_t table = cr3 & ADDR52;
+    uint64_t touched[4];
+    int n = 0;
+    int writable = 1;
+    for (int depth = 0; depth < 4; depth++) {
+        uint64_t a = table + ((linear >> shifts[depth]) & 0x1FF) * 8;
+        if (a + 8 > ram_size)
+            return -1;
+        uint64_t e = ld64(ram + a);
+        if (!(e & PTE_P))
+            return -1;
+        writable &= (e & PTE_W) != 0;
+        touched[n++] = a;
+        int large = depth > 0 && depth < 3 && (e & PTE_PS);
+        if (depth == 3 || large) {
+            if (write && !writable && (cr0 & CR0_WP))
+                return -1;
+            uint64_t size = 1ull << shifts[depth];
+            uint64_t frame = e & ADDR52 & ~(size - 1);
+            for (int i = 0; i < n; i++) {
+                uint64_t v = ld64(ram + touched[i]) | PTE_A;
+                if (write && i == n - 1)
+                    v |= PTE_D;
+                st64(ram + touched[i], v);
+            }
+            return (int64_t)(frame | (linear & (size - 1)));
+        }
+        table = e & ADDR52;
+    }
+    return -1;
+}
+
+/* Read `len` (<= 16) bytes at a linear address that does not cross a page. */
+static int read_linear(uint8_t *ram, uint64_t ram_size, uint64_t cr0, uint64_t cr3, uint64_t linear,
+                       uint8_t *out, unsigned len)
+{
+    if ((linear & 0xFFF) + len > 0x1000)
+        return -1;
+    int64_t pa = walk(ram, ram_size, cr0, cr3, linear, 0);
+    if (pa < 0 || (uint64_t)pa + len > ram_size)
+        return -1;
+    memcpy(out, ram + pa, len);
+    return 0;
+}
+
+/*
+ * deliver64(uc, ctx, ram, ram_size, vector, error_code, has_ec, fresh) -> 0 delivered / 1 slow
+ * ctx: the uc_context buffer cpu.py reads (fresh=1: it already holds the
+ * current state; otherwise it is saved here first and then holds it).
+ */
+static PyObject *deliver64(PyObject *self, PyObject *args)
+{
+    unsigned long long uc, ctxa, rama, ram_size, ec;
+    unsigned int vector;
+    int has_ec, fresh;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKIKii", &uc, &ctxa, &rama, &ram_size, &vector, &ec, &has_ec, &fresh))
+        return NULL;
+    void *h = (void *)(uintptr_t)uc;
+    uint8_t *ctx = (uint8_t *)(uintptr_t)ctxa;
+    uint8_t *ram = (uint8_t *)(uintptr_t)rama;
+    if (!fresh)
+        p_context_save(h, ctx);
+    uint32_t hflags = ld32(ctx + off_hflags);
+    uint64_t cr0 = ld64(ctx + off_cr0), cr3 = ld64(ctx + off_cr3);
+    unsigned cpl = hflags & HF_CPL;
+    if (!(hflags & HF_LMA) || !(cr0 & CR0_PG) || cpl == 3 || vector > 255)
+        return PyLong_FromLong(SLOW);
+    (void)off_cr4;
+    uint64_t idt_base = ld64(ctx + off_idt + 8);
+    uint32_t idt_limit = ld32(ctx + off_idt + 16);
+    if ((uint64_t)vector * 16 + 15 > idt_limit)
+        return PyLong_FromLong(SLOW);
+    uint8_t gate[16];
+    if (read_linear(ram, ram_size, cr0, cr3, idt_base + vector * 16, gate, 16))
+        return PyLong_FromLong(SLOW);
+    uint32_t lo = ld32(gate), hi = ld32(gate + 4);
+    unsigned gtype = (hi >> 8) & 0xF, ist = gate[4] & 7, sel = lo >> 16;
+    if ((gtype != 0xE && gtype != 0xF) || !(hi & 0x8000) || ist)
+        return PyLong_FromLong(SLOW);
+    uint64_t offset = (lo & 0xFFFF) | (hi & 0xFFFF0000u) | ((uint64_t)ld32(gate + 8) << 32);
+    uint64_t gdt_base = ld64(ctx + off_gdt + 8);
+    uint32_t gdt_limit = ld32(ctx + off_gdt + 16);
+    if ((sel & ~3u) == 0 || (sel & 4) || (sel | 7) > gdt_limit)
+        return PyLong_FromLong(SLOW);
+    uint8_t desc[8];
+    if (read_linear(ram, ram_size, cr0, cr3, gdt_base + (sel & ~7u), desc, 8))
+        return PyLong_FromLong(SLOW);
+    uint32_t d_hi = ld32(desc + 4);
+    /* present, S=1, code, L=1 */
+    if (!(d_hi & (1u << 15)) || !(d_hi & (1u << 12)) || !(d_hi & (1u << 11)) || !(d_hi & (1u << 21)))
+        return PyLong_FromLong(SLOW);
+    unsigned dpl = (d_hi >> 13) & 3;
+    unsigned new_cpl = (d_hi & (1u << 10)) ? cpl : dpl;
+    if (dpl > cpl || new_cpl != cpl)
+        return PyLong_FromLong(SLOW);
+    uint32_t cs_sel = ld32(ctx + off_segs + SEG_SIZE * SEG_CS);
+    uint32_t ss_sel = ld32(ctx + off_segs + SEG_SIZE * SEG_SS);
+    if (((sel & ~3u) | new_cpl) != cs_sel)
+        return PyLong_FromLong(SLOW);
+    uint64_t rip = ld64(ctx + off_rip);
+    uint64_t rsp = ld64(ctx + off_regs + 8 * 4);
+    uint64_t rflags = 0;
+    p_reg_read(h, rflags_id, &rflags);          /* the arithmetic flags are lazy in the context */
+    uint64_t frame[6];
+    unsigned n = 0;
+    if (has_ec)
+        frame[n++] = ec;
+    frame[n++] = rip;
+    frame[n++] = cs_sel;
+    frame[n++] = rflags;
+    frame[n++] = rsp;
+    frame[n++] = ss_sel;
+    uint64_t new_rsp = (rsp & ~0xFull) - 8 * n;
+    /* Translate top-down (the CPU pushes SS first); a frame spans at most two pages. */
+    uint64_t top = new_rsp + 8 * n - 1;
+    int64_t pa_top = walk(ram, ram_size, cr0, cr3, top, 1);
+    if (pa_top < 0)
+        return PyLong_FromLong(SLOW);
+    uint64_t split = (top & ~0xFFFull);
+    if (split <= new_rsp) {
+        uint64_t pa = (uint64_t)pa_top - (top - new_rsp);
+        if (pa + 8 * n > ram_size)
+            return PyLong_FromLong(SLOW);
+        memcpy(ram + pa, frame, 8 * n);
+    } else {
+        int64_t pa_low = walk(ram, ram_size, cr0, cr3, new_rsp, 1);
+        if (pa_low < 0)
+            return PyLong_FromLong(SLOW);
+        uint64_t low_len = split - new_rsp, high_len = 8 * n - low_len;
+        uint64_t pa_high = (uint64_t)pa_top - (high_len - 1);
+        if ((uint64_t)pa_low + low_len > ram_size || pa_high + high_len > ram_size)
+            return PyLong_FromLong(SLOW);
+        memcpy(ram + pa_low, frame, low_len);
+        memcpy(ram + pa_high, (uint8_t *)frame + low_len, high_len);
+    }
+    uint64_t new_flags = rflags & ~(EFL_TF | EFL_NT | EFL_RF | EFL_VM);
+    if (gtype == 0xE)
+        new_flags &= ~EFL_IF;
+    int ids[3] = {rip_id, rsp_id, rflags_id};
+    uint64_t vals[3] = {offset, new_rsp, new_flags};
+    void *ptrs[3] = {&vals[0], &vals[1], &vals[2]};
+    p_reg_write_batch(h, ids, ptrs, 3);
+    return PyLong_FromLong(OK);
+}
+
+/*
+ * window(uc, ctx) -> 0 IF clear / 1 IF set but the STI/MOV SS shadow holds / 2 open
+ * Saves the context into ctx (cpu.py then treats it as fresh).
+ */
+static PyObject *window(PyObject *self, PyObject *args)
+{
+    unsigned long long uc, ctxa;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KK", &uc, &ctxa))
+        return NULL;
+    uint8_t *ctx = (uint8_t *)(uintptr_t)ctxa;
+    p_context_save((void *)(uintptr_t)uc, ctx);
+    if (!(ld32(ctx + off_eflags) & EFL_IF))
+        return PyLong_FromLong(0);
+    return PyLong_FromLong(ld32(ctx + off_hflags) & HF_INHIBIT_IRQ ? 1 : 2);
+}
+
+/* ---------------------------------------------------------------- setup */
+
+static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *names[] = {"reg_read", "reg_write_batch", "emu_stop", "emu_start", "context_save",
+                            "rip_id", "rsp_id", "rflags_id", "offsets", NULL};
+    unsigned long long rr, rwb, es, est, cs;
+    PyObject *offs;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKKKKiiiO", names, &rr, &rwb, &es, &est, &cs,
+                                     &rip_id, &rsp_id, &rflags_id, &offs))
+        return NULL;
+    if (!PyArg_ParseTuple(offs, "nnnnnnnnnn", &off_regs, &off_rip, &off_eflags, &off_hflags, &off_segs,
+                          &off_gdt, &off_idt, &off_cr0, &off_cr3, &off_cr4))
         return NULL;
     p_reg_read = (uc_reg_read_fn)(uintptr_t)rr;
+    p_reg_write_batch = (uc_reg_batch_fn)(uintptr_t)rwb;
     p_emu_stop = (uc_emu_stop_fn)(uintptr_t)es;
-    return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)&block_hook);
+    p_emu_start = (uc_emu_start_fn)(uintptr_t)est;
+    p_context_save = (uc_context_save_fn)(uintptr_t)cs;
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+                         "in", (unsigned long long)(uintptr_t)&gw_in,
+                         "out", (unsigned long long)(uintptr_t)&gw_out,
+                         "void", (unsigned long long)(uintptr_t)&gw_void,
+                         "int", (unsigned long long)(uintptr_t)&gw_int,
+                         "bool", (unsigned long long)(uintptr_t)&gw_bool,
+                         "intr", (unsigned long long)(uintptr_t)&gw_intr,
+                         "mem", (unsigned long long)(uintptr_t)&gw_mem,
+                         "mmio_read", (unsigned long long)(uintptr_t)&gw_mmio_read,
+                         "mmio_write", (unsigned long long)(uintptr_t)&gw_mmio_write,
+                         "window", (unsigned long long)(uintptr_t)&window_hook,
+                         "unused", 0ull);
 }
 
 static PyMethodDef methods[] = {
-    {"setup", setup, METH_VARARGS,
-     "setup(uc_reg_read_addr, uc_emu_stop_addr, rflags_id) -> block_hook_addr"},
+    {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
+     "setup(reg_read, reg_write_batch, emu_stop, emu_start, context_save, rip_id, rsp_id, rflags_id, offsets)"
+     " -> {gateway name: C function address}"},
+    {"run", run, METH_VARARGS, "run(uc, count, until) -> (uc_err, rflags): emu_start from RIP holding the GIL"},
+    {"deliver64", deliver64, METH_VARARGS,
+     "deliver64(uc, ctx, ram, ram_size, vector, ec, has_ec, fresh) -> 0 delivered / 1 take the general path"},
+    {"window", window, METH_VARARGS, "window(uc, ctx) -> 0 IF=0 / 1 shadow / 2 open (saves the context)"},
     {NULL, NULL, 0, NULL},
 };
 

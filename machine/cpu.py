@@ -62,7 +62,6 @@ from unicorn import (
 )
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
-from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
 
 from . import _fasthooks
 
@@ -202,6 +201,9 @@ class Stop(IntEnum):
     ERROR = 4          # Unicorn failed (unmapped memory, ...): see .error
 
 
+_COUNT, _HALT = Stop.COUNT, Stop.HALT
+
+
 class CpuEvent:
     """A synchronous CPU event recorded by a hook, delivered by the machine."""
     __slots__ = ("vector", "error_code", "is_int", "rip", "next_rip", "cr2")
@@ -231,6 +233,22 @@ _EMU_COUNTER_OFF = 1368
 _lib = _ucmod.uclib
 _uc_reg_read_batch = _lib.uc_reg_read_batch
 _uc_reg_write_batch = _lib.uc_reg_write_batch
+
+
+def _addr(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+# The C side: hook gateways, emu_start holding the GIL, the delivery fast path.
+_GATEWAYS = _fasthooks.setup(
+    reg_read=_addr(_lib.uc_reg_read), reg_write_batch=_addr(_lib.uc_reg_write_batch),
+    emu_stop=_addr(_lib.uc_emu_stop), emu_start=_addr(_lib.uc_emu_start),
+    context_save=_addr(_lib.uc_context_save),
+    rip_id=X.UC_X86_REG_RIP, rsp_id=X.UC_X86_REG_RSP, rflags_id=X.UC_X86_REG_RFLAGS,
+    offsets=(Ctx.REGS, Ctx.RIP, Ctx.EFLAGS, Ctx.HFLAGS, Ctx.SEGS, Ctx.GDT, Ctx.IDT, Ctx.CR0, Ctx.CR3, Ctx.CR4))
+_run = _fasthooks.run
+_window = _fasthooks.window
+_deliver64 = _fasthooks.deliver64
 
 
 class RegBatch:
@@ -268,6 +286,8 @@ class CPU:
     def __init__(self) -> None:
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.uc = uc
+        self._uch = ctypes.cast(uc._uch, ctypes.c_void_p).value
+        self._ram = (0, 0)                      # attach_ram: no RAM, the fast path always declines
         addr = ctypes.cast(uc._uch, ctypes.c_void_p).value
         self._counter = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF)
         self._emu_count = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF + 8)
@@ -286,6 +306,7 @@ class CPU:
         self.event: CpuEvent | None = None
         self.error: str | None = None
         self.halted = False
+        self.rflags_after = 0
         self._budget = 0
         # callbacks wired by the machine
         self.port_in: Callable[[int, int], int] = lambda port, size: (1 << (8 * size)) - 1
@@ -310,22 +331,46 @@ class CPU:
 
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self) -> None:
-        uc = self.uc
-        uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, X.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN, self._hook_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INTR, self._hook_intr)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._hook_invalid)
-        uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
-                    self._hook_unmapped)
-        self._install_rdtsc_hook()
+        # Every hook goes through a C gateway in _fasthooks that calls the
+        # bound method directly (the binding's ctypes callbacks cost 1.5-4 us
+        # each); the callables are kept alive in self._gateway_refs.
+        self._gateway_refs: list[object] = []
+        gw = _GATEWAYS
+        self._add_hook(UC_HOOK_INSN, gw["in"], self._hook_in, X.UC_X86_INS_IN)
+        self._add_hook(UC_HOOK_INSN, gw["out"], self._hook_out, X.UC_X86_INS_OUT)
+        self._add_hook(UC_HOOK_INSN, gw["void"], self._hook_syscall, X.UC_X86_INS_SYSCALL)
+        self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_cpuid, X.UC_X86_INS_CPUID)
+        # Quirk: the binding refuses UC_HOOK_INSN for RDTSC (UC_ERR_ARG) though
+        # libunicorn supports it; uc_hook_add takes it (callback shaped as CPUID's).
+        self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_rdtsc, X.UC_X86_INS_RDTSC)
+        self._add_hook(UC_HOOK_INTR, gw["intr"], self._hook_intr)
+        self._add_hook(UC_HOOK_INSN_INVALID, gw["bool"], self._hook_invalid)
+        self._add_hook(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
+                       gw["mem"], self._hook_unmapped)
         self._window = (ctypes.c_int32 * 2)()
-        self._window_cb = _fasthooks.setup(ctypes.cast(_lib.uc_reg_read, ctypes.c_void_p).value,
-                                           ctypes.cast(_lib.uc_emu_stop, ctypes.c_void_p).value,
-                                           X.UC_X86_REG_RFLAGS)
+        self._window_cb = gw["window"]
         self._window_hook: int | None = None
         self._window_quiet = 0
+
+    def _add_hook(self, kind: int, gateway: int, fn: Callable, insn: int | None = None) -> int:
+        self._gateway_refs.append(fn)
+        h = ctypes.c_size_t()
+        extra = () if insn is None else (ctypes.c_int(insn),)
+        status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), kind, ctypes.c_void_p(gateway),
+                                  ctypes.c_void_p(id(fn)), ctypes.c_uint64(1), ctypes.c_uint64(0), *extra)
+        if status != 0:
+            raise UcError(status)
+        return h.value
+
+    def map_mmio(self, base: int, size: int, read: Callable[[int, int], int],
+                 write: Callable[[int, int, int], None]) -> None:
+        """Map a device window; Unicorn calls ``read(offset, size)`` / ``write(offset, size, value)``."""
+        self._gateway_refs += [read, write]
+        status = _lib.uc_mmio_map(self.uc._uch, ctypes.c_uint64(base), ctypes.c_uint64(size),
+                                  ctypes.c_void_p(_GATEWAYS["mmio_read"]), ctypes.c_void_p(id(read)),
+                                  ctypes.c_void_p(_GATEWAYS["mmio_write"]), ctypes.c_void_p(id(write)))
+        if status != 0:
+            raise UcError(status)
 
     # Discussion: the interrupt-window block hook costs 10-20% on tight loops
     # (Unicorn calls out at every translation block), so it is installed only
@@ -361,33 +406,18 @@ class CPU:
         self._window_quiet = 0
         self._window[0] = 1
 
-    def _install_rdtsc_hook(self) -> None:
-        # Quirk: the binding refuses UC_HOOK_INSN for RDTSC (UC_ERR_ARG) though
-        # libunicorn supports it; go through the private hook adder with the
-        # CPUID-shaped callback type (returns 1 = skip the real instruction).
-        uc = self.uc
-
-        def cb(handle, user_data):   # noqa: ARG001 - ctypes signature
-            t = self.rdtsc()
-            self._ad.write((t & 0xFFFF_FFFF, t >> 32))
-            return 1
-
-        cfunc = HOOK_INSN_CPUID_CFUNC(cb)
-        self._rdtsc_cfunc = cfunc          # keep alive
-        h = ctypes.c_size_t()
-        status = _lib.uc_hook_add(uc._uch, ctypes.byref(h), UC_HOOK_INSN, cfunc,
-                                  ctypes.cast(0, ctypes.c_void_p),
-                                  ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
-        if status != 0:
-            raise UcError(status)
-
-    def _hook_in(self, uc, port, size, user_data):
+    def _hook_in(self, port, size):
         return self.port_in(port, size)
 
-    def _hook_out(self, uc, port, size, value, user_data):
+    def _hook_out(self, port, size, value):
         self.port_out(port, size, value)
 
-    def _hook_cpuid(self, uc, user_data):
+    def _hook_rdtsc(self):
+        t = self.rdtsc()
+        self._ad.write((t & 0xFFFF_FFFF, t >> 32))
+        return 1
+
+    def _hook_cpuid(self):
         a, _, c, _ = self._abcd.read()
         res = self.cpuid(a & 0xFFFF_FFFF, c & 0xFFFF_FFFF)
         if res is None:
@@ -395,13 +425,13 @@ class CPU:
         self._abcd.write(res)
         return 1
 
-    def _hook_syscall(self, uc, user_data):
+    def _hook_syscall(self):
         handler = self.on_syscall
         if handler is not None and handler():
             return
         self._architectural_syscall()
 
-    def _hook_intr(self, uc, intno, user_data):
+    def _hook_intr(self, intno):
         self._sync_ctx()
         b = self._ctx_buf
         is_int = bool(_i32(b, Ctx.EXCEPTION_IS_INT))
@@ -426,13 +456,13 @@ class CPU:
         # hook stops before the instruction is tried again.
         self.request_stop(Stop.EVENT)
 
-    def _hook_invalid(self, uc, user_data):
+    def _hook_invalid(self):
         rip = self._rip.read()[0]
         self.event = CpuEvent(6, None, False, rip, rip)
         self._stop(Stop.EVENT)
         return True
 
-    def _hook_unmapped(self, uc, access, address, size, value, user_data):
+    def _hook_unmapped(self, access, address, size, value):
         kind = {19: "read", 20: "write", 21: "fetch"}.get(access, "access")
         rip = self._rip.read()[0]
         self.error = f"unmapped physical memory {kind} at {address:#x} (size {size}) by RIP {rip:#x}"
@@ -442,7 +472,7 @@ class CPU:
     def _stop(self, reason: Stop) -> None:
         if self._running and self._stop_reason == Stop.COUNT:
             self._stop_reason = reason
-            self.uc.emu_stop()
+            _lib.uc_emu_stop(self._uch)
 
     def request_stop(self, reason: Stop = Stop.REQUEST) -> None:
         """End the running slice right after the current instruction (no-op outside a slice).
@@ -485,22 +515,30 @@ class CPU:
         return c if c < b else b
 
     def run(self, count: int) -> tuple[int, Stop]:
-        """Run up to ``count`` (> 0) instructions from the current RIP."""
+        """Run up to ``count`` (> 0) instructions from the current RIP.
+
+        Afterwards ``rflags_after`` holds RFLAGS as the slice left it."""
         if count <= 0:
             raise ValueError("slice must be at least one instruction")
         self.event = None
         self.error = None
-        self._stop_reason = Stop.COUNT
+        self._stop_reason = _COUNT
         self._budget = count
         self._running = True
         self._ctx_valid = False
-        rip = self._rip.read()[0]
+        uc = self.uc
+        uc._hook_exception = None                 # the binding's hooks (debugger) report through it
         try:
-            self.uc.emu_start(rip, _END, 0, count)
+            status, self.rflags_after = _run(self._uch, count, _END)
+            if status:
+                raise UcError(status)
+            if uc._hook_exception is not None:
+                raise uc._hook_exception
         except UcError as e:
             if self.error is None:
                 self.error = f"{e} at RIP {self._rip.read()[0]:#x}"
             self._stop_reason = Stop.ERROR
+            self.rflags_after = self._rflags.read()[0]
         finally:
             self._running = False
             self._ctx_valid = False          # hooks may have synced mid-slice; the CPU ran on
@@ -513,7 +551,7 @@ class CPU:
         w = self._window
         if w[1]:
             w[1] = 0
-            if reason == Stop.COUNT:
+            if reason is _COUNT:
                 reason = Stop.REQUEST
         if w[0]:
             w[0] = 0
@@ -521,11 +559,13 @@ class CPU:
             self._window_quiet += 1
             if self._window_quiet > self.WINDOW_LINGER:
                 self._remove_window_hook()
-        if reason == Stop.COUNT and raw <= count:
+        if reason is _COUNT and raw <= count:
             # Nothing of ours stopped the slice: HLT retired, or a debugger exit address was reached.
-            reason = Stop.REQUEST if self._rip.read()[0] in self.exit_addresses else Stop.HALT
-        if reason == Stop.HALT:
-            self.halted = True
+            if self.exit_addresses and self._rip.read()[0] in self.exit_addresses:
+                reason = Stop.REQUEST
+            else:
+                reason = _HALT
+                self.halted = True
         return executed, reason
 
     # ------------------------------------------------------------------ registers
@@ -624,6 +664,26 @@ class CPU:
             struct.pack_into("<I", b, off, sel)
             struct.pack_into("<QII", b, off + 8, base, limit, flags)
         self.uc.context_restore(self._ctx)
+
+    def attach_ram(self, host_address: int, size: int) -> None:
+        """Where guest RAM (physical 0..size) lives in this process: the delivery fast path writes there."""
+        self._ram = (host_address, size)
+
+    def interrupt_window(self) -> int:
+        """0: RFLAGS.IF=0; 1: IF=1 but the STI/MOV SS shadow holds; 2: an interrupt can be taken now."""
+        w = _window(self._uch, self._ctx_addr)
+        self._ctx_valid = True                  # the C side saved the context into our buffer
+        return w
+
+    def deliver_fast(self, vector: int, error_code: int | None) -> bool:
+        """The common delivery in C (_fasthooks.deliver64): long mode, a valid
+        64-bit gate, same privilege, no IST.  False: nothing was changed, take
+        the general path (which also raises the faults)."""
+        host, size = self._ram
+        done = not _deliver64(self._uch, self._ctx_addr, host, size, vector, error_code or 0,
+                              error_code is not None, self._ctx_valid)
+        self._ctx_valid = not done              # not delivered: the context was saved and still holds
+        return done
 
     def write_frame_regs(self, rip: int, rsp: int, rflags: int) -> None:
         self._ctx_valid = False

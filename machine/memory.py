@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
-from typing import Protocol
+from typing import Callable, Protocol
 
 from unicorn import UC_PROT_ALL, Uc
 
@@ -41,9 +41,9 @@ class RAM:
             raise ValueError(f"RAM size {size >> 20} MiB is above the 3 GiB limit of this machine")
         self.size = size
         self.buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._host = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        self.host_address = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
         self.view = memoryview(self.buf)
-        uc.mem_map_ptr(0, size, UC_PROT_ALL, self._host)
+        uc.mem_map_ptr(0, size, UC_PROT_ALL, self.host_address)
 
     def contains(self, addr: int, size: int = 1) -> bool:
         return 0 <= addr and addr + size <= self.size
@@ -65,11 +65,11 @@ class RAM:
 class MmioBus:
     """Device windows in physical address space."""
 
-    def __init__(self, uc: Uc) -> None:
-        self._uc = uc
+    def __init__(self, map_window: Callable[[int, int, Callable, Callable], None]) -> None:
+        # map_window(base, size, read(offset, size), write(offset, size, value)): CPU.map_mmio
+        self._map_window = map_window
         self._bases: list[int] = []
         self._windows: list[tuple[int, int, MmioDevice, str]] = []
-        self._keep: list[object] = []
 
     def map(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:
         if base % PAGE or size % PAGE:
@@ -80,17 +80,7 @@ class MmioBus:
             raise ValueError(f"MMIO window {base:#x}+{size:#x} overlaps another")
         self._bases.insert(i, base)
         self._windows.insert(i, (base, size, device, name))
-        rd = device.read
-        wr = device.write
-
-        def on_read(uc, offset, size, user_data):
-            return rd(offset, size)
-
-        def on_write(uc, offset, size, value, user_data):
-            wr(offset, size, value)
-
-        self._keep.append((on_read, on_write))
-        self._uc.mmio_map(base, size, on_read, None, on_write, None)
+        self._map_window(base, size, device.read, device.write)
 
     def find(self, addr: int) -> tuple[int, MmioDevice, str] | None:
         i = bisect.bisect(self._bases, addr) - 1

@@ -106,7 +106,8 @@ class Machine:
         self.clock = Clock()
         self.cpu = CPU()
         self.ram = RAM(self.cpu.uc, cfg.mem)
-        self.mmio = MmioBus(self.cpu.uc)
+        self.cpu.attach_ram(self.ram.host_address, self.ram.size)
+        self.mmio = MmioBus(self.cpu.map_mmio)
         self.ports = PortBus(self.log)
         self.instructions = 0
         self._exit_status: int | None = None
@@ -340,13 +341,9 @@ class Machine:
 
     def _take_interrupt(self) -> RunResult | None:
         cpu = self.cpu
-        b = cpu.ctx_read()
-        # IF is never lazily computed: the saved eflags word has it (the
-        # arithmetic flags are not, so the frame reads the full RFLAGS later).
-        if not (struct.unpack_from("<I", b, Ctx.EFLAGS)[0] & EFLAGS.IF):
-            return None
-        if struct.unpack_from("<I", b, Ctx.HFLAGS)[0] & HF.INHIBIT_IRQ:
-            return _SHADOW
+        w = cpu.interrupt_window()
+        if w != _WINDOW_OPEN:
+            return None if w == _WINDOW_IF_CLEAR else _SHADOW
         vector = self.lapic.acknowledge()
         self.interrupts_taken += 1
         cpu.halted = False
@@ -368,6 +365,7 @@ class Machine:
         self._stop_requested = None
         clock.preempt = cpu.request_stop
         self._host_ref, self._virt_ref = time.monotonic(), clock.now
+        in_slice = lambda: cpu.retired_in_slice() * nspi      # noqa: E731 - the clock's slice source
         try:
             # This is our event loop.
             while True:
@@ -389,9 +387,9 @@ class Machine:
                         return r
                     elif self._stop_requested is not None:
                         return self._stopped()     # the sink stopped the machine
-                    elif lapic.pending() and not (cpu.rflags & EFLAGS.IF):
+                    elif lapic.pending() and not (cpu.rflags & _IF):
                         cpu.arm_interrupt_window()    # held by IF=0: stop as soon as IF is set
-                now = clock.now
+                now = clock._base
                 if until is not None and now >= until:
                     return RunResult(Why.TIME_LIMIT, f"virtual time limit reached at {now} ns")
                 deadline = clock.next_deadline()
@@ -402,9 +400,13 @@ class Machine:
                     continue
                 budget = 1 if shadow else quantum
                 if deadline is not None:
-                    budget = min(budget, max(1, -(-(deadline - now) // nspi)))
+                    n = -(-(deadline - now) // nspi)
+                    if n < budget:
+                        budget = n if n > 1 else 1
                 if until is not None:
-                    budget = min(budget, max(1, -(-(until - now) // nspi)))
+                    n = -(-(until - now) // nspi)
+                    if n < budget:
+                        budget = n if n > 1 else 1
                 if insn_limit is not None:
                     if self.instructions >= insn_limit:
                         return RunResult(Why.STOPPED, "instruction limit reached")
@@ -413,7 +415,7 @@ class Machine:
                     lim = self.slice_limit()
                     if lim is not None:
                         budget = min(budget, lim)
-                clock.begin_slice(lambda: cpu.retired_in_slice() * nspi, now + budget * nspi)
+                clock.begin_slice(in_slice, now + budget * nspi)
                 try:
                     executed, why = cpu.run(budget)
                 except BaseException:
@@ -421,14 +423,15 @@ class Machine:
                     raise
                 clock.end_slice(executed * nspi)
                 self.instructions += executed
-                if why == Stop.ERROR:
+                if why is _HALT:
+                    if not (cpu.rflags_after & _IF) and not lapic.nmi_pending:
+                        self._drain()
+                        if self._stop_requested is not None:
+                            return self._stopped()
+                        return RunResult(Why.DEAD, f"CPU halted with interrupts disabled at RIP {cpu.rip - 1:#x}, "
+                                         f"t={clock.now} ns: nothing can wake it")
+                elif why == Stop.ERROR:
                     return RunResult(Why.ERROR, f"{cpu.error}, t={clock.now} ns")
-                if why == Stop.HALT and not (cpu.rflags & EFLAGS.IF) and not lapic.nmi_pending:
-                    self._drain()
-                    if self._stop_requested is not None:
-                        return self._stopped()
-                    return RunResult(Why.DEAD, f"CPU halted with interrupts disabled at RIP {cpu.rip - 1:#x}, "
-                                     f"t={clock.now} ns: nothing can wake it")
                 if self.after_slice is not None:
                     self.after_slice()
                 if self._pollers:
@@ -566,6 +569,9 @@ class Machine:
 
 
 _SHADOW = RunResult(Why.STOPPED, "interrupt shadow")
+_IF = int(EFLAGS.IF)
+_HALT = Stop.HALT
+_WINDOW_IF_CLEAR, _WINDOW_SHADOW, _WINDOW_OPEN = 0, 1, 2      # CPU.interrupt_window()
 _EXIT = "\0debug-exit"        # not a reason anyone passes to stop()
 
 

@@ -20,6 +20,11 @@ only report that one happened.  This module does what the processor does
 Not modelled: task gates, 16-bit gates, virtual-8086 mode, real-mode IVT
 delivery, segment limit checks on stack pushes, LDT-based code selectors,
 RF in the pushed image of faults (QEMU does not set it either).
+
+The common case, a hardware interrupt in long mode through a valid gate at
+the current privilege without IST, is done in C (``CPU.deliver_fast``, the
+same checks and pushes); it declines anything else, faults included, and the
+general path here runs.  tests/machine/test_exceptions.py covers both.
 """
 from __future__ import annotations
 
@@ -86,12 +91,14 @@ class IdtSink:
         self.ram_size = ram_size
         self.log = log
         self.delivered: dict[int, int] = {}      # vector -> count (statistics, tests, `irq` command)
-        self._gate_cache: dict[tuple[int, int, int, int], tuple] = {}
 
     # ------------------------------------------------------------------ public
     def deliver(self, vector: int, *, error_code: int | None = None, software: bool = False,
                 external: bool = True, return_rip: int | None = None, cr2: int | None = None) -> None:
         """Deliver one event; faults during delivery are combined as the SDM says."""
+        if not software and return_rip is None and cr2 is None and self.cpu.deliver_fast(vector, error_code):
+            self.delivered[vector] = self.delivered.get(vector, 0) + 1
+            return
         first = vector
         pending = (vector, error_code, software, external, cr2)
         attempts = 0
@@ -138,10 +145,6 @@ class IdtSink:
         extbit = 1 if ext and not software else 0
         idt_ec = (vector << 3) | 2 | extbit
         long_mode = pg.lma
-        if long_mode and not software:
-            hit = self._gate_cache.get((vector, idt_base, pg.cr3, cs_sel))
-            if hit is not None and self._deliver_cached(hit, pg, rip, rsp, rflags, cs_sel, ss_sel, ec):
-                return
         gate_size = 16 if long_mode else 8
         if vector * gate_size + gate_size - 1 > idt_limit:
             raise Fault(13, idt_ec)
@@ -241,8 +244,6 @@ class IdtSink:
         new_cs = (sel & ~3) | new_cpl
         if new_cs == cs_sel and new_cpl == cpl and new_ss is None:
             cpu.write_frame_regs(offset, new_rsp, new_flags)
-            if long_mode and not ist and not software:
-                self._remember_gate(vector, idt_base, pg, cs_sel, gate_size, gdt_base, sel, offset, gtype)
             return
         segs = {Seg.CS: (new_cs, _desc_base(d_lo, d_hi) if not long_mode else 0,
                          _desc_limit(d_lo, d_hi), cs_flags)}
@@ -250,50 +251,6 @@ class IdtSink:
             segs[Seg.SS] = new_ss
         cpu.commit_hidden(rip=offset, rsp=new_rsp, rflags=new_flags, cpl=new_cpl, segs=segs,
                           hflags_set=hset, hflags_clear=hclear)
-
-    # ------------------------------------------------------------------ the common case, cached
-    # Discussion: most deliveries are a hardware interrupt or fault in long
-    # mode that stays on the current stack at the current privilege.  For
-    # those, the decoded gate and the target code descriptor are cached by
-    # (vector, IDT base, CR3, CS) together with the physical bytes they came
-    # from; a hit re-checks those bytes (the guest may rewrite its IDT or GDT
-    # at any time) and skips both table walks.  What it does not re-check is
-    # the linear-to-physical mapping of the IDT/GDT pages under the same CR3:
-    # like a TLB, a remap needs a CR3 change to be seen (invlpg cannot be
-    # observed under Unicorn).
-    def _remember_gate(self, vector: int, idt_base: int, pg: Paging, cs_sel: int, gate_size: int,
-                       gdt_base: int, sel: int, offset: int, gtype: int) -> None:
-        try:
-            gate_pa = translate(self.buf, self.ram_size, pg, idt_base + vector * gate_size, set_ad=False)
-            desc_pa = translate(self.buf, self.ram_size, pg, gdt_base + (sel & ~7), set_ad=False)
-        except PageFault:
-            return
-        if (gate_pa & 0xFFF) + gate_size > 0x1000 or (desc_pa & 0xFFF) + 8 > 0x1000 or \
-                gate_pa + gate_size > self.ram_size or desc_pa + 8 > self.ram_size:
-            return
-        if len(self._gate_cache) > 1024:
-            self._gate_cache.clear()
-        self._gate_cache[(vector, idt_base, pg.cr3, cs_sel)] = (
-            gate_pa, bytes(self.buf[gate_pa:gate_pa + gate_size]), desc_pa, bytes(self.buf[desc_pa:desc_pa + 8]),
-            offset, gtype == GATE_INT64)
-
-    def _deliver_cached(self, hit, pg: Paging, rip: int, rsp: int, rflags: int, cs_sel: int, ss_sel: int,
-                        ec: int | None) -> bool:
-        gate_pa, gate_raw, desc_pa, desc_raw, offset, clears_if = hit
-        buf = self.buf
-        if buf[gate_pa:gate_pa + 16] != gate_raw or buf[desc_pa:desc_pa + 8] != desc_raw:
-            return False
-        if ec is None:
-            frame = struct.pack("<5Q", rip, cs_sel, rflags, rsp, ss_sel)
-        else:
-            frame = struct.pack("<6Q", ec & 0xFFFF_FFFF_FFFF_FFFF, rip, cs_sel, rflags, rsp, ss_sel)
-        new_rsp = ((rsp & ~0xF) - len(frame)) & 0xFFFF_FFFF_FFFF_FFFF
-        self._write(pg, new_rsp, frame)
-        new_flags = rflags & ~(EFLAGS.TF | EFLAGS.NT | EFLAGS.RF | EFLAGS.VM)
-        if clears_if:
-            new_flags &= ~EFLAGS.IF
-        self.cpu.write_frame_regs(offset, new_rsp, new_flags)
-        return True
 
     # ------------------------------------------------------------------ memory helpers
     def _read(self, pg: Paging, linear: int, size: int) -> bytes:
