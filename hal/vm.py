@@ -32,7 +32,6 @@ from collections import deque
 from enum import IntEnum
 from typing import Callable, Protocol
 
-from vmk.machine.cpu import Reg, RegBatch
 from vmk.machine.pc import Machine
 
 from .aspace import KERNEL_RESERVED, FrameAllocator
@@ -125,9 +124,6 @@ class Hal:
         self.idling = False
         self._deadline: int | None = None
         self.irq_counts: dict[int, int] = {}
-        self._args = RegBatch(self.cpu.uc, [int(r) for r in (Reg.RAX, Reg.RDI, Reg.RSI, Reg.RDX, Reg.R10,
-                                                            Reg.R8, Reg.R9)])
-        self._rax = RegBatch(self.cpu.uc, [int(Reg.RAX)])
         self._top_halves: dict[int, Callable[[], None]] = {
             Vector.TIMER: self._timer_top_half,
             Vector.COM1: self._uart_top_half,
@@ -181,7 +177,7 @@ class Hal:
         self.outb(COM1 + UartReg.IER, IER_RX)
         enter_user_mode(m)
         m.sink = self
-        self.cpu.on_syscall = self._syscall_entry
+        self.cpu.syscall_door = self._syscall_entry
         m.port_allowed = self._port_allowed
 
     # ------------------------------------------------------------------ running containers
@@ -279,15 +275,12 @@ class Hal:
         self.outb(COM1 + UartReg.IER, ier)
 
     # ------------------------------------------------------------------ syscalls
-    def _syscall_entry(self) -> bool:
-        nr, *args = self._args.read()
-        result = self.kernel.syscall(nr, tuple(args))
+    def _syscall_entry(self, nr: int, *args: int) -> int | None:
+        result = self.kernel.syscall(nr, args)
         if result is None:
             # Blocked: end the run after this instruction (RIP is past it); pid 0 switches.
             self.machine.stop("kernel: syscall blocked")
-        else:
-            self._rax.write((result,))
-        return True
+        return result
 
     # ------------------------------------------------------------------ ports
     def _port_allowed(self, port: int, size: int) -> bool:

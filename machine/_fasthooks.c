@@ -117,6 +117,38 @@ static void gw_void(void *uc, void *ud)
     Py_XDECREF(r);
 }
 
+/* SYSCALL: callable(rax, rdi, rsi, rdx, r10, r8, r9) -> int (loaded into RAX) or None. */
+static int sys_ids[7];
+static int rax_id;
+typedef int (*uc_reg_read_batch_fn)(void *uc, int *regs, void **vals, int count);
+static uc_reg_read_batch_fn p_reg_read_batch;
+typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
+static uc_reg_write_fn p_reg_write;
+
+static void gw_syscall(void *uc, void *ud)
+{
+    uint64_t v[7];
+    void *ptrs[7];
+    for (int i = 0; i < 7; i++)
+        ptrs[i] = &v[i];
+    p_reg_read_batch(uc, sys_ids, ptrs, 7);
+    PyObject *a[7];
+    for (int i = 0; i < 7; i++)
+        a[i] = PyLong_FromUnsignedLongLong(v[i]);
+    PyObject *r = call(uc, ud, a, 7);
+    drop(a, 7);
+    if (r == NULL)
+        return;
+    if (r != Py_None) {
+        uint64_t rax = PyLong_AsUnsignedLongLongMask(r);   /* negative errno wraps, as in the ABI */
+        if (PyErr_Occurred())
+            hook_failed(uc);
+        else
+            p_reg_write(uc, rax_id, &rax);
+    }
+    Py_DECREF(r);
+}
+
 /* CPUID / RDTSC shape: nonzero return = the hook emulated the instruction. */
 static int gw_int(void *uc, void *ud)
 {
@@ -214,6 +246,81 @@ static PyObject *run(PyObject *self, PyObject *args)
     uint64_t rflags = 0;
     p_reg_read(h, rflags_id, &rflags);
     return Py_BuildValue("iK", status, (unsigned long long)rflags);
+}
+
+/* ---------------------------------------------------------------- registers */
+
+/* regs_read(uc, ids_addr, n) -> list of n uint64 (ids_addr: a C int array). */
+static PyObject *regs_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "regs_read(uc, ids, n)");
+        return NULL;
+    }
+    void *uc = PyLong_AsVoidPtr(args[0]);
+    int *ids = (int *)PyLong_AsVoidPtr(args[1]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (n < 0 || n > 64) {
+        PyErr_SetString(PyExc_ValueError, "regs_read: at most 64 registers");
+        return NULL;
+    }
+    uint64_t vals[64];
+    void *ptrs[64];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        vals[i] = 0;
+        ptrs[i] = &vals[i];
+    }
+    p_reg_read_batch(uc, ids, ptrs, (int)n);
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(vals[i]);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+/* regs_write(uc, ids_addr, values): values is a list or tuple of ints (masked to 64 bits). */
+static PyObject *regs_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "regs_write(uc, ids, values)");
+        return NULL;
+    }
+    void *uc = PyLong_AsVoidPtr(args[0]);
+    int *ids = (int *)PyLong_AsVoidPtr(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[2], "regs_write: values must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > 64) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "regs_write: at most 64 registers");
+        return NULL;
+    }
+    uint64_t vals[64];
+    void *ptrs[64];
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        vals[i] = PyLong_AsUnsignedLongLongMask(items[i]);
+        ptrs[i] = &vals[i];
+    }
+    Py_DECREF(seq);
+    if (PyErr_Occurred())
+        return NULL;
+    p_reg_write_batch(uc, ids, ptrs, (int)n);
+    Py_RETURN_NONE;
 }
 
 /* ---------------------------------------------------------------- delivery */
@@ -416,13 +523,20 @@ static PyObject *window(PyObject *self, PyObject *args)
 static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"reg_read", "reg_write_batch", "emu_stop", "emu_start", "context_save",
-                            "rip_id", "rsp_id", "rflags_id", "offsets", NULL};
-    unsigned long long rr, rwb, es, est, cs;
-    PyObject *offs;
+                            "reg_read_batch", "reg_write", "rip_id", "rsp_id", "rflags_id", "offsets",
+                            "syscall_regs", NULL};
+    unsigned long long rr, rwb, es, est, cs, rrb, rw;
+    PyObject *offs, *sregs;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKKKKiiiO", names, &rr, &rwb, &es, &est, &cs,
-                                     &rip_id, &rsp_id, &rflags_id, &offs))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKKKKKKiiiOO", names, &rr, &rwb, &es, &est, &cs, &rrb, &rw,
+                                     &rip_id, &rsp_id, &rflags_id, &offs, &sregs))
         return NULL;
+    if (!PyArg_ParseTuple(sregs, "iiiiiii", &sys_ids[0], &sys_ids[1], &sys_ids[2], &sys_ids[3], &sys_ids[4],
+                          &sys_ids[5], &sys_ids[6]))
+        return NULL;
+    rax_id = sys_ids[0];
+    p_reg_read_batch = (uc_reg_read_batch_fn)(uintptr_t)rrb;
+    p_reg_write = (uc_reg_write_fn)(uintptr_t)rw;
     if (!PyArg_ParseTuple(offs, "nnnnnnnnnn", &off_regs, &off_rip, &off_eflags, &off_hflags, &off_segs,
                           &off_gdt, &off_idt, &off_cr0, &off_cr3, &off_cr4))
         return NULL;
@@ -432,6 +546,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
     p_emu_start = (uc_emu_start_fn)(uintptr_t)est;
     p_context_save = (uc_context_save_fn)(uintptr_t)cs;
     return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+                         "syscall", (unsigned long long)(uintptr_t)&gw_syscall,
                          "in", (unsigned long long)(uintptr_t)&gw_in,
                          "out", (unsigned long long)(uintptr_t)&gw_out,
                          "void", (unsigned long long)(uintptr_t)&gw_void,
@@ -441,15 +556,19 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
                          "mem", (unsigned long long)(uintptr_t)&gw_mem,
                          "mmio_read", (unsigned long long)(uintptr_t)&gw_mmio_read,
                          "mmio_write", (unsigned long long)(uintptr_t)&gw_mmio_write,
-                         "window", (unsigned long long)(uintptr_t)&window_hook,
-                         "unused", 0ull);
+                         "window", (unsigned long long)(uintptr_t)&window_hook);
 }
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
-     "setup(reg_read, reg_write_batch, emu_stop, emu_start, context_save, rip_id, rsp_id, rflags_id, offsets)"
+     "setup(reg_read, reg_write_batch, emu_stop, emu_start, context_save, reg_read_batch, reg_write, "
+     "rip_id, rsp_id, rflags_id, offsets, syscall_regs)"
      " -> {gateway name: C function address}"},
     {"run", run, METH_VARARGS, "run(uc, count, until) -> (uc_err, rflags): emu_start from RIP holding the GIL"},
+    {"regs_read", (PyCFunction)(void (*)(void))regs_read, METH_FASTCALL,
+     "regs_read(uc, ids_addr, n) -> [uint64] (uc_reg_read_batch)"},
+    {"regs_write", (PyCFunction)(void (*)(void))regs_write, METH_FASTCALL,
+     "regs_write(uc, ids_addr, values) (uc_reg_write_batch; values masked to 64 bits)"},
     {"deliver64", deliver64, METH_VARARGS,
      "deliver64(uc, ctx, ram, ram_size, vector, ec, has_ec, fresh) -> 0 delivered / 1 take the general path"},
     {"window", window, METH_VARARGS, "window(uc, ctx) -> 0 IF=0 / 1 shadow / 2 open (saves the context)"},

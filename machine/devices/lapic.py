@@ -516,7 +516,13 @@ class LocalAPIC:
 
     def pending(self) -> bool:
         """True if an interrupt should be presented to the CPU now."""
-        return self._deliverable_vector() is not None or self._extint_requested()
+        irr = self._irr
+        if irr and self._svr & _SVR_ENABLE:       # _deliverable_vector, inlined
+            isr = self._isr
+            if (irr.bit_length() - 1) >> PRIORITY_CLASS_SHIFT > \
+                    max(self._tpr, isr.bit_length() - 1 if isr else 0) >> PRIORITY_CLASS_SHIFT:
+                return True
+        return bool(self._lint_level[0]) and self._extint_requested()
 
     def acknowledge(self) -> int:
         """The INTA cycle: return the vector the CPU takes now."""
