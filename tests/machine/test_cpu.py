@@ -805,3 +805,93 @@ def test_syscall_with_sce_clear_is_ud() -> None:
     h.run_to_end(LIMIT)
     first = events(h)[0]
     assert (first.vector, first.rip, first.cs) == (6, addr_of(h, "syscall"), bm.SEL.UCODE)
+
+
+# -- the C hook gateways (machine/_fasthooks.c) ------------------------------------------------------------------
+
+class _DeviceBug(Exception):
+    pass
+
+
+class _Buggy:
+    """A device whose first access raises."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _hit(self, where: str) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            raise _DeviceBug(where)
+        return 0
+
+    def read(self, offset: int, size: int) -> int:
+        return self._hit("read")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._hit("write")
+
+
+@pytest.mark.parametrize("src, where", [
+    ("mov dx, 0x510\nout dx, al", "write"),
+    ("mov dx, 0x510\nin al, dx", "read"),
+    ("mov rbx, 0xfed00000\nmov dword ptr [rbx], 0", "write"),
+    ("mov rbx, 0xfed00000\nmov eax, [rbx]", "read"),
+])
+def test_an_exception_in_a_device_callback_reaches_the_caller_and_the_machine_goes_on(src: str, where: str) -> None:
+    """A device model that raises inside a Unicorn hook (port or MMIO): the
+    slice ends, the exception comes out of run() unchanged, and the machine
+    can run on afterwards."""
+    h = Harness.from_asm(f"{src}\nmov r15, 7\nhlt")
+    dev = _Buggy()
+    h.machine.ports.map(0x510, 1, dev, "buggy")
+    h.machine.mmio.map(0xFED0_0000, 0x1000, dev, "buggy")
+    with pytest.raises(_DeviceBug, match=where):
+        h.run_for(1_000)
+    assert dev.calls == 1
+    h.run_for(1_000)
+    assert h.regs.r15 == 7
+
+
+def test_an_exception_in_the_syscall_door_reaches_the_caller() -> None:
+    h = Harness.from_asm("mov eax, 39\nsyscall\nmov r15, rax\nhlt")
+    seen = []
+
+    def door(nr, *args):
+        seen.append(nr)
+        if len(seen) == 1:
+            raise _DeviceBug("door")
+        return 1234
+
+    h.machine.cpu.syscall_door = door
+    with pytest.raises(_DeviceBug):
+        h.run_for(1_000)
+    assert seen == [39]
+
+
+def test_the_syscall_door_gets_the_linux_registers_and_loads_rax() -> None:
+    h = Harness.from_asm("""
+        mov eax, 7
+        mov edi, 1
+        mov esi, 2
+        mov edx, 3
+        mov r10, 4
+        mov r8, 5
+        mov r9, -6
+        syscall
+        mov r15, rax
+        mov eax, 8
+        syscall
+        hlt
+    """)
+    got = []
+
+    def door(*regs):
+        got.append(regs)
+        return -22 if regs[0] == 7 else None        # None: RAX is left as it is
+
+    h.machine.cpu.syscall_door = door
+    h.run_for(1_000)
+    assert got[0] == (7, 1, 2, 3, 4, 5, (1 << 64) - 6)
+    assert h.regs.r15 == (1 << 64) - 22
+    assert got[1][0] == 8 and h.regs.rax == 8
