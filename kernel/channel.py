@@ -168,6 +168,35 @@ class Channel:
             return KernelError(Errno.EINVAL, f"tag {tag} on a channel of tag {self.tag}")
         return None
 
+    # -- the rendezvous itself (a send or recv arm's try, and the syscall fast path) ----
+    def hand_over(self, msg: Any, tag: int, party: Any, exclude: Sync | None = None) -> Any:
+        """Give ``msg`` to the first parked receiver: 0, a :class:`Failed`, or NOT_READY."""
+        err = self.check(msg, tag)
+        if err is not None:
+            return Failed(err)
+        if self.broken_for(party):
+            return Failed(KernelError(Errno.EPIPE, f"channel {self.cid}"))
+        w = self.recvq.first(exclude)
+        if w is None:
+            return NOT_READY
+        self.recvq.remove(w)
+        self.sends += 1
+        w.sync.complete(w.arm, msg)
+        return 0
+
+    def take(self, party: Any, exclude: Sync | None = None) -> Any:
+        """Take the first parked sender's message (it commits with 0): the message,
+        a :class:`Failed`, or NOT_READY."""
+        if self.broken_for(party):
+            return Failed(KernelError(Errno.EPIPE, f"channel {self.cid}"))
+        w = self.sendq.first(exclude)
+        if w is None:
+            return NOT_READY
+        self.sendq.remove(w)
+        self.sends += 1
+        w.sync.complete(w.arm, 0)
+        return w.payload
+
     def __repr__(self) -> str:
         state = "freed" if self.freed else f"holders={len(self._holders)}"
         return (f"<Channel {self.cid}{' ' + self.name if self.name else ''} {state} "
@@ -234,19 +263,7 @@ class _Send(BaseOp):
         self.tag = tag
 
     def try_(self, sync: Sync, arm: int) -> Any:
-        ch = self.ch
-        err = ch.check(self.msg, self.tag)
-        if err is not None:
-            return Failed(err)
-        if ch.broken_for(sync.party):
-            return Failed(KernelError(Errno.EPIPE, f"channel {ch.cid}"))
-        w = ch.recvq.first(exclude=sync)
-        if w is None:
-            return NOT_READY
-        ch.recvq.remove(w)
-        ch.sends += 1
-        w.sync.complete(w.arm, self.msg)
-        return 0
+        return self.ch.hand_over(self.msg, self.tag, sync.party, sync)
 
     def block(self, sync: Sync, arm: int) -> Waiter:
         return self.ch.sendq.park(sync, arm, self.msg)
@@ -262,16 +279,7 @@ class _Recv(BaseOp):
         self.ch = ch
 
     def try_(self, sync: Sync, arm: int) -> Any:
-        ch = self.ch
-        if ch.broken_for(sync.party):
-            return Failed(KernelError(Errno.EPIPE, f"channel {ch.cid}"))
-        w = ch.sendq.first(exclude=sync)
-        if w is None:
-            return NOT_READY
-        ch.sendq.remove(w)
-        ch.sends += 1
-        w.sync.complete(w.arm, 0)
-        return w.payload
+        return self.ch.take(sync.party, sync)
 
     def block(self, sync: Sync, arm: int) -> Waiter:
         return self.ch.recvq.park(sync, arm)
