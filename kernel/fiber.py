@@ -17,12 +17,18 @@ Two kinds (:class:`FiberKind`), one record:
 State machine (:class:`FiberState`)::
 
     RUNNABLE --next_fiber/step--> RUNNING --sync blocks--> BLOCKED
-        ^                           |   \\--yield--> RUNNABLE     |
+        ^                           |   \\--yield / requeue_front / rotate--> RUNNABLE
         +---------- commit ---------+----------------------------+
     any state --exit / kill / return--> DONE
 
 ``waiting_on`` describes a BLOCKED fiber's sync for the debugger
 ("recv on channel 3 | timeout at 1200 ns").
+
+``ran_ns`` is pid 0's account for the optional fiber timer
+(``fiber_preemption_ns``): the virtual ns a guest fiber has spent on the CPU
+since it last blocked, yielded or was rotated by that timer.  Being preempted
+(time slice, interrupt) pauses it, it does not reset it; kernel fibers are
+never timed.
 
 A fiber's *priority* (higher runs first) is its own if given at spawn, else its
 container's (read every time it is queued, so a container's priority can
@@ -73,6 +79,7 @@ class Fiber:
         "joiners",
         "kind",
         "name",
+        "ran_ns",
         "result",
         "state",
         "waiting_on",
@@ -87,6 +94,7 @@ class Fiber:
         self.state = FiberState.RUNNABLE
         self.waiting_on: str | None = None
         self.result: Any = None             # guest: the value for RAX after a parked sync
+        self.ran_ns = 0                     # guest: CPU time since it last blocked/yielded (pid 0)
         self.error: BaseException | None = None
         self.exit_value: Any = None
         self.joiners = WaitQueue()          # syncs parked on join(self)

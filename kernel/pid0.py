@@ -16,7 +16,35 @@ its own address space (hal/aspace.py).  This module joins the pieces:
   CPU slice; one that blocks parks the fiber (``sched.sync``) and ends it;
 * **time** is tickless: :class:`KernelClock` keeps pid 0's timers (fiber
   timeouts, sleeps) and the HAL programs the LAPIC one-shot for the earliest
-  of them or the end of the running time slice, whichever comes first.
+  of them, the end of the running time slice, or the running fiber's
+  preemption deadline (below), whichever comes first.
+
+Preemption
+----------
+Containers are always preemptible; fibers inside a container are cooperative
+unless the image asks otherwise:
+
+* **time slice** (``timeslice_ns``): a container that gets the CPU (from
+  another container, or after its last slice ran out) gets a slice; a fiber
+  switch inside the container keeps it.  When it runs out, the fiber on the
+  CPU is preempted with ``sched.requeue_front`` (first of its container
+  again: no sibling runs in its place) and ``sched.slice_expired`` moves the
+  container behind its peers.
+* **wakeup**: an interrupt that woke a fiber (a driver, a fiber syncing on an
+  IRQ) stops the running fiber the same way (``requeue_front``), so the
+  policy can choose: per-container, the container stays current until its
+  slice or quantum ends; global, it goes behind the fibers already queued.
+  Either way the same fiber goes on when its container runs again.  An
+  interrupt that woke nobody stops nothing.
+* **fiber timer** (``fiber_preemption_ns`` > 0, Guile fibers' ``hz``): a
+  guest fiber that has been on the CPU that long since it last blocked or
+  yielded (``Fiber.ran_ns``, counted across preemptions) is rotated behind
+  its siblings (``sched.rotate``) and the container goes on with the next
+  one.  0 (the default): cooperative, only blocking, ``yield`` and
+  ``fiber_exit`` let a sibling run.
+
+All three are exact in virtual time: each is a LAPIC one-shot deadline, and
+the CPU stops at the first instruction boundary at or after it.
 
 This is our event loop (``VMKernel.run``)::
 
@@ -155,11 +183,15 @@ class VMKernel:
         self.sched = Scheduler(self.kclock, policy=str(getattr(k.policy, "value", k.policy)), log=self.log)
         self.channels = ChannelTable(k.channels)
         self.timeslice = k.timeslice_ns
+        self.fiber_preemption = k.fiber_preemption_ns     # 0: fibers are cooperative
         self.containers: dict[int, Container] = {}
         self._next_pid = 1
         self.current = None                     # the guest fiber on the CPU
         self._slice_end: int | None = None
         self._slice_owner: Container | None = None
+        self._fiber_deadline: int | None = None  # when the fiber timer rotates the current fiber
+        self._loaded_at = 0                      # virtual time the current fiber was loaded
+        self._yielded = False                    # the current fiber called yield
         self.reports: list[str] = []            # one line per container that faulted or was killed
         self._free_stacks: dict[int, list[int]] = {}     # pid -> stack tops to reuse
         self._fiber_stacks: dict[int, int] = {}          # fid -> the stack the kernel gave it
@@ -279,6 +311,9 @@ class VMKernel:
                         # A new time slice when another container gets the CPU (or the last one ran out).
                         self._slice_owner = c
                         self._slice_end = m.now + self.timeslice
+                    if self.fiber_preemption:
+                        self._loaded_at = m.now
+                        self._fiber_deadline = m.now + self.fiber_preemption - f.ran_ns
                     self._reprogram_timer()
             left = None if limit is None else max(0, limit - m.instructions)
             if left == 0:
@@ -287,14 +322,37 @@ class VMKernel:
             if not (r.why == Why.STOPPED and r.message.startswith(KSTOP)):
                 return r                        # not ours: the fiber stays on the CPU
             if self.current is not None:
-                cur = self.current
-                self.hal.save(cur.ctx)
-                if cur.state is FiberState.RUNNING:
-                    sched.yield_(cur)
-                self.current = None
+                self._unload(self.current)
             self.hal.idling = False
             if self._slice_end is not None and m.now >= self._slice_end:
-                sched.slice_expired()           # the container scheduler moves on (per-container policy)
+                sched.slice_expired()           # the container goes behind its peers
+
+    def _unload(self, cur) -> None:
+        """Take the current fiber off the CPU after one of pid 0's stops.
+
+        A fiber still RUNNING was preempted: it yielded, the fiber timer ran
+        out (rotate: behind its siblings), or the time slice ended / an
+        interrupt woke someone (requeue_front: first of its container, so a
+        sibling never runs in its place).  A fiber that blocked or ended is
+        where the syscall put it; its CPU account starts again.  (The account
+        is kept only while the fiber timer is on: a fiber deadline is set.)"""
+        self.hal.save(cur.ctx)
+        deadline, self._fiber_deadline = self._fiber_deadline, None
+        yielded, self._yielded = self._yielded, False
+        self.current = None
+        if cur.state is not FiberState.RUNNING:
+            cur.ran_ns = 0
+        elif yielded:
+            cur.ran_ns = 0
+            self.sched.yield_(cur)
+        elif deadline is None:
+            self.sched.requeue_front(cur)
+        elif self.machine.now >= deadline:
+            cur.ran_ns = 0
+            self.sched.rotate(cur)
+        else:
+            cur.ran_ns += self.machine.now - self._loaded_at
+            self.sched.requeue_front(cur)
 
     def _finished(self) -> bool:
         """Every container has ended and the console has sent everything."""
@@ -302,23 +360,37 @@ class VMKernel:
             and not self.hal.tx_queue and not self.sched.policy.runnable()
 
     def _reprogram_timer(self) -> None:
+        """The LAPIC one-shot at the earliest deadline: pid 0's timers, the slice end,
+        the current fiber's preemption."""
         d = self.kclock.next_deadline()
-        if self._slice_end is not None and (d is None or self._slice_end < d):
-            d = self._slice_end
+        for t in (self._slice_end, self._fiber_deadline):
+            if t is not None and (d is None or t < d):
+                d = t
         self.hal.set_deadline(d)
 
     # ------------------------------------------------------------------ the HAL's calls
     def interrupt(self, source: str) -> None:
+        """An interrupt's top half ran (HAL).  Stops the machine when pid 0 has to
+        choose again: a deadline of the running fiber passed, or the interrupt
+        woke a fiber (a timer wakeup waits for the running fiber's next stop).
+        While the CPU idles, anything runnable ends the idling."""
+        now = self.machine.now
+        woken = self.sched.wakeups
         if source == "timer":
             self.kclock.run_due()
-            if self._slice_end is not None and self.machine.now >= self._slice_end:
+            if self._slice_end is not None and now >= self._slice_end:
                 self.machine.stop(KSTOP + "time slice")
+            elif self._fiber_deadline is not None and now >= self._fiber_deadline:
+                self.machine.stop(KSTOP + "fiber preemption")
             self._reprogram_timer()
         elif source == "console-rx":
             self.rx_irq.fire()
         elif source == "console-tx-done" and self._finished():
             self.machine.stop(KSTOP + "finished")
-        if self.sched.policy.runnable() and (self.current is None or source != "timer"):
+        if self.current is None:
+            if self.sched.policy.runnable():
+                self.machine.stop(f"{KSTOP}wakeup ({source})")
+        elif source != "timer" and self.sched.wakeups != woken:
             self.machine.stop(f"{KSTOP}wakeup ({source})")
 
     def _irq_fired(self, src: IrqSource) -> None:
@@ -392,6 +464,7 @@ class VMKernel:
         return None
 
     def sys_yield(self, f, c, *_):
+        self._yielded = True
         self.machine.stop(KSTOP + "yield")
         return 0
 

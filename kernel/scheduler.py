@@ -11,8 +11,10 @@ parks/wakes fibers.  A HAL loop looks like::
     if f is None:       idle until the next clock deadline or interrupt
     elif f.is_kernel:   sched.step(f)   # resume the generator until it waits
     else:               run f.ctx until a trap; the syscall layer then calls
-                        sched.sync(f, op) / sched.yield_(f) / sched.exit(f, v),
-                        and a preempting HAL calls sched.yield_(f)
+                        sched.sync(f, op) / sched.yield_(f) / sched.exit(f, v);
+                        a preempting HAL calls sched.requeue_front(f) (time
+                        slice over, or an interrupt woke someone) or
+                        sched.rotate(f) (the fiber timer, fiber_preemption_ns)
 
 Preconditions are asserted where the switch happens (xv6): ``next_fiber``
 only when no fiber is RUNNING for the HAL, ``sync`` only for that fiber.
@@ -23,6 +25,19 @@ parked fiber is in no run queue: it is referenced only by what it waits on,
 so 10,000 blocked fibers cost the scheduler nothing, and nothing is polled.
 When a source commits the sync, the fiber is queued RUNNABLE; a guest fiber's
 ``result`` is set then (RAX), a kernel fiber's value is sent at its next step.
+
+Fibers are cooperative inside a container
+------------------------------------------
+
+Only the fiber itself lets a sibling (a fiber of the same container) run: by
+blocking, by ``yield_``, or by ending.  A fiber the HAL preempts goes back
+*first* in its container's order (``requeue_front``), so when the container
+next gets the CPU the same fiber continues, whatever the policy; the
+container itself is preempted as usual (its time slice).  ``rotate`` is the
+optional fiber timer (Guile fibers' ``hz``): the fiber goes *behind* its
+siblings and the container keeps its turn.  Each container's runnable fibers
+are a group (:class:`_Group`): at most one preempted fiber in ``front``, the
+rest in an aging queue.
 
 Policies
 --------
@@ -50,7 +65,11 @@ smallest key runs first (ties FIFO).  So:
 ``global``
     One run queue over all fibers of all containers, ordered as above (kept
     as two heaps, kernel and guest, sharing one key space, so that
-    ``run_kernel_fibers`` can take kernel fibers without scanning).
+    ``run_kernel_fibers`` can take kernel fibers without scanning).  The guest
+    heap holds one dispatch slot per runnable fiber, tagged with its
+    container; the slot says *when* the container runs, the container's group
+    says *which* of its fibers (see :class:`GlobalPolicy`).  The share of the
+    CPU is per fiber: a container with more runnable fibers gets more turns.
 
 ``per-container``
     A run queue per container (FIFO inside, or by fiber priority for pid 0's
@@ -192,65 +211,260 @@ class _AgingQueue(Generic[_T]):
         return self._live
 
 
-class GlobalPolicy:
-    """One run queue over all fibers: priority (with aging), then FIFO."""
-    name = "global"
-
-    def __init__(self, stats: _Stats, aging: int, quantum: int) -> None:
-        self._kernel: _AgingQueue[Fiber] = _AgingQueue(aging, stats)
-        self._guest: _AgingQueue[Fiber] = _AgingQueue(aging, stats)
-
-    def _queue(self, f: Fiber) -> _AgingQueue[Fiber]:
-        return self._kernel if f.kind is FiberKind.KERNEL else self._guest
-
-    def push(self, f: Fiber, tick: int) -> None:
-        self._queue(f).push(f, f.priority, tick)
-
-    def pop_next(self, tick: int) -> Fiber | None:
-        k, g = self._kernel.peek(), self._guest.peek()
-        if k is None and g is None:
-            return None
-        if g is None or (k is not None and k < g):
-            return self._kernel.pop()
-        return self._guest.pop()
-
-    def pop_kernel(self, tick: int) -> Fiber | None:
-        return self._kernel.pop()
-
-    def discard(self, f: Fiber) -> None:
-        self._queue(f).discard(f)
-
-    def drop_container(self, container: Any) -> None:
-        pass
-
-    def pick_container(self, tick: int) -> Any:
-        k, g = self._kernel.peek(), self._guest.peek()
-        if k is None and g is None:
-            return None
-        if g is None or (k is not None and k < g):
-            return KERNEL
-        head = self._guest.peek_item()
-        return head.container if head is not None else None
-
-    def slice_expired(self, tick: int) -> None:
-        pass
-
-    def runnable(self) -> int:
-        return len(self._kernel) + len(self._guest)
-
-
 class _Group:
-    """One container's run queue (per-container policy); pid 0's kernel fibers are KERNEL's."""
-    __slots__ = ("_rq", "container", "queue")
+    """The runnable fibers of one container, in the container's own order.
+
+    ``front`` is a fiber the HAL preempted (:meth:`Scheduler.requeue_front`):
+    it runs before every other fiber of the group, so a container's fibers
+    are cooperative.  ``queue`` holds the rest, FIFO at equal priority.  In
+    the per-container policy pid 0's kernel fibers are the group of KERNEL.
+    ``count`` is how many fibers it holds (both places).  ``slots`` and
+    ``dropped`` are the global policy's bookkeeping (its dispatch slots of
+    this group; the container was killed).
+    """
+    __slots__ = ("_rq", "container", "count", "dropped", "front", "queue", "slots")
 
     def __init__(self, container: Any, aging: int, stats: _Stats) -> None:
         self.container = container
         self.queue: _AgingQueue[Fiber] = _AgingQueue(aging, stats)
+        self.front: Fiber | None = None
+        self.count = 0
         self._rq: int | None = None
+        self.slots = 0
+        self.dropped = False
 
     @property
     def priority(self) -> int:
         return KERNEL_PRIORITY if self.container is KERNEL else int(self.container.priority)
+
+    def add(self, f: Fiber, priority: int, tick: int) -> None:
+        self.queue.push(f, priority, tick)
+        self.count += 1
+
+    def put_front(self, f: Fiber) -> None:
+        assert self.front is None, f"{self.front!r} is already first of {self.container!r}"
+        self.front = f
+        self.count += 1
+
+    def pop(self) -> Fiber | None:
+        f = self.front
+        if f is not None:
+            self.front = None
+        else:
+            f = self.queue.pop()
+            if f is None:
+                return None
+        self.count -= 1
+        return f
+
+    def discard(self, f: Fiber) -> None:
+        if self.front is f:
+            self.front = None
+            self.count -= 1
+        elif f._rq is not None:
+            self.queue.discard(f)
+            self.count -= 1
+
+
+def _group_key(f: Fiber) -> Any:
+    return KERNEL if f.kind is FiberKind.KERNEL or f.container is None else f.container
+
+
+_Slot = tuple[int, int, _Group, int]        # (key, seq, group, priority): one entry of the global slot heap
+
+
+class GlobalPolicy:
+    """One run queue over all fibers: priority (with aging), then FIFO.
+
+    The queue holds one *dispatch slot* per runnable guest fiber (a fiber
+    that is queued adds a slot of its container at its key), so the share of
+    the CPU is per fiber, as with one queue of fibers.  Which fiber of the
+    container fills a slot is the container's own order (:class:`_Group`):
+    the preempted fiber first, then FIFO; that is what keeps a container's
+    fibers cooperative.  Kernel fibers have a heap of their own in the same
+    key space (``run_kernel_fibers`` takes them without scanning).
+
+    The slot of the fiber on the CPU is its container's *turn*.  A fiber that
+    yields, blocks or ends gives the turn up, and so does one the HAL
+    preempts (``requeue_front``): its container gets a new slot at the back,
+    as for a yield, and the fiber stays first of its container.  When the
+    fiber timer rotates the fiber (``rotate``), the turn is *held* instead: at
+    the next choice it goes on with the container's next fiber unless the
+    head of the queue is of a strictly higher priority (then that one runs
+    and the turn waits at its old place); ``slice_expired`` sends a held turn
+    to the back.
+
+    Discussion: why a wakeup ends the turn.  The order is per fiber and ages
+    by dispatches.  If a preempted container kept its place for the rest of
+    its time slice, an interrupt storm (many dispatches of the woken fiber)
+    would age the *other* waiting containers past the interrupt-driven one,
+    which then waits a whole slice (measured: ``vmk bench kernel``, IRQ storm,
+    4 ns -> 0.8 ms mean latency).  Sending the preempted container to the
+    back keeps every waiting entry's key fresh relative to the woken fibers.
+    A held turn (the fiber timer) is compared by priority, not by key, for the
+    same reason: its key is as old as the container's turn.
+
+    Slots are anonymous within a container: a group's slot is stale when the
+    group has more slots (queued or held) than runnable fibers, which is how a
+    discarded fiber's slot disappears (lazily, at the top of the heap).
+    """
+    name = "global"
+
+    def __init__(self, stats: _Stats, aging: int, quantum: int) -> None:
+        self._stats = stats
+        self._aging = aging
+        self._kernel: _AgingQueue[Fiber] = _AgingQueue(aging, stats)
+        self._groups: dict[Any, _Group] = {}
+        self._slots: list[_Slot] = []
+        self._turn: _Slot | None = None       # the slot of the guest fiber dispatched last
+        self._held: _Slot | None = None       # that slot, kept while its fiber is preempted
+        self._count = 0
+
+    def _group_of(self, f: Fiber) -> _Group:
+        g = self._groups.get(f.container)
+        if g is None:
+            g = self._groups[f.container] = _Group(f.container, self._aging, self._stats)
+        return g
+
+    # -- the slot heap ---------------------------------------------------------
+    def _push_slot(self, g: _Group, priority: int, tick: int) -> None:
+        self._stats.seq += 1
+        heapq.heappush(self._slots, (tick - priority * self._aging, self._stats.seq, g, priority))
+        g.slots += 1
+        self._stats.work += 1
+
+    def _clean(self) -> None:
+        h = self._slots
+        while h and ((g := h[0][2]).dropped or g.slots > g.count):
+            heapq.heappop(h)
+            g.slots -= 1
+            self._stats.work += 1
+
+    def _head(self) -> tuple[bool, int] | None:
+        """(is it a kernel fiber, its priority) for what runs next, held turns aside."""
+        self._clean()
+        k = self._kernel.peek() if len(self._kernel) else None
+        h = self._slots
+        if h and (k is None or (h[0][0], h[0][1]) < k):
+            return False, h[0][3]
+        if k is None:
+            return None
+        head = self._kernel.peek_item()
+        assert head is not None
+        return True, head.priority
+
+    def _hold(self, g: _Group, priority: int, tick: int) -> None:
+        turn, self._turn = self._turn, None
+        if turn is not None and turn[2] is g and self._held is None:
+            self._held = turn
+            g.slots += 1
+        else:
+            self._push_slot(g, priority, tick)
+
+    def _goes_on(self, held: _Slot) -> bool:
+        """The held turn goes on unless the head of the queue is more urgent."""
+        head = self._head()
+        return head is None or head[1] <= held[3]
+
+    # -- the policy interface --------------------------------------------------
+    def push(self, f: Fiber, tick: int) -> None:
+        self._count += 1
+        p = f.priority
+        if f.kind is FiberKind.KERNEL:
+            self._kernel.push(f, p, tick)
+            return
+        g = self._group_of(f)
+        g.add(f, p, tick)
+        self._push_slot(g, p, tick)
+
+    def requeue_front(self, f: Fiber, tick: int) -> None:
+        if f.kind is FiberKind.KERNEL:
+            self.push(f, tick)
+            return
+        g = self._group_of(f)
+        g.put_front(f)
+        self._count += 1
+        self._turn = None
+        self._push_slot(g, f.priority, tick)
+
+    def rotate(self, f: Fiber, tick: int) -> None:
+        if f.kind is FiberKind.KERNEL:
+            self.push(f, tick)
+            return
+        g = self._group_of(f)
+        p = f.priority
+        g.add(f, p, tick)
+        self._count += 1
+        self._hold(g, p, tick)
+
+    def pop_next(self, tick: int) -> Fiber | None:
+        held, self._held = self._held, None
+        if held is not None and self._goes_on(held):
+            return self._fill(held)
+        head = self._head()
+        if head is None:                                # (then nothing was held either)
+            return None
+        if head[0]:
+            self._turn = None
+            self._count -= 1
+            f = self._kernel.pop()
+        else:
+            self._stats.work += 1
+            f = self._fill(heapq.heappop(self._slots))
+        if held is not None:                            # overtaken: the turn waits at its place
+            heapq.heappush(self._slots, held)
+            self._stats.work += 1
+        return f
+
+    def _fill(self, slot: _Slot) -> Fiber:
+        """The slot's container runs its next fiber (the preempted one first)."""
+        self._turn = slot
+        g = slot[2]
+        g.slots -= 1
+        self._count -= 1
+        f = g.pop()
+        assert f is not None, g
+        return f
+
+    def pop_kernel(self, tick: int) -> Fiber | None:
+        f = self._kernel.pop()
+        if f is not None:
+            self._count -= 1
+        return f
+
+    def discard(self, f: Fiber) -> None:
+        self._count -= 1
+        if f.kind is FiberKind.KERNEL:
+            self._kernel.discard(f)
+        else:
+            self._group_of(f).discard(f)
+
+    def drop_container(self, container: Any) -> None:
+        g = self._groups.pop(container, None)
+        if g is not None:
+            g.dropped = True
+            if self._held is not None and self._held[2] is g:
+                self._held = None
+            if self._turn is not None and self._turn[2] is g:
+                self._turn = None
+
+    def pick_container(self, tick: int) -> Any:
+        if self._held is not None and self._goes_on(self._held):
+            return self._held[2].container
+        head = self._head()
+        if head is None:
+            return None
+        return KERNEL if head[0] else self._slots[0][2].container
+
+    def slice_expired(self, tick: int) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            g = held[2]
+            g.slots -= 1
+            self._push_slot(g, held[3], tick)
+
+    def runnable(self) -> int:
+        return self._count
 
 
 class PerContainerPolicy:
@@ -265,35 +479,49 @@ class PerContainerPolicy:
         self._ready: _AgingQueue[_Group] = _AgingQueue(aging, stats)      # groups with runnable fibers, not current
         self.current: _Group | None = None
         self.budget = 0
+        self._count = 0
 
     def _group_of(self, f: Fiber) -> _Group:
-        key = KERNEL if f.kind is FiberKind.KERNEL or f.container is None else f.container
+        key = _group_key(f)
         g = self._groups.get(key)
         if g is None:
             g = self._groups[key] = _Group(key, self._aging, self._stats)
         return g
 
-    def push(self, f: Fiber, tick: int) -> None:
-        g = self._group_of(f)
-        g.queue.push(f, f.priority, tick)
+    def _ready_up(self, g: _Group, tick: int) -> None:
         if g is not self.current and g._rq is None:
             self._ready.push(g, g.priority, tick)
 
+    def push(self, f: Fiber, tick: int) -> None:
+        g = self._group_of(f)
+        g.add(f, f.priority, tick)
+        self._count += 1
+        self._ready_up(g, tick)
+
+    def requeue_front(self, f: Fiber, tick: int) -> None:
+        g = self._group_of(f)
+        g.put_front(f)
+        self._count += 1
+        self._ready_up(g, tick)
+
+    def rotate(self, f: Fiber, tick: int) -> None:
+        self.push(f, tick)                  # the current group keeps its turn (and budget)
+
     def _rotate(self, tick: int) -> None:
         g, self.current = self.current, None
-        if g is not None and len(g.queue) and g._rq is None:
+        if g is not None and g.count and g._rq is None:
             self._ready.push(g, g.priority, tick)
 
     def _pick(self) -> _Group | None:
         while (g := self._ready.pop()) is not None:
-            if len(g.queue):
+            if g.count:
                 self.current, self.budget = g, self.quantum
                 return g
         return None
 
     def pop_next(self, tick: int) -> Fiber | None:
         g = self.current
-        if g is not None and (self.budget <= 0 or not len(g.queue)):
+        if g is not None and (self.budget <= 0 or not g.count):
             self._rotate(tick)
             g = None
         if g is None:
@@ -301,14 +529,19 @@ class PerContainerPolicy:
             if g is None:
                 return None
         self.budget -= 1
-        return g.queue.pop()
+        self._count -= 1
+        return g.pop()
 
     def pop_kernel(self, tick: int) -> Fiber | None:
         g = self._groups.get(KERNEL)
-        return g.queue.pop() if g is not None else None
+        f = g.pop() if g is not None else None
+        if f is not None:
+            self._count -= 1
+        return f
 
     def discard(self, f: Fiber) -> None:
-        self._group_of(f).queue.discard(f)
+        self._count -= 1
+        self._group_of(f).discard(f)
 
     def drop_container(self, container: Any) -> None:
         g = self._groups.pop(container, None)
@@ -326,7 +559,7 @@ class PerContainerPolicy:
         self._rotate(tick)
 
     def runnable(self) -> int:
-        return sum(len(g.queue) for g in self._groups.values())
+        return self._count
 
 
 POLICIES: dict[str, type[GlobalPolicy | PerContainerPolicy]] = {
@@ -362,6 +595,7 @@ class Scheduler:
         self.running: Fiber | None = None               # the fiber the HAL (or step) runs
         self._stepping: Fiber | None = None             # the kernel fiber inside its generator
         self.tick = 0                                   # dispatches so far
+        self.wakeups = 0                                # parked fibers made RUNNABLE so far
 
     # -- creating fibers -----------------------------------------------------------
     def spawn_kernel(self, gen: Generator[Any, Any, Any], name: str = "", container: Any = None,
@@ -432,6 +666,7 @@ class Scheduler:
         else:
             fiber.result, fiber.error = outcome, None
         fiber.state = FiberState.RUNNABLE
+        self.wakeups += 1
         self.policy.push(fiber, self.tick)
 
     # -- choosing and running --------------------------------------------------------
@@ -524,12 +759,39 @@ class Scheduler:
                 value, exc = outcome, None
 
     def yield_(self, fiber: Fiber) -> None:
-        """The running fiber gives up the CPU (or the HAL preempted it): RUNNABLE, behind its peers."""
+        """The running fiber gives up the CPU (the ``yield`` syscall): RUNNABLE, behind
+        its peers, and under the global policy its container's turn ends too."""
+        self._unrun(fiber)
+        self.policy.push(fiber, self.tick)
+
+    def requeue_front(self, fiber: Fiber) -> None:
+        """The HAL took the CPU from the running fiber (its container's time slice ran
+        out, or an interrupt woke someone): RUNNABLE, and first of its container's
+        fibers, so that when the container runs again this fiber goes on.
+
+        Fibers are cooperative inside a container: no sibling runs before it.
+        Among containers this is a yield: under the per-container policy the
+        container stays current until ``slice_expired`` (or its quantum of
+        dispatches), under the global policy it goes behind the fibers
+        already queued (see :class:`GlobalPolicy` for why).  A kernel fiber
+        is simply queued: drivers are not preempted.
+        """
+        self._unrun(fiber)
+        self.policy.requeue_front(fiber, self.tick)
+
+    def rotate(self, fiber: Fiber) -> None:
+        """The fiber timer preempted the running fiber (``fiber_preemption_ns``):
+        RUNNABLE, behind its container's other fibers, and the container keeps
+        its turn, so the next of its fibers runs (round robin inside the
+        container; a container with one runnable fiber just goes on)."""
+        self._unrun(fiber)
+        self.policy.rotate(fiber, self.tick)
+
+    def _unrun(self, fiber: Fiber) -> None:
         assert fiber.state is FiberState.RUNNING, fiber
         if fiber is self.running:
             self.running = None
         fiber.state = FiberState.RUNNABLE
-        self.policy.push(fiber, self.tick)
 
     # -- ending fibers -----------------------------------------------------------------
     def exit(self, fiber: Fiber, value: Any = 0) -> None:
