@@ -33,6 +33,7 @@ ORDER = (Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX, Reg.RSI, Reg.RDI, Reg.RBP, Reg.RSP,
          Reg.RIP, Reg.RFLAGS, Reg.FS_BASE, Reg.GS_BASE)
 NAMES = tuple(r.name.lower() for r in ORDER)
 _IDX = {n: i for i, n in enumerate(NAMES)}
+_RIP = _IDX["rip"]
 
 
 @dataclass(slots=True)
@@ -77,6 +78,22 @@ class ContextSwitcher:
 
     def save(self, ctx: GuestContext) -> None:
         ctx.regs[:] = self._batch.read()
+
+    # Quirk: inside Unicorn's SYSCALL hook RIP is still the SYSCALL's address,
+    # and Unicorn adds 2 to whatever RIP holds when the hook returns.
+    SYSCALL_LEN = 2
+
+    def save_in_syscall(self, ctx: GuestContext) -> None:
+        """Save from inside the SYSCALL hook: the fiber resumes after the SYSCALL."""
+        regs = self._batch.read()
+        regs[_RIP] += self.SYSCALL_LEN
+        ctx.regs[:] = regs
+
+    def load_in_syscall(self, ctx: GuestContext, cr3: int) -> None:
+        """Load from inside the SYSCALL hook (the CPU goes on at ``ctx``'s RIP)."""
+        regs = list(ctx.regs)
+        regs[_RIP] -= self.SYSCALL_LEN
+        self.load(GuestContext(regs), cr3)
 
     def forget_cr3(self) -> None:
         self._cr3 = -1

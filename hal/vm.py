@@ -23,8 +23,10 @@ What it does
   ports its image entry grants (Unicorn itself does not check).
 
 The kernel side is any object with ``syscall(nr, args) -> int | None``
-(None: the caller blocked), ``fault(vector, error_code, cr2, rip)`` and
-``interrupt(source)`` — see ``vmk.kernel.pid0``.
+(None: the caller blocked), ``switch_in_place() -> bool`` (after a blocking
+syscall: True if the kernel put the next fiber on the CPU itself, with
+``switch_in_syscall``, so the CPU slice goes on), ``fault(vector,
+error_code, cr2, rip)`` and ``interrupt(source)`` — see ``vmk.kernel.pid0``.
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ COM1_PIN = 4
 
 class KernelPort(Protocol):
     def syscall(self, nr: int, args: tuple[int, ...]) -> int | None: ...
+    def switch_in_place(self) -> bool: ...
     def fault(self, vector: int, error_code: int | None, cr2: int, rip: int) -> None: ...
     def interrupt(self, source: str) -> None: ...
 
@@ -196,6 +199,13 @@ class Hal:
     def save(self, ctx) -> None:
         self.switcher.save(ctx)
 
+    def switch_in_syscall(self, old, new, cr3: int, ports: frozenset[int] = frozenset()) -> None:
+        """From inside a SYSCALL: save ``old`` (it resumes after the SYSCALL) and put
+        ``new`` on the CPU, without ending the CPU slice."""
+        self.switcher.save_in_syscall(old)
+        self.granted_ports = ports
+        self.switcher.load_in_syscall(new, cr3)
+
     # ------------------------------------------------------------------ IRQs granted to containers
     IRQ_VECTOR_BASE = 0x40
 
@@ -277,7 +287,7 @@ class Hal:
     # ------------------------------------------------------------------ syscalls
     def _syscall_entry(self, nr: int, *args: int) -> int | None:
         result = self.kernel.syscall(nr, args)
-        if result is None:
+        if result is None and not self.kernel.switch_in_place():
             # Blocked: end the run after this instruction (RIP is past it); pid 0 switches.
             self.machine.stop("kernel: syscall blocked")
         return result

@@ -82,7 +82,6 @@ class Fiber:
         "ran_ns",
         "result",
         "state",
-        "waiting_on",
     )
 
     def __init__(self, fid: int, kind: FiberKind, name: str, container: Any, priority: int | None,
@@ -92,7 +91,6 @@ class Fiber:
         self.name = name
         self.container = container
         self.state = FiberState.RUNNABLE
-        self.waiting_on: str | None = None
         self.result: Any = None             # guest: the value for RAX after a parked sync
         self.ran_ns = 0                     # guest: CPU time since it last blocked/yielded (pid 0)
         self.error: BaseException | None = None
@@ -124,6 +122,12 @@ class Fiber:
     @property
     def is_kernel(self) -> bool:
         return self.kind is FiberKind.KERNEL
+
+    @property
+    def waiting_on(self) -> str | None:
+        """What a BLOCKED fiber's sync waits for (made when asked: blocking is hot)."""
+        sync = self._sync
+        return sync.describe() if sync is not None and self.state is FiberState.BLOCKED else None
 
     def __repr__(self) -> str:
         where = f" in {self.container!r}" if self.container is not None else ""

@@ -72,7 +72,7 @@ from vmk.machine.pc import Machine, RunResult, Why
 
 from . import events as ev
 from .channel import ChannelTable, recv, send
-from .events import Condition, IrqSource, KernelError
+from .events import NOT_READY, Condition, Failed, IrqSource, KernelError
 from .fiber import FiberState
 from .handles import HandleTable
 from .scheduler import Blocked, Scheduler
@@ -300,21 +300,7 @@ class VMKernel:
                     self._slice_owner = None
                     self._reprogram_timer()
                 else:
-                    self.current = f
-                    c = f.container
-                    ctx: GuestContext = f.ctx
-                    if f.result is not None:
-                        ctx["rax"] = f.result
-                        f.result = None
-                    self.hal.resume(ctx, c.aspace.cr3, c.ports)
-                    if c is not self._slice_owner or self._slice_end is None or m.now >= self._slice_end:
-                        # A new time slice when another container gets the CPU (or the last one ran out).
-                        self._slice_owner = c
-                        self._slice_end = m.now + self.timeslice
-                    if self.fiber_preemption:
-                        self._loaded_at = m.now
-                        self._fiber_deadline = m.now + self.fiber_preemption - f.ran_ns
-                    self._reprogram_timer()
+                    self.hal.resume(self._load(f), f.container.aspace.cr3, f.container.ports)
             left = None if limit is None else max(0, limit - m.instructions)
             if left == 0:
                 return RunResult(Why.STOPPED, "instruction limit reached")
@@ -326,6 +312,48 @@ class VMKernel:
             self.hal.idling = False
             if self._slice_end is not None and m.now >= self._slice_end:
                 sched.slice_expired()           # the container goes behind its peers
+
+    def _load(self, f) -> GuestContext:
+        """Make ``f`` the current fiber (its context is what the CPU must load)."""
+        m = self.machine
+        self.current = f
+        c = f.container
+        ctx: GuestContext = f.ctx
+        if f.result is not None:
+            ctx["rax"] = f.result
+            f.result = None
+        if c is not self._slice_owner or self._slice_end is None or m.now >= self._slice_end:
+            # A new time slice when another container gets the CPU (or the last one ran out).
+            self._slice_owner = c
+            self._slice_end = m.now + self.timeslice
+        if self.fiber_preemption:
+            self._loaded_at = m.now
+            self._fiber_deadline = m.now + self.fiber_preemption - f.ran_ns
+        self._reprogram_timer()
+        return ctx
+
+    def switch_in_place(self) -> bool:
+        """The current fiber just blocked in a syscall: if the next fiber to run is
+        of the same container (no kernel fiber waiting, its time slice still
+        running, nothing else asked pid 0 to stop), switch to it right here in
+        the syscall hook.  Exactly what the loop would do (save, choose, load),
+        without ending the CPU slice and coming round the loop: a channel round
+        trip between two fibers costs two of these."""
+        cur = self.current
+        m = self.machine
+        if cur is None or cur.state is not FiberState.BLOCKED or m.stop_pending:
+            return False
+        c = cur.container
+        if self._slice_end is None or m.now >= self._slice_end or not self.sched.continues_with(c):
+            return False
+        old = cur.ctx
+        cur.ran_ns = 0
+        self.current = None
+        self._fiber_deadline = None
+        f = self.sched.next_fiber()
+        assert f is not None and f.container is c, f
+        self.hal.switch_in_syscall(old, self._load(f), c.aspace.cr3, c.ports)
+        return True
 
     def _unload(self, cur) -> None:
         """Take the current fiber off the CPU after one of pid 0's stops.
@@ -516,14 +544,25 @@ class VMKernel:
         c.handles.close(h)
         return 0
 
+    # send and recv: a partner already parked on the channel is the common case
+    # (a server waiting for requests); the rendezvous is then done at once,
+    # as the one-arm sync would do it.  Errors and blocking take the sync.
     def sys_send(self, f, c, h, buf, n, *_):
         ch = c.handles.channel(h)
         data = c.aspace.read(buf, n)
+        if ch.recvq:
+            r = ch.hand_over(data, 0, c)
+            if r is not NOT_READY and not isinstance(r, Failed):
+                return r
         return self._sync(f, send(ch, data))
 
     def sys_recv(self, f, c, h, buf, n, *_):
         ch = c.handles.channel(h)
         c.aspace.check(buf, n, write=True)
+        if ch.sendq:
+            msg = ch.take(c)
+            if msg is not NOT_READY and not isinstance(msg, Failed):
+                return _deliver(c, buf, n, msg)
         return self._sync(f, ev.wrap(recv(ch), lambda msg: _deliver(c, buf, n, msg)))
 
     def sys_sync(self, f, c, events_ptr, count, *_):

@@ -448,6 +448,10 @@ class GlobalPolicy:
             if self._turn is not None and self._turn[2] is g:
                 self._turn = None
 
+    def continues_with(self, container: Any) -> bool:
+        """No kernel fiber waits, and ``pop_next`` would give a fiber of ``container``."""
+        return not len(self._kernel) and self.pick_container(0) is container
+
     def pick_container(self, tick: int) -> Any:
         if self._held is not None and self._goes_on(self._held):
             return self._held[2].container
@@ -550,6 +554,15 @@ class PerContainerPolicy:
             if self.current is g:
                 self.current = None
 
+    def continues_with(self, container: Any) -> bool:
+        """No kernel fiber waits, and ``pop_next`` would give a fiber of ``container``
+        (the current container, with budget left and a runnable fiber)."""
+        k = self._groups.get(KERNEL)
+        if k is not None and k.count:
+            return False
+        g = self.current
+        return g is not None and g.container is container and self.budget > 0 and g.count > 0
+
     def pick_container(self, tick: int) -> Any:
         self._rotate(tick)
         g = self._pick()
@@ -649,14 +662,12 @@ class Scheduler:
         if outcome is NOT_READY:
             fiber.state = FiberState.BLOCKED
             fiber._sync = sync
-            fiber.waiting_on = sync.describe()
         return outcome
 
     def _committed(self, fiber: Fiber, outcome: Any) -> None:
         """A parked sync committed: the fiber becomes RUNNABLE with its result."""
         assert fiber.state is FiberState.BLOCKED, fiber
         fiber._sync = None
-        fiber.waiting_on = None
         if fiber.kind is FiberKind.KERNEL:
             fiber._resume = (None, outcome.error) if isinstance(outcome, Failed) else (outcome, None)
         elif isinstance(outcome, Failed):
@@ -820,7 +831,6 @@ class Scheduler:
         if self.running is fiber:
             self.running = None
         fiber.state = FiberState.DONE
-        fiber.waiting_on = None
         fiber.exit_value = value
         if fiber.kind is FiberKind.KERNEL and fiber is not self._stepping:
             self._close(fiber)
@@ -849,6 +859,12 @@ class Scheduler:
         (a container, KERNEL for pid 0's fibers, or None).  Global: the
         container whose fiber would run next."""
         return self.policy.pick_container(self.tick)
+
+    def continues_with(self, container: Any) -> bool:
+        """True iff the next fiber to run is one of ``container`` and no kernel fiber
+        is runnable: pid 0 may then switch fibers without going round its loop
+        (``VMKernel._switch_in_place``).  Changes nothing."""
+        return self.policy.continues_with(container)
 
     def slice_expired(self) -> None:
         """The HAL's time slice for the current container ran out (per-container policy)."""

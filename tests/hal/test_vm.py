@@ -29,6 +29,9 @@ class FakeKernel:
             return self.hal.machine.now
         return -38
 
+    def switch_in_place(self):
+        return False                     # blocking always goes round the run loop
+
     def fault(self, vector, error_code, cr2, rip):
         self.faults.append((vector, error_code, cr2, rip))
         self.hal.machine.stop("fault")
