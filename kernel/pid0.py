@@ -334,24 +334,25 @@ class VMKernel:
 
     def switch_in_place(self) -> bool:
         """The current fiber just blocked in a syscall: if the next fiber to run is
-        of the same container (no kernel fiber waiting, its time slice still
-        running, nothing else asked pid 0 to stop), switch to it right here in
-        the syscall hook.  Exactly what the loop would do (save, choose, load),
-        without ending the CPU slice and coming round the loop: a channel round
-        trip between two fibers costs two of these."""
+        a guest fiber (no kernel fiber waiting, the time slice still running,
+        nothing else asked pid 0 to stop), switch to it right here in the
+        syscall hook, changing address space if it is of another container.
+        Exactly what the loop would do (save, choose, load), without ending
+        the CPU slice and coming round the loop: a channel round trip costs
+        two of these."""
         cur = self.current
         m = self.machine
         if cur is None or cur.state is not FiberState.BLOCKED or m.stop_pending:
             return False
-        c = cur.container
-        if self._slice_end is None or m.now >= self._slice_end or not self.sched.continues_with(c):
+        if self._slice_end is None or m.now >= self._slice_end or not self.sched.next_is_guest():
             return False
         old = cur.ctx
         cur.ran_ns = 0
         self.current = None
         self._fiber_deadline = None
         f = self.sched.next_fiber()
-        assert f is not None and f.container is c, f
+        assert f is not None and f.container is not None, f
+        c = f.container
         self.hal.switch_in_syscall(old, self._load(f), c.aspace.cr3, c.ports)
         return True
 

@@ -448,9 +448,12 @@ class GlobalPolicy:
             if self._turn is not None and self._turn[2] is g:
                 self._turn = None
 
-    def continues_with(self, container: Any) -> bool:
-        """No kernel fiber waits, and ``pop_next`` would give a fiber of ``container``."""
-        return not len(self._kernel) and self.pick_container(0) is container
+    def next_is_guest(self) -> bool:
+        """No kernel fiber waits, and ``pop_next`` would give a guest fiber."""
+        if len(self._kernel):
+            return False
+        c = self.pick_container(0)
+        return c is not None and c is not KERNEL
 
     def pick_container(self, tick: int) -> Any:
         if self._held is not None and self._goes_on(self._held):
@@ -554,14 +557,10 @@ class PerContainerPolicy:
             if self.current is g:
                 self.current = None
 
-    def continues_with(self, container: Any) -> bool:
-        """No kernel fiber waits, and ``pop_next`` would give a fiber of ``container``
-        (the current container, with budget left and a runnable fiber)."""
+    def next_is_guest(self) -> bool:
+        """No kernel fiber waits, and ``pop_next`` would give a guest fiber."""
         k = self._groups.get(KERNEL)
-        if k is not None and k.count:
-            return False
-        g = self.current
-        return g is not None and g.container is container and self.budget > 0 and g.count > 0
+        return not (k is not None and k.count) and self._count > 0
 
     def pick_container(self, tick: int) -> Any:
         self._rotate(tick)
@@ -860,11 +859,11 @@ class Scheduler:
         container whose fiber would run next."""
         return self.policy.pick_container(self.tick)
 
-    def continues_with(self, container: Any) -> bool:
-        """True iff the next fiber to run is one of ``container`` and no kernel fiber
-        is runnable: pid 0 may then switch fibers without going round its loop
-        (``VMKernel._switch_in_place``).  Changes nothing."""
-        return self.policy.continues_with(container)
+    def next_is_guest(self) -> bool:
+        """True iff no kernel fiber is runnable and the next fiber to run is a guest
+        fiber: pid 0 may then switch without going round its loop
+        (``VMKernel.switch_in_place``).  Changes nothing."""
+        return self.policy.next_is_guest()
 
     def slice_expired(self) -> None:
         """The HAL's time slice for the current container ran out (per-container policy)."""
