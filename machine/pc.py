@@ -199,6 +199,11 @@ class Machine:
         if source in self._pollers:
             self._pollers.remove(source)
 
+    @property
+    def stop_pending(self) -> bool:
+        """A stop was asked for and the run loop has not returned yet."""
+        return self._stop_requested is not None
+
     def stop(self, reason: str = "stopped") -> None:
         """Ask the run loop to return at the next instruction boundary (the first reason given wins)."""
         if self._stop_requested is None:
