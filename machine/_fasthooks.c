@@ -56,7 +56,7 @@ static uc_context_save_fn p_context_save;
 static int rflags_id, rip_id, rsp_id;
 
 /* Saved-context offsets (cpu.py's Ctx). */
-static Py_ssize_t off_regs, off_rip, off_eflags, off_hflags, off_segs, off_gdt, off_idt, off_cr0, off_cr3, off_cr4;
+static Py_ssize_t off_regs, off_rip, off_eflags, off_hflags, off_segs, off_gdt, off_idt, off_cr0, off_cr3;
 #define SEG_SIZE 24
 #define SEG_CS 1
 #define SEG_SS 2
@@ -423,7 +423,6 @@ static PyObject *deliver64(PyObject *self, PyObject *args)
     unsigned cpl = hflags & HF_CPL;
     if (!(hflags & HF_LMA) || !(cr0 & CR0_PG) || cpl == 3 || vector > 255)
         return PyLong_FromLong(SLOW);
-    (void)off_cr4;
     uint64_t idt_base = ld64(ctx + off_idt + 8);
     uint32_t idt_limit = ld32(ctx + off_idt + 16);
     if ((uint64_t)vector * 16 + 15 > idt_limit)
@@ -537,8 +536,8 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
     rax_id = sys_ids[0];
     p_reg_read_batch = (uc_reg_read_batch_fn)(uintptr_t)rrb;
     p_reg_write = (uc_reg_write_fn)(uintptr_t)rw;
-    if (!PyArg_ParseTuple(offs, "nnnnnnnnnn", &off_regs, &off_rip, &off_eflags, &off_hflags, &off_segs,
-                          &off_gdt, &off_idt, &off_cr0, &off_cr3, &off_cr4))
+    if (!PyArg_ParseTuple(offs, "nnnnnnnnn", &off_regs, &off_rip, &off_eflags, &off_hflags, &off_segs,
+                          &off_gdt, &off_idt, &off_cr0, &off_cr3))
         return NULL;
     p_reg_read = (uc_reg_read_fn)(uintptr_t)rr;
     p_reg_write_batch = (uc_reg_batch_fn)(uintptr_t)rwb;

@@ -244,7 +244,7 @@ _GATEWAYS = _fasthooks.setup(
     context_save=_addr(_lib.uc_context_save), reg_read_batch=_addr(_lib.uc_reg_read_batch),
     reg_write=_addr(_lib.uc_reg_write),
     rip_id=X.UC_X86_REG_RIP, rsp_id=X.UC_X86_REG_RSP, rflags_id=X.UC_X86_REG_RFLAGS,
-    offsets=(Ctx.REGS, Ctx.RIP, Ctx.EFLAGS, Ctx.HFLAGS, Ctx.SEGS, Ctx.GDT, Ctx.IDT, Ctx.CR0, Ctx.CR3, Ctx.CR4),
+    offsets=(Ctx.REGS, Ctx.RIP, Ctx.EFLAGS, Ctx.HFLAGS, Ctx.SEGS, Ctx.GDT, Ctx.IDT, Ctx.CR0, Ctx.CR3),
     # The Linux convention: number in RAX, arguments in RDI, RSI, RDX, R10, R8, R9.
     syscall_regs=(X.UC_X86_REG_RAX, X.UC_X86_REG_RDI, X.UC_X86_REG_RSI, X.UC_X86_REG_RDX, X.UC_X86_REG_R10,
                   X.UC_X86_REG_R8, X.UC_X86_REG_R9))
