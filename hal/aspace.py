@@ -40,6 +40,7 @@ KERNEL_RESERVED = 0x0020_0000                # physical RAM below this is not ha
 
 _P, _W, _U = 1, 2, 4
 _ADDR = 0x000F_FFFF_FFFF_F000
+_PAGE_MASK = ~(PAGE - 1)
 
 
 class UserFault(Exception):
@@ -159,6 +160,9 @@ class AddressSpace:
     # -- access from the kernel (syscall arguments, message copies)
     def check(self, va: int, size: int, write: bool = False) -> None:
         """Raise UserFault unless [va, va+size) is mapped in this space (and writable if asked)."""
+        got = self.pages.get(va & _PAGE_MASK)
+        if got is not None and 0 <= size <= PAGE - (va & (PAGE - 1)) and (got[1] or not write):
+            return                              # one mapped page: the common case of every syscall
         if size < 0 or va < 0 or va + size > USER_LIMIT:
             raise UserFault(f"bad user range {va:#x}+{size:#x}")
         page = va & ~(PAGE - 1)
@@ -172,6 +176,11 @@ class AddressSpace:
             page += PAGE
 
     def read(self, va: int, size: int) -> bytes:
+        off = va & (PAGE - 1)
+        got = self.pages.get(va - off)
+        if got is not None and 0 <= size <= PAGE - off:
+            at = got[0] + off
+            return bytes(self.frames.ram.buf[at:at + size])
         self.check(va, size)
         buf = self.frames.ram.buf
         out = bytearray()
@@ -186,6 +195,12 @@ class AddressSpace:
 
     def write(self, va: int, data: bytes, force: bool = False) -> None:
         """Copy into the container (``force`` also writes read-only pages: loading code)."""
+        off = va & (PAGE - 1)
+        got = self.pages.get(va - off)
+        if got is not None and got[1] and not force and len(data) <= PAGE - off:
+            at = got[0] + off
+            self.frames.ram.buf[at:at + len(data)] = data
+            return
         self.check(va, len(data), write=not force)
         buf = self.frames.ram.buf
         pos = 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from vmk.machine.cpu import CPU, HF, Reg, RegBatch, Seg
 from vmk.machine.pc import Machine
 
-__all__ = ["GuestContext", "ContextSwitcher", "enter_user_mode", "USER_CS", "USER_SS", "RFLAGS_USER"]
+__all__ = ["GuestContext", "ContextSwitcher", "enter_user_mode", "RAX_SLOT", "USER_CS", "USER_SS", "RFLAGS_USER"]
 
 USER_CS = 0x23
 USER_SS = 0x1B
@@ -34,6 +34,8 @@ ORDER = (Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX, Reg.RSI, Reg.RDI, Reg.RBP, Reg.RSP,
 NAMES = tuple(r.name.lower() for r in ORDER)
 _IDX = {n: i for i, n in enumerate(NAMES)}
 _RIP = _IDX["rip"]
+RAX_SLOT = _IDX["rax"]
+"""Where RAX is in ``GuestContext.regs`` (a syscall's result goes there)."""
 
 
 @dataclass(slots=True)
@@ -94,6 +96,15 @@ class ContextSwitcher:
         regs = list(ctx.regs)
         regs[_RIP] -= self.SYSCALL_LEN
         self.load(GuestContext(regs), cr3)
+
+    def switch_in_syscall(self, old: GuestContext, new: GuestContext, cr3: int) -> None:
+        """``save_in_syscall(old)`` then ``load_in_syscall(new, cr3)``, in one register call."""
+        self.cpu.invalidate_ctx()
+        if cr3 != self._cr3:
+            self.cpu.set_reg(Reg.CR3, cr3)          # also flushes Unicorn's TLB
+            self._cr3 = cr3
+        self._batch.swap(old.regs, new.regs, _RIP, self.SYSCALL_LEN)
+        self.cpu.halted = False
 
     def forget_cr3(self) -> None:
         self._cr3 = -1

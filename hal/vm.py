@@ -202,9 +202,8 @@ class Hal:
     def switch_in_syscall(self, old, new, cr3: int, ports: frozenset[int] = frozenset()) -> None:
         """From inside a SYSCALL: save ``old`` (it resumes after the SYSCALL) and put
         ``new`` on the CPU, without ending the CPU slice."""
-        self.switcher.save_in_syscall(old)
         self.granted_ports = ports
-        self.switcher.load_in_syscall(new, cr3)
+        self.switcher.switch_in_syscall(old, new, cr3)
 
     # ------------------------------------------------------------------ IRQs granted to containers
     IRQ_VECTOR_BASE = 0x40
@@ -222,17 +221,25 @@ class Hal:
         return vector
 
     # ------------------------------------------------------------------ timer service
-    def set_deadline(self, at: int | None) -> None:
+    def set_deadline(self, at: int | None, now: int | None = None) -> None:
         """One LAPIC one-shot at virtual time ``at`` (None: no timer).  Reprogramming
         the timer for the deadline it already has is skipped (a fiber switch inside
-        one time slice keeps the slice's deadline)."""
-        if at == self._deadline and (at is None or at > self.machine.now):
-            return
+        one time slice keeps the slice's deadline).  ``now``: the virtual time, if
+        the caller has it."""
+        if at == self._deadline:
+            if at is None:
+                return
+            if now is None:
+                now = self.machine.now
+            if at > now:
+                return
         self._deadline = at
         if at is None:
             self.mmio_write(LAPIC + LapicReg.TIMER_INIT, 0)
             return
-        self.mmio_write(LAPIC + LapicReg.TIMER_INIT, max(1, at - self.machine.now))
+        if now is None:
+            now = self.machine.now
+        self.mmio_write(LAPIC + LapicReg.TIMER_INIT, max(1, at - now))
 
     # ------------------------------------------------------------------ the interrupt sink
     def deliver(self, vector: int, *, error_code: int | None = None, software: bool = False,

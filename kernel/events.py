@@ -283,7 +283,12 @@ class WaitQueue:
         self._q[w] = None
         return w
 
-    def remove(self, w: Waiter) -> None:
+    def add(self, w: Any) -> None:
+        """Queue a ready-made waiter (an object with ``sync``, ``arm``, ``payload`` and
+        ``cancel``): a one-arm sync can be its own waiter (kernel/pid0.py)."""
+        self._q[w] = None
+
+    def remove(self, w: Any) -> None:
         self._q.pop(w, None)
 
     def first(self, exclude: Sync | None = None) -> Waiter | None:

@@ -66,13 +66,13 @@ from typing import Any, Callable
 from vmk.boot.loader import ImageError
 from vmk.boot.vmkimage import Image
 from vmk.hal.aspace import PAGE, AddressSpace, OutOfMemory, UserFault
-from vmk.hal.context import GuestContext
+from vmk.hal.context import RAX_SLOT, GuestContext
 from vmk.hal.vm import Hal
 from vmk.machine.pc import Machine, RunResult, Why
 
 from . import events as ev
-from .channel import ChannelTable, recv, send
-from .events import NOT_READY, Condition, Failed, IrqSource, KernelError
+from .channel import MAX_MSG, ChannelTable, recv, send
+from .events import NOT_READY, Condition, Failed, IrqSource, KernelError, OpState, Sync
 from .fiber import FiberState
 from .handles import HandleTable
 from .scheduler import Blocked, Scheduler
@@ -300,7 +300,7 @@ class VMKernel:
                     self._slice_owner = None
                     self._reprogram_timer()
                 else:
-                    self.hal.resume(self._load(f), f.container.aspace.cr3, f.container.ports)
+                    self.hal.resume(self._load(f, m.now), f.container.aspace.cr3, f.container.ports)
             left = None if limit is None else max(0, limit - m.instructions)
             if left == 0:
                 return RunResult(Why.STOPPED, "instruction limit reached")
@@ -313,23 +313,23 @@ class VMKernel:
             if self._slice_end is not None and m.now >= self._slice_end:
                 sched.slice_expired()           # the container goes behind its peers
 
-    def _load(self, f) -> GuestContext:
-        """Make ``f`` the current fiber (its context is what the CPU must load)."""
-        m = self.machine
+    def _load(self, f, now: int) -> GuestContext:
+        """Make ``f`` the current fiber at virtual time ``now`` (its context is what
+        the CPU must load)."""
         self.current = f
         c = f.container
         ctx: GuestContext = f.ctx
         if f.result is not None:
-            ctx["rax"] = f.result
+            ctx.regs[RAX_SLOT] = f.result & _U64
             f.result = None
-        if c is not self._slice_owner or self._slice_end is None or m.now >= self._slice_end:
+        if c is not self._slice_owner or self._slice_end is None or now >= self._slice_end:
             # A new time slice when another container gets the CPU (or the last one ran out).
             self._slice_owner = c
-            self._slice_end = m.now + self.timeslice
+            self._slice_end = now + self.timeslice
         if self.fiber_preemption:
-            self._loaded_at = m.now
-            self._fiber_deadline = m.now + self.fiber_preemption - f.ran_ns
-        self._reprogram_timer()
+            self._loaded_at = now
+            self._fiber_deadline = now + self.fiber_preemption - f.ran_ns
+        self._reprogram_timer(now)
         return ctx
 
     def switch_in_place(self) -> bool:
@@ -344,16 +344,18 @@ class VMKernel:
         m = self.machine
         if cur is None or cur.state is not FiberState.BLOCKED or m.stop_pending:
             return False
-        if self._slice_end is None or m.now >= self._slice_end or not self.sched.next_is_guest():
+        now = m.now
+        end = self._slice_end
+        if end is None or now >= end:
             return False
-        old = cur.ctx
+        f = self.sched.next_guest()
+        if f is None:
+            return False
         cur.ran_ns = 0
-        self.current = None
         self._fiber_deadline = None
-        f = self.sched.next_fiber()
-        assert f is not None and f.container is not None, f
+        old = cur.ctx
         c = f.container
-        self.hal.switch_in_syscall(old, self._load(f), c.aspace.cr3, c.ports)
+        self.hal.switch_in_syscall(old, self._load(f, now), c.aspace.cr3, c.ports)
         return True
 
     def _unload(self, cur) -> None:
@@ -388,14 +390,17 @@ class VMKernel:
         return bool(self.containers) and all(c.exit_code is not None for c in self.containers.values()) \
             and not self.hal.tx_queue and not self.sched.policy.runnable()
 
-    def _reprogram_timer(self) -> None:
+    def _reprogram_timer(self, now: int | None = None) -> None:
         """The LAPIC one-shot at the earliest deadline: pid 0's timers, the slice end,
-        the current fiber's preemption."""
+        the current fiber's preemption (``now``: the virtual time, if known)."""
         d = self.kclock.next_deadline()
-        for t in (self._slice_end, self._fiber_deadline):
-            if t is not None and (d is None or t < d):
-                d = t
-        self.hal.set_deadline(d)
+        t = self._slice_end
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._fiber_deadline
+        if t is not None and (d is None or t < d):
+            d = t
+        self.hal.set_deadline(d, now)
 
     # ------------------------------------------------------------------ the HAL's calls
     def interrupt(self, source: str) -> None:
@@ -548,6 +553,9 @@ class VMKernel:
     # send and recv: a partner already parked on the channel is the common case
     # (a server waiting for requests); the rendezvous is then done at once,
     # as the one-arm sync would do it.  Errors and blocking take the sync.
+    # When nobody is there the fiber parks as a :class:`_Parked` (the one-arm
+    # sync without the generic machinery); a send that would fail (type, EPIPE)
+    # takes the sync, which gives the error.
     def sys_send(self, f, c, h, buf, n, *_):
         ch = c.handles.channel(h)
         data = c.aspace.read(buf, n)
@@ -555,6 +563,9 @@ class VMKernel:
             r = ch.hand_over(data, 0, c)
             if r is not NOT_READY and not isinstance(r, Failed):
                 return r
+        elif (ch.msg_size == n or not ch.msg_size and n <= MAX_MSG) and not ch.broken_for(c):
+            self.sched.park(f, _Parked(self.sched, f, ch, ch.sendq, data, c, 0, 0))
+            return None
         return self._sync(f, send(ch, data))
 
     def sys_recv(self, f, c, h, buf, n, *_):
@@ -564,6 +575,9 @@ class VMKernel:
             msg = ch.take(c)
             if msg is not NOT_READY and not isinstance(msg, Failed):
                 return _deliver(c, buf, n, msg)
+        elif not ch.broken_for(c):
+            self.sched.park(f, _Parked(self.sched, f, ch, ch.recvq, None, c, buf, n))
+            return None
         return self._sync(f, ev.wrap(recv(ch), lambda msg: _deliver(c, buf, n, msg)))
 
     def sys_sync(self, f, c, events_ptr, count, *_):
@@ -666,6 +680,60 @@ _SYSCALLS: dict[int, Callable[..., int | None]] = {
     Syscall.CONSOLE_WRITE: VMKernel.sys_console_write, Syscall.HANDLE_DUP: VMKernel.sys_handle_dup,
     Syscall.COND_CREATE: VMKernel.sys_cond_create, Syscall.COND_SIGNAL: VMKernel.sys_cond_signal,
 }
+
+
+class _Parked(Sync):
+    """A guest fiber parked in a plain ``send`` or ``recv`` (no choice): a sync of
+    one arm that is its own waiter in the channel's queue.
+
+    It behaves as ``sync(send(ch, data))`` / ``sync(wrap(recv(ch), deliver))``
+    parked on that one arm (the partner's try commits it; EPIPE wakes it;
+    a kill aborts it), without what only choices need: no arm list, wrap chain,
+    nack scopes or cancel tokens.  A plain send/recv is most of a server's
+    life, and this is most of its cost (``vmk bench kernel``, rtt rows).
+    A recv's ``buf``/``n`` say where the message goes when it commits."""
+    __slots__ = ("arm", "buf", "ch", "n", "payload", "queue", "sched", "sync")
+
+    def __init__(self, sched: Scheduler, fiber: Any, ch: Any, queue: Any, payload: Any,
+                 party: Container, buf: int, n: int) -> None:
+        self.state = OpState.WAITING
+        self.party = party
+        self.fiber = fiber
+        self.sched = sched
+        self.ch = ch
+        self.queue = queue
+        self.payload = payload
+        self.buf = buf
+        self.n = n
+        self.sync = self
+        self.arm = 0
+        self.winner = None
+        queue.add(self)
+
+    def complete(self, arm: int, result: Any) -> bool:
+        if self.state is not OpState.WAITING:
+            return False
+        self.state = OpState.SYNCED
+        self.winner = 0
+        self.queue.remove(self)
+        if self.queue is self.ch.recvq and not isinstance(result, Failed):
+            result = _deliver(self.party, self.buf, self.n, result)
+        self.sched.committed(self.fiber, result)
+        return True
+
+    def cancel(self) -> None:
+        self.queue.remove(self)
+
+    def abort(self) -> None:
+        if self.state is OpState.WAITING:
+            self.state = OpState.SYNCED
+            self.queue.remove(self)
+
+    def describe(self) -> str:
+        return f"{'recv' if self.queue is self.ch.recvq else 'send'} on channel {self.ch.cid}"
+
+
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _signed(v: int) -> int:

@@ -373,9 +373,15 @@ class GlobalPolicy:
         if f.kind is FiberKind.KERNEL:
             self._kernel.push(f, p, tick)
             return
-        g = self._group_of(f)
+        g = self._groups.get(f.container)
+        if g is None:
+            g = self._group_of(f)
         g.add(f, p, tick)
-        self._push_slot(g, p, tick)
+        stats = self._stats
+        stats.seq += 1
+        heapq.heappush(self._slots, (tick - p * self._aging, stats.seq, g, p))
+        g.slots += 1
+        stats.work += 1
 
     def requeue_front(self, f: Fiber, tick: int) -> None:
         if f.kind is FiberKind.KERNEL:
@@ -454,6 +460,19 @@ class GlobalPolicy:
             return False
         c = self.pick_container(0)
         return c is not None and c is not KERNEL
+
+    def pop_guest(self, tick: int) -> Fiber | None:
+        """``pop_next`` if it gives a guest fiber and no kernel fiber waits, else None
+        (and nothing changes)."""
+        if self._kernel._live:
+            return None
+        if self._held is not None:
+            return self.pop_next(tick) if self.next_is_guest() else None
+        self._clean()
+        if not self._slots:
+            return None
+        self._stats.work += 1
+        return self._fill(heapq.heappop(self._slots))
 
     def pick_container(self, tick: int) -> Any:
         if self._held is not None and self._goes_on(self._held):
@@ -562,6 +581,11 @@ class PerContainerPolicy:
         k = self._groups.get(KERNEL)
         return not (k is not None and k.count) and self._count > 0
 
+    def pop_guest(self, tick: int) -> Fiber | None:
+        """``pop_next`` if it gives a guest fiber and no kernel fiber waits, else None
+        (and nothing changes)."""
+        return self.pop_next(tick) if self.next_is_guest() else None
+
     def pick_container(self, tick: int) -> Any:
         self._rotate(tick)
         g = self._pick()
@@ -655,7 +679,7 @@ class Scheduler:
         return Completed(outcome)
 
     def _perform(self, fiber: Fiber, op: Operation) -> Any:
-        sync = Sync(self.clock, fiber.party, partial(self._committed, fiber), fiber=fiber,
+        sync = Sync(self.clock, fiber.party, partial(self.committed, fiber), fiber=fiber,
                     catch_all=fiber.kind is FiberKind.KERNEL)
         outcome = perform(sync, op, self.rng)
         if outcome is NOT_READY:
@@ -663,7 +687,17 @@ class Scheduler:
             fiber._sync = sync
         return outcome
 
-    def _committed(self, fiber: Fiber, outcome: Any) -> None:
+    def park(self, fiber: Fiber, sync: Sync) -> None:
+        """Block the running guest fiber on a sync the caller has already parked
+        on its source (a one-arm sync that is its own waiter: kernel/pid0.py).
+        ``sync`` must call :meth:`committed` when it commits."""
+        assert fiber is self.running and fiber.kind is FiberKind.GUEST, \
+            f"park: {fiber!r} is not the running guest fiber ({self.running!r})"
+        fiber.state = FiberState.BLOCKED
+        fiber._sync = sync
+        self.running = None
+
+    def committed(self, fiber: Fiber, outcome: Any) -> None:
         """A parked sync committed: the fiber becomes RUNNABLE with its result."""
         assert fiber.state is FiberState.BLOCKED, fiber
         fiber._sync = None
@@ -684,6 +718,20 @@ class Scheduler:
         """The fiber that runs next (now RUNNING), or None if nothing is runnable."""
         assert self.running is None, f"next_fiber while {self.running!r} is running"
         f = self.policy.pop_next(self.tick)
+        if f is None:
+            return None
+        assert f.state is FiberState.RUNNABLE, f
+        self.tick += 1
+        f.state = FiberState.RUNNING
+        self.running = f
+        return f
+
+    def next_guest(self) -> Fiber | None:
+        """``next_fiber`` if no kernel fiber is runnable and the next fiber is a guest
+        fiber (pid 0 may then switch without going round its loop:
+        ``VMKernel.switch_in_place``); otherwise None, and nothing changes."""
+        assert self.running is None, f"next_guest while {self.running!r} is running"
+        f = self.policy.pop_guest(self.tick)
         if f is None:
             return None
         assert f.state is FiberState.RUNNABLE, f

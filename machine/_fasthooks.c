@@ -323,6 +323,57 @@ static PyObject *regs_write(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* regs_swap(uc, ids_addr, old, new, rip_index, delta): one context switch.
+   Reads the registers into list ``old`` (in place; old[rip_index] += delta) and
+   loads list ``new`` (new[rip_index] - delta goes to the CPU; ``new`` is not
+   changed).  Both lists have one entry per id.  A switch inside the SYSCALL
+   hook passes delta 2: Unicorn adds 2 to RIP after the hook. */
+static PyObject *regs_swap(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 6 || !PyList_CheckExact(args[2]) || !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "regs_swap(uc, ids, old: list, new: list, rip_index, delta)");
+        return NULL;
+    }
+    void *uc = PyLong_AsVoidPtr(args[0]);
+    int *ids = (int *)PyLong_AsVoidPtr(args[1]);
+    Py_ssize_t rip = PyLong_AsSsize_t(args[4]);
+    long long delta = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *old = args[2], *new = args[3];
+    Py_ssize_t n = PyList_GET_SIZE(new);
+    if (n > 64 || PyList_GET_SIZE(old) != n || rip < 0 || rip >= n) {
+        PyErr_SetString(PyExc_ValueError, "regs_swap: lists of equal length <= 64, rip_index inside");
+        return NULL;
+    }
+    uint64_t vals[64];
+    void *ptrs[64];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        vals[i] = PyLong_AsUnsignedLongLongMask(PyList_GET_ITEM(new, i));
+        ptrs[i] = &vals[i];
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    vals[rip] -= (uint64_t)delta;
+    uint64_t outv[64];
+    void *outp[64];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        outv[i] = 0;
+        outp[i] = &outv[i];
+    }
+    p_reg_read_batch(uc, ids, outp, (int)n);
+    outv[rip] += (uint64_t)delta;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(outv[i]);
+        if (v == NULL)
+            return NULL;
+        PyList_SetItem(old, i, v);          /* steals v, drops the old item */
+    }
+    p_reg_write_batch(uc, ids, ptrs, (int)n);
+    Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------------- delivery */
 
 #define PTE_P 1ull
@@ -564,6 +615,8 @@ static PyMethodDef methods[] = {
      "rip_id, rsp_id, rflags_id, offsets, syscall_regs)"
      " -> {gateway name: C function address}"},
     {"run", run, METH_VARARGS, "run(uc, count, until) -> (uc_err, rflags): emu_start from RIP holding the GIL"},
+    {"regs_swap", (PyCFunction)(void (*)(void))regs_swap, METH_FASTCALL,
+     "regs_swap(uc, ids_addr, old, new, rip_index, delta): save into old, load new (one switch)"},
     {"regs_read", (PyCFunction)(void (*)(void))regs_read, METH_FASTCALL,
      "regs_read(uc, ids_addr, n) -> [uint64] (uc_reg_read_batch)"},
     {"regs_write", (PyCFunction)(void (*)(void))regs_write, METH_FASTCALL,

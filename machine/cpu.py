@@ -251,6 +251,7 @@ _GATEWAYS = _fasthooks.setup(
 _run = _fasthooks.run
 _regs_read = _fasthooks.regs_read
 _regs_write = _fasthooks.regs_write
+_regs_swap = _fasthooks.regs_swap
 _window = _fasthooks.window
 _deliver64 = _fasthooks.deliver64
 
@@ -273,6 +274,11 @@ class RegBatch:
 
     def write(self, values: list[int] | tuple[int, ...]) -> None:
         _regs_write(self._uch, self._ids_addr, values)
+
+    def swap(self, old: list[int], new: list[int], rip_index: int, delta: int) -> None:
+        """Save into ``old`` (in place, ``old[rip_index] += delta``) and load ``new``
+        (with ``new[rip_index] - delta``) in one C call: a context switch."""
+        _regs_swap(self._uch, self._ids_addr, old, new, rip_index, delta)
 
 
 class CPU:
