@@ -68,13 +68,17 @@ class ContextSwitcher:
     def __init__(self, cpu: CPU) -> None:
         self.cpu = cpu
         self._batch = RegBatch(cpu.uc, [int(r) for r in ORDER])
+        self._cr3_reg = RegBatch(cpu.uc, [int(Reg.CR3)])
         self._cr3 = -1
+
+    def _load_cr3(self, cr3: int) -> None:
+        if cr3 != self._cr3:
+            self._cr3_reg.write((cr3,))             # also flushes Unicorn's TLB
+            self._cr3 = cr3
 
     def load(self, ctx: GuestContext, cr3: int) -> None:
         self.cpu.invalidate_ctx()
-        if cr3 != self._cr3:
-            self.cpu.set_reg(Reg.CR3, cr3)          # also flushes Unicorn's TLB
-            self._cr3 = cr3
+        self._load_cr3(cr3)
         self._batch.write(ctx.regs)
         self.cpu.halted = False
 
@@ -100,9 +104,7 @@ class ContextSwitcher:
     def switch_in_syscall(self, old: GuestContext, new: GuestContext, cr3: int) -> None:
         """``save_in_syscall(old)`` then ``load_in_syscall(new, cr3)``, in one register call."""
         self.cpu.invalidate_ctx()
-        if cr3 != self._cr3:
-            self.cpu.set_reg(Reg.CR3, cr3)          # also flushes Unicorn's TLB
-            self._cr3 = cr3
+        self._load_cr3(cr3)
         self._batch.swap(old.regs, new.regs, _RIP, self.SYSCALL_LEN)
         self.cpu.halted = False
 

@@ -222,17 +222,23 @@ class Hal:
 
     # ------------------------------------------------------------------ timer service
     def set_deadline(self, at: int | None, now: int | None = None) -> None:
-        """One LAPIC one-shot at virtual time ``at`` (None: no timer).  Reprogramming
-        the timer for the deadline it already has is skipped (a fiber switch inside
-        one time slice keeps the slice's deadline).  ``now``: the virtual time, if
-        the caller has it."""
-        if at == self._deadline:
-            if at is None:
-                return
+        """A LAPIC one-shot by virtual time ``at`` (None: no timer needed).  ``now``:
+        the virtual time, if the caller has it.
+
+        Lazy: a one-shot already armed for an earlier time stays armed (it fires,
+        the kernel finds nothing due and asks again), and so does one armed when
+        no timer is needed any more.  Switching containers moves the slice end
+        later at every switch; reprogramming the LAPIC each time would cost a
+        register write per switch for an interrupt that then never comes.  The
+        kernel's deadlines stay exact: the early interrupt re-arms for them."""
+        armed = self._deadline
+        if armed is not None and (at is None or armed <= at):
             if now is None:
                 now = self.machine.now
-            if at > now:
+            if armed > now:
                 return
+        elif at is None:
+            return
         self._deadline = at
         if at is None:
             self.mmio_write(LAPIC + LapicReg.TIMER_INIT, 0)
