@@ -125,6 +125,7 @@ class Hal:
         self.tx_queue: deque[int] = deque()
         self.granted_ports: frozenset[int] = frozenset()
         self.idling = False
+        self.lazy_timer = True                  # set_deadline keeps an earlier one-shot armed
         self._deadline: int | None = None
         self.irq_counts: dict[int, int] = {}
         self._top_halves: dict[int, Callable[[], None]] = {
@@ -232,13 +233,14 @@ class Hal:
         register write per switch for an interrupt that then never comes.  The
         kernel's deadlines stay exact: the early interrupt re-arms for them."""
         armed = self._deadline
-        if armed is not None and (at is None or armed <= at):
+        if armed is None:
+            if at is None:
+                return
+        elif at == armed or (self.lazy_timer and (at is None or armed < at)):
             if now is None:
                 now = self.machine.now
             if armed > now:
                 return
-        elif at is None:
-            return
         self._deadline = at
         if at is None:
             self.mmio_write(LAPIC + LapicReg.TIMER_INIT, 0)
@@ -246,6 +248,12 @@ class Hal:
         if now is None:
             now = self.machine.now
         self.mmio_write(LAPIC + LapicReg.TIMER_INIT, max(1, at - now))
+
+    def stop_timer(self) -> None:
+        """Disarm the one-shot now (``set_deadline(None)`` may leave it armed)."""
+        if self._deadline is not None:
+            self._deadline = None
+            self.mmio_write(LAPIC + LapicReg.TIMER_INIT, 0)
 
     # ------------------------------------------------------------------ the interrupt sink
     def deliver(self, vector: int, *, error_code: int | None = None, software: bool = False,

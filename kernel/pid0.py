@@ -172,6 +172,9 @@ class VMKernel:
 
     FIBER_STACK = 16 * PAGE
     MAX_FIBERS = 256              # per container: a fiber bomb gets -EAGAIN, not the kernel's memory
+    # A plain send/recv that blocks parks as a _Parked (False: as a generic
+    # one-arm sync; the same behaviour, slower: tests compare the two).
+    plain_park = True
 
     def __init__(self, machine: Machine, image: Image, log: Callable[[str], None] | None = None) -> None:
         self.machine = machine
@@ -290,6 +293,7 @@ class VMKernel:
             if self.current is None and not self.hal.idling:
                 sched.run_kernel_fibers()
                 if self._finished():
+                    self.hal.stop_timer()            # (a slice end may still be armed)
                     m._drain()                       # the last bytes leave the UART's shift register
                     return RunResult(Why.EXIT, "all containers ended", self.containers[1].exit_code
                                      if 1 in self.containers else 0)
@@ -563,7 +567,8 @@ class VMKernel:
             r = ch.hand_over(data, 0, c)
             if r is not NOT_READY and not isinstance(r, Failed):
                 return r
-        elif (ch.msg_size == n or not ch.msg_size and n <= MAX_MSG) and not ch.broken_for(c):
+        elif self.plain_park and (ch.msg_size == n or not ch.msg_size and n <= MAX_MSG) \
+                and not ch.broken_for(c):
             self.sched.park(f, _Parked(self.sched, f, ch, ch.sendq, data, c, 0, 0))
             return None
         return self._sync(f, send(ch, data))
@@ -575,7 +580,7 @@ class VMKernel:
             msg = ch.take(c)
             if msg is not NOT_READY and not isinstance(msg, Failed):
                 return _deliver(c, buf, n, msg)
-        elif not ch.broken_for(c):
+        elif self.plain_park and not ch.broken_for(c):
             self.sched.park(f, _Parked(self.sched, f, ch, ch.recvq, None, c, buf, n))
             return None
         return self._sync(f, ev.wrap(recv(ch), lambda msg: _deliver(c, buf, n, msg)))

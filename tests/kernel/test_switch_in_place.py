@@ -1,8 +1,15 @@
-"""pid 0's fiber switch inside the syscall hook (``VMKernel.switch_in_place``)
-must be invisible: the same image gives the same output, the same virtual
-times and the same instruction count as with every switch going round pid 0's
-loop.  Checked on the pipeline demo (three containers, timers, an interrupt)
-and on the console demo, under both scheduling policies."""
+"""pid 0's fast paths must be invisible: the same image gives the same output,
+the same virtual times and the same instruction count with each of them off:
+
+* the fiber switch inside the syscall hook (``VMKernel.switch_in_place``)
+  against every switch going round pid 0's loop;
+* a plain send/recv parked as a ``_Parked`` (``VMKernel.plain_park``) against
+  the generic one-arm sync;
+* the lazily reprogrammed LAPIC one-shot (``Hal.lazy_timer``) against one
+  reprogrammed at every change of deadline.
+
+Checked on the pipeline demo (three containers, timers, an interrupt), the
+console demo and a two-container ping-pong, under both scheduling policies."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,13 +29,19 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="the demo programs are C (gcc needed)")
 
 
-def _run(img: Path, in_place: bool, policy: str | None, typed: bytes) -> tuple:
+FAST_PATHS = ("in_place", "plain_park", "lazy_timer")
+
+
+def _run(img: Path, in_place: bool, policy: str | None, typed: bytes, plain_park: bool = True,
+         lazy_timer: bool = True) -> tuple:
     image = read_image(img)
     if policy is not None:
         image = dataclasses.replace(image, kernel=dataclasses.replace(image.kernel, policy=Policy(policy)))
     com1 = SerialCapture()
     m = Machine(MachineConfig(serial=[com1]))
     k = VMKernel(m, image)
+    k.plain_park = plain_park
+    k.hal.lazy_timer = lazy_timer
     switched = []
     real = k.switch_in_place
 
@@ -54,4 +67,70 @@ def test_switching_in_the_hook_changes_nothing(tmp_path: Path, demo: str, typed:
     if demo == "pipeline":
         assert n_fast > 0                       # its containers hand the CPU to each other in the hook
     assert fast == slow
+    assert fast[2]                              # the demo did print
+
+
+PINGPONG = r"""
+#include "vmk.h"
+int main(void)
+{
+    long v = 0, pid = vmk_getpid();
+    for (int i = 0; i < 50; i++) {
+        if (pid == 1) { vmk_send(0, &v, 8); vmk_recv(1, &v, 8); }
+        else { vmk_recv(0, &v, 8); v++; vmk_send(1, &v, 8); }
+        if (i % 10 == 0) vmk_sleep(3000);
+    }
+    if (pid == 1) vmk_console_write("done\n", 5);
+    return v == 50 ? 0 : 1;
+}
+"""
+
+PINGPONG_TOML = """
+[kernel]
+channels = 8
+[[program]]
+name = "pp"
+source = "pp.c"
+[[channel]]
+name = "ping"
+msg_size = 8
+[[channel]]
+name = "pong"
+msg_size = 8
+[[container]]
+name = "a"
+program = "pp"
+memory = "128K"
+handles = ["ping", "pong"]
+[[container]]
+name = "b"
+program = "pp"
+memory = "128K"
+handles = ["ping", "pong"]
+"""
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("fast-paths")
+    (tmp / "pp.c").write_text(PINGPONG)
+    (tmp / "pp.toml").write_text(PINGPONG_TOML)
+    out = {"pingpong": tmp / "pp.img"}
+    build(tmp / "pp.toml", out["pingpong"])
+    for demo in ("pipeline", "console"):
+        out[demo] = tmp / f"{demo}.img"
+        build(ROOT / "demo" / demo / f"{demo}.toml", out[demo])
+    return out
+
+
+@pytest.mark.parametrize("policy", ["global", "per-container"])
+@pytest.mark.parametrize("demo, typed", [("pipeline", b"k"), ("console", b"echo hi\rps\r"), ("pingpong", b"")])
+@pytest.mark.parametrize("off", FAST_PATHS + ("all",))
+def test_each_fast_path_changes_nothing(images: dict[str, Path], demo: str, typed: bytes, policy: str,
+                                        off: str) -> None:
+    on = {name: True for name in FAST_PATHS}
+    slow = {name: off not in (name, "all") for name in FAST_PATHS}
+    fast, _ = _run(images[demo], policy=policy, typed=typed, **on)
+    other, _ = _run(images[demo], policy=policy, typed=typed, **slow)
+    assert fast == other
     assert fast[2]                              # the demo did print
