@@ -156,8 +156,6 @@ int main(void)
 }
 """
 
-BUSY_S = "spin:\n inc rax\n jmp spin\n"
-
 IRQ_LINE = 5                        # an ISA line no device of the PC drives (LPT2)
 IRQ_PERIOD = 20_000                 # virtual ns between pulses: 50,000 interrupts per second
 IRQ_WORK = 400                      # volatile loop turns per interrupt (a few us of guest work)
@@ -311,54 +309,9 @@ def _rtt_phased(img: Path, n: int, crowd: bool) -> tuple[float, float, float]:
 
 
 def _wakeup(tmp: Path, policy: str, n: int) -> tuple[float, float]:
-    busy = "spin:\n inc rax\n jmp spin\n"
-    echo = """
-loop:
-    lea rsi, [rip + buf]
-    mov rdi, 0
-    mov rdx, 1
-    mov rax, SYS_RECV
-    syscall
-    mov rax, SYS_TIME
-    syscall
-    mov rbx, rax
-    lea rsi, [rip + buf]
-    mov [rsi+8], rbx
-    mov rdi, 1
-    mov rdx, 1
-    mov rax, SYS_SEND
-    syscall
-    jmp loop
-buf:
-    .quad 0
-    .quad 0
-"""
-    img = _build(tmp, f"""
-[kernel]
-policy = "{policy}"
-channels = 8
-timeslice_ns = 1000000
-[[program]]
-name = "busy"
-source = "busy.s"
-[[program]]
-name = "echo"
-source = "echo.s"
-[[container]]
-name = "busy1"
-program = "busy"
-memory = "64K"
-[[container]]
-name = "busy2"
-program = "busy"
-memory = "64K"
-[[container]]
-name = "echo"
-program = "echo"
-memory = "64K"
-priority = 2
-handles = ["console.rx", "console.tx"]
-""", {"busy.s": busy, "echo.s": echo})
+    from vmk.testing.workloads import BUSY_S, ECHO_S, busy_and_echo_manifest
+    img = _build(tmp, busy_and_echo_manifest(policy, 1_000_000, echo_priority=2),
+                 {"busy.s": BUSY_S, "echo.s": ECHO_S})
     m, k, com1 = _boot(img)
     period = 3_000_000
     arrivals = []
@@ -378,6 +331,7 @@ def _irq_storm(tmp: Path, policy: str, pulses: int) -> dict[str, float]:
     """IRQ_LINE pulsed every IRQ_PERIOD ns; a priority-2 container handles it, two
     priority-1 containers spin.  Latency is from a pulse to the SYS_TIME right after
     the sync that consumed it (coalesced pulses count from their own arrival)."""
+    from vmk.testing.workloads import BUSY_S
     img = _build(tmp, f"""
 [kernel]
 policy = "{policy}"

@@ -11,62 +11,16 @@ from vmk.boot.vmkimage import read_image
 from vmk.kernel.pid0 import VMKernel
 from vmk.machine.pc import Machine, MachineConfig
 from vmk.testing.harness import SerialCapture
+from vmk.testing.workloads import BUSY_S, ECHO_S, busy_and_echo_manifest
 from vmk.tools.build import build
-
-BUSY = """
-spin:
-    inc rax
-    jmp spin
-"""
-
-ECHO = """
-loop:
-    lea rsi, [rip + buf]
-    mov rdi, 0
-    mov rdx, 1
-    mov rax, SYS_RECV
-    syscall
-    lea rsi, [rip + buf]
-    mov rdi, 1
-    mov rdx, 1
-    mov rax, SYS_SEND
-    syscall
-    jmp loop
-buf:
-    .byte 0
-"""
 
 TIMESLICE = 1_000_000
 
 
 def image(tmp: Path, policy: str) -> Path:
-    (tmp / "busy.s").write_text(BUSY)
-    (tmp / "echo.s").write_text(ECHO)
-    (tmp / "img.toml").write_text(f"""
-[kernel]
-policy = "{policy}"
-channels = 8
-timeslice_ns = {TIMESLICE}
-[[program]]
-name = "busy"
-source = "busy.s"
-[[program]]
-name = "echo"
-source = "echo.s"
-[[container]]
-name = "busy1"
-program = "busy"
-memory = "64K"
-[[container]]
-name = "busy2"
-program = "busy"
-memory = "64K"
-[[container]]
-name = "echo"
-program = "echo"
-memory = "64K"
-handles = ["console.rx", "console.tx"]
-""")
+    (tmp / "busy.s").write_text(BUSY_S)
+    (tmp / "echo.s").write_text(ECHO_S)
+    (tmp / "img.toml").write_text(busy_and_echo_manifest(policy, TIMESLICE))
     build(tmp / "img.toml", tmp / f"img-{policy}.img")
     return tmp / f"img-{policy}.img"
 

@@ -895,3 +895,32 @@ def test_the_syscall_door_gets_the_linux_registers_and_loads_rax() -> None:
     assert got[0] == (7, 1, 2, 3, 4, 5, (1 << 64) - 6)
     assert h.regs.r15 == (1 << 64) - 22
     assert got[1][0] == 8 and h.regs.rax == 8
+
+
+def test_a_register_swap_in_the_syscall_hook_saves_one_context_and_runs_the_other() -> None:
+    """RegBatch.swap (one C call) from inside the SYSCALL hook: the registers at the
+    SYSCALL go into ``old`` with RIP past it; the CPU goes on at ``new``'s RIP
+    (Unicorn adds 2 after the hook, so the swap loads RIP - 2) with its registers."""
+    from vmk.machine.cpu import RegBatch
+    from vmk.testing.harness import ASM_ORG
+    head = "mov rbx, 0x1111\nmov rcx, -1\nmov eax, 1\nsyscall\nmov r14, 0x77\nhlt\n"
+    other = ASM_ORG + len(assemble(head, ASM_ORG))
+    h = Harness.from_asm(head + "mov r15, rbx\nhlt\n")
+    cpu = h.machine.cpu
+    batch = RegBatch(cpu.uc, [int(Reg.RAX), int(Reg.RBX), int(Reg.RCX), int(Reg.RIP)])
+    old = [0, 0, 0, 0]
+    new = [5, 0x2222, 7, other]
+
+    def door(*regs):
+        batch.swap(old, new, 3, 2)
+        cpu.invalidate_ctx()
+        return None
+
+    cpu.syscall_door = door
+    h.run_for(1_000)
+    after_syscall = ASM_ORG + len(assemble("mov rbx, 0x1111\nmov rcx, -1\nmov eax, 1\nsyscall\n", ASM_ORG))
+    assert old == [1, 0x1111, (1 << 64) - 1, after_syscall]
+    assert new == [5, 0x2222, 7, other]                 # not changed
+    assert h.regs.r15 == 0x2222 and h.regs.rcx == 7 and h.regs.rax == 5 and h.regs.r14 == 0
+    with pytest.raises(ValueError):
+        batch.swap([0, 0], new, 3, 2)                   # lists of different lengths: refused, nothing done
