@@ -48,6 +48,13 @@ KERNEL for a kernel fiber without one.
   checked at every try, and re-checked for every parked arm whenever a hold
   is dropped (a handle closed, a container's table closed).
 
+The image's hold.  A channel named in the image is held by :data:`IMAGE`
+for as long as the image lives (a container spawned later from the image gets
+its handle then), but IMAGE is not a side of it: it does not count for
+*connected* nor as "someone else holds it".  So a pipe the manifest declares
+between two containers breaks for one of them as soon as the other is gone,
+as a pipe does, and works again if a new container of the image takes it.
+
 A channel used only inside one container (never connected) never breaks:
 fibers of one container may rendezvous on it freely.  A connected channel
 whose holders shrink to one party breaks for that party until it is passed on
@@ -65,7 +72,18 @@ from typing import Any
 from .events import KERNEL, NOT_READY, BaseOp, Failed, KernelError, Operation, Sync, Waiter, WaitQueue
 from .syscall_table import Errno
 
-__all__ = ["MAX_MSG", "MAX_TAG", "Channel", "ChannelTable", "message_size", "recv", "send"]
+__all__ = ["IMAGE", "MAX_MSG", "MAX_TAG", "Channel", "ChannelTable", "message_size", "recv", "send"]
+
+
+class _ImageParty:
+    """The hold of the boot image on the channels it names (see the module doc)."""
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "IMAGE"
+
+
+IMAGE: Any = _ImageParty()
 
 MAX_MSG = 4096
 """Largest message on a channel created with size 0."""
@@ -117,8 +135,9 @@ class Channel:
         """Add a hold by ``party`` (a container or KERNEL)."""
         if self.freed:
             raise KernelError(Errno.EBADF, f"channel {self.cid} is freed")
-        self._holders[party] = self._holders.get(party, 0) + 1
-        if len(self._holders) >= 2:
+        h = self._holders
+        h[party] = h.get(party, 0) + 1
+        if len(h) - (IMAGE in h) >= 2:
             self.connected = True
 
     def release(self, party: Any = KERNEL) -> None:
@@ -144,7 +163,8 @@ class Channel:
         """True iff an arm synced by ``party`` must fail with EPIPE (see module doc)."""
         if self.freed:
             return True
-        return self.connected and len(self._holders) == 1 and party in self._holders
+        h = self._holders
+        return self.connected and len(h) - (IMAGE in h) == 1 and party in h
 
     def _wake_broken(self) -> None:
         for q in (self.sendq, self.recvq):

@@ -71,7 +71,7 @@ from vmk.hal.vm import Hal
 from vmk.machine.pc import Machine, RunResult, Why
 
 from . import events as ev
-from .channel import MAX_MSG, ChannelTable, recv, send
+from .channel import IMAGE, MAX_MSG, ChannelTable, recv, send
 from .events import NOT_READY, Condition, Failed, IrqSource, KernelError, OpState, Sync
 from .fiber import FiberState
 from .handles import HandleTable
@@ -203,7 +203,8 @@ class VMKernel:
         self.console_tx = self.channels.create(0, name="console.tx")
         self.rx_irq = IrqSource(4, "console-rx")
         self.irq_sources: dict[int, IrqSource] = {}
-        self.named = {c.name: self.channels.create(c.msg_size, c.tag, name=c.name) for c in image.channels}
+        self.named = {c.name: self.channels.create(c.msg_size, c.tag, holder=IMAGE, name=c.name)
+                      for c in image.channels}
         self.sched.spawn_kernel(self._uart_rx_driver(), "uart-rx")
         self.sched.spawn_kernel(self._uart_tx_driver(), "uart-tx")
         self.hal.start(self)

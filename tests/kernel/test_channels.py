@@ -386,3 +386,36 @@ def test_guest_send_and_recv_through_the_scheduler(sim: Sim) -> None:
     assert sim.sched.next_fiber() is gb
     assert sim.sched.sync(gb, send(b.handles.channel(hb), b"ping", 9)) == Completed(0)  # type: ignore[attr-defined]
     assert ga.state is FiberState.RUNNABLE and ga.result == b"ping"
+
+
+def test_the_image_hold_keeps_a_channel_alive_but_is_no_side_of_it(sim: Sim) -> None:
+    """A pipe the image names: IMAGE holds it for ever, yet when one of the two
+    containers using it is gone the other gets EPIPE, and a newcomer mends it."""
+    from vmk.kernel.channel import IMAGE
+    table = ChannelTable(4)
+    ch = table.create(8, holder=IMAGE, name="pipe")
+    a, b, c = container("a"), container("b"), container("c")
+    ha: HandleTable = a.handles              # type: ignore[attr-defined]
+    hb: HandleTable = b.handles              # type: ignore[attr-defined]
+    hc: HandleTable = c.handles              # type: ignore[attr-defined]
+    h_a = ha.install(ch)
+    assert not ch.connected and not ch.broken_for(a)      # alone with the image: waits for a partner
+    h_b = hb.install(ch)
+    assert ch.connected and not ch.broken_for(a) and not ch.broken_for(b)
+    got: list[Any] = []
+
+    def reader():  # type: ignore[no-untyped-def]
+        got.append((yield recv(ha.channel(h_a))))
+    ga = sim.guest(reader(), a, "ga")
+    sim.run(until=10)
+    assert ga.state is FiberState.BLOCKED
+    hb.close_all()                                        # b exits
+    assert ga.state is FiberState.RUNNABLE and ga.result == -Errno.EPIPE
+    sim.run()
+    assert got == [-Errno.EPIPE] and not ch.freed        # still the image's
+    assert ch.broken_for(a)
+    hc.install(ch)                                        # a new container of the image takes it
+    assert not ch.broken_for(a) and not ch.broken_for(c)
+    ha.close_all()
+    hc.close_all()
+    assert not ch.freed and table.in_use == 1             # the image's hold outlives every container

@@ -99,7 +99,8 @@ autostart = false
 
 # 3: the victim parks a fiber in recv on "link", then faults (1 ms); the
 # bystander (which holds "link" too) later offers a message on "link" with a
-# 1 ms timeout: nobody may take it, then it prints.
+# 1 ms timeout: the victim was the only other side of that image pipe, so the
+# offer fails at once with EPIPE (nobody took it), then it prints.
 VICTIM_C = r"""
 #include "vmk.h"
 long got = 0, bad_address = 0;
@@ -132,7 +133,7 @@ int main(void)
     arm = vmk_sync(e, 2);
     res = e[0].result;
     char msg[] = "bystander: arm ?\n";
-    msg[15] = (char)('0' + (arm >= 0 && arm <= 9 ? arm : 9));
+    msg[15] = arm < 0 ? 'E' : (char)('0' + (arm <= 9 ? arm : 9));
     vmk_console_write(msg, sizeof msg - 1);
     for (;;) vmk_sleep(1000000000L);
 }
@@ -275,7 +276,54 @@ program = "typing"
 memory = "256K"
 """
 
+# 6: a pipe the manifest declares: the producer sends 3 messages and exits; the
+# consumer reads until recv fails, and must get EPIPE then, not hang.
+PRODUCER_C = r"""
+#include "vmk.h"
+int main(void)
+{
+    for (long i = 1; i <= 3; i++) { vmk_sleep(100000L); vmk_send(0, &i, 8); }
+    return 0;
+}
+"""
+
+CONSUMER_C = r"""
+#include "vmk.h"
+long got = 0, sum = 0, last = 0;
+int main(void)
+{
+    long v;
+    while ((last = vmk_recv(0, &v, 8)) == 8) { got++; sum += v; }
+    for (;;) vmk_sleep(1000000000L);
+}
+"""
+
+PIPE_TOML = """
+[kernel]
+channels = 8
+[[program]]
+name = "producer"
+source = "producer.c"
+[[program]]
+name = "consumer"
+source = "consumer.c"
+[[channel]]
+name = "pipe"
+msg_size = 8
+[[container]]
+name = "consumer"
+program = "consumer"
+memory = "128K"
+handles = ["pipe"]
+[[container]]
+name = "producer"
+program = "producer"
+memory = "128K"
+handles = ["pipe"]
+"""
+
 IMAGES = {
+    "pipe": (PIPE_TOML, {"producer.c": PRODUCER_C, "consumer.c": CONSUMER_C}),
     "epipe": (EPIPE_TOML, {"parent.c": PARENT_C, "child.c": CHILD_C}),
     "fault": (FAULT_TOML, {"victim.c": VICTIM_C, "bystander.c": BYSTANDER_C}),
     "interop": (INTEROP_TOML, {"plain.c": PLAIN_C, "syncer.c": SYNCER_C}),
@@ -402,12 +450,13 @@ def test_a_container_faulting_next_to_a_parked_recv(images: dict[str, Path], pla
     assert waiter.waiting_on is None
     assert len(link.recvq) == 0 and len(link.sendq) == 0
     assert link.sends == 0                      # nobody took the bystander's message
-    # the bystander goes on: its offer on "link" timed out (arm 1), then it printed
+    # the bystander goes on: its offer on the pipe fails at once (EPIPE: the victim,
+    # the pipe's only other side, is gone; the image's hold is no side), then it printed
     assert k.containers[2].exit_code is None
-    assert _peek(k, 2, "arm") == 1
+    assert _peek(k, 2, "arm") == EPIPE
     assert _peek(k, 2, "res") == 12345          # the send arm never committed
-    assert b"bystander: arm 1\n" in com1.data
-    assert com1.data.index(b"vmk: pid 1 (victim) killed") < com1.data.index(b"bystander: arm 1")
+    assert b"bystander: arm E\n" in com1.data
+    assert com1.data.index(b"vmk: pid 1 (victim) killed") < com1.data.index(b"bystander: arm E")
 
 
 # ---------------------------------------------------------------------------- 4. interop with vmk_sync
@@ -465,3 +514,16 @@ def test_a_send_of_the_wrong_size_is_refused_at_once(images: dict[str, Path], pl
     assert _peek(k, 1, "got") == 0x0102030405060708
     assert ch8.sends == 1
     assert len(ch8.sendq) == 0 and len(ch8.recvq) == 0
+
+
+# ---------------------------------------------------------------------------- 6. a pipe of the image
+@POLICY
+@PARK
+def test_an_image_pipe_breaks_when_the_producer_exits(images: dict[str, Path], plain_park: bool, policy: str) -> None:
+    k, _ = _boot(images["pipe"], plain_park, policy)
+    _run(k, 5 * MS)
+    assert k.containers[2].exit_code == 0                   # the producer is done
+    assert _peek(k, 1, "got") == 3 and _peek(k, 1, "sum") == 6
+    assert _peek(k, 1, "last") == EPIPE                     # woken with the error, not parked for ever
+    pipe = _channel(k, 1, 0)
+    assert not pipe.freed and len(pipe.recvq) == 0          # the image still holds it
