@@ -31,7 +31,7 @@ unless the image asks otherwise:
   again: no sibling runs in its place) and ``sched.slice_expired`` moves the
   container behind its peers.
 * **wakeup**: an interrupt that woke a fiber (a driver, a fiber syncing on an
-  IRQ) stops the running fiber the same way (``requeue_front``), so the
+  IRQ, a sleeper or timeout whose time came) stops the running fiber the same way (``requeue_front``), so the
   policy can choose: per-container, the container stays current until its
   slice or quantum ends; global, it goes behind the fibers already queued.
   Either way the same fiber goes on when its container runs again.  An
@@ -411,7 +411,8 @@ class VMKernel:
     def interrupt(self, source: str) -> None:
         """An interrupt's top half ran (HAL).  Stops the machine when pid 0 has to
         choose again: a deadline of the running fiber passed, or the interrupt
-        woke a fiber (a timer wakeup waits for the running fiber's next stop).
+        woke a fiber (a timer's wakeups too: a sleeper runs on time under the
+        global policy; tests/kernel/test_starvation.py).
         While the CPU idles, anything runnable ends the idling."""
         now = self.machine.now
         woken = self.sched.wakeups
@@ -429,7 +430,7 @@ class VMKernel:
         if self.current is None:
             if self.sched.policy.runnable():
                 self.machine.stop(f"{KSTOP}wakeup ({source})")
-        elif source != "timer" and self.sched.wakeups != woken:
+        elif self.sched.wakeups != woken:
             self.machine.stop(f"{KSTOP}wakeup ({source})")
 
     def _irq_fired(self, src: IrqSource) -> None:
