@@ -43,6 +43,8 @@ __all__ = ["Hal", "KernelPort", "Vector", "SerialRing"]
 
 LAPIC = 0xFEE0_0000
 IOAPIC = 0xFEC0_0000
+PIT_CONTROL = 0x43
+PIT_CH0_MODE0 = 0x30        # 8254 control word (datasheet: control word format): counter 0, LSB then MSB, mode 0, binary
 
 
 class Vector(IntEnum):
@@ -160,6 +162,10 @@ class Hal:
             self.outb(port + 1, icw3)
             self.outb(port + 1, 0x01)
             self.outb(port + 1, 0xFF)
+        # 8254 counter 0: mode 0 with no count loaded waits for ever.  The firmware left it
+        # at 18.2 Hz; masked or not, every period would wake an idle CPU for nothing (the
+        # LAPIC one-shot is pid 0's only timer).  Linux's PIT shutdown writes the same mode.
+        self.outb(PIT_CONTROL, PIT_CH0_MODE0)
         # Local APIC: enabled, LINT0/LINT1 masked (no virtual wire), timer one-shot on Vector.TIMER.
         self.mmio_write(LAPIC + LapicReg.SVR, SVR_ENABLE | Vector.SPURIOUS)
         self.mmio_write(LAPIC + LapicReg.LVT_LINT0, LVT_MASKED)

@@ -91,6 +91,9 @@ class HandleTable:
         return obj
 
     def channel(self, h: int) -> Channel:
+        obj = self._objs.get(h) if type(h) is int else None
+        if type(obj) is Channel:
+            return obj                  # every send and recv comes here
         return self.get(h, Channel)
 
     # -- handle operations -----------------------------------------------------

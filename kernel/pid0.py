@@ -486,7 +486,7 @@ class VMKernel:
         if handler is None:
             return -int(Errno.ENOSYS)
         try:
-            return handler(self, f, c, *args[:6])
+            return handler(self, f, c, *args) if len(args) == 6 else handler(self, f, c, *args[:6])
         except UserFault:
             return -int(Errno.EFAULT)
         except OutOfMemory:

@@ -109,3 +109,16 @@ def test_tickless_timer_and_uart_rx_top_half() -> None:
     assert timer == [250_000]
     assert hal.rx.take(10) == b"abc"
     assert hal.irq_counts[Vector.COM1] >= 1
+
+
+def test_start_silences_the_pit_the_firmware_left_running() -> None:
+    """The firmware leaves 8254 counter 0 at 18.2 Hz; pid 0 times with the LAPIC only,
+    so the HAL stops it: an idle CPU then sleeps until the next real deadline."""
+    m = Machine(MachineConfig(mem=16 << 20))
+    hal = Hal(m)
+    hal.outb(0x43, 0x36)                 # counter 0, LSB/MSB, mode 3, as the BIOS leaves it
+    hal.outb(0x40, 0)
+    hal.outb(0x40, 0)
+    assert m.clock.next_deadline() is not None
+    hal.start(FakeKernel(hal))
+    assert m.clock.next_deadline() is None
