@@ -118,12 +118,31 @@ class IdtSink:
                                       f"delivering #DF (first event: vector {first})") from None
                 if attempts > 3:
                     raise TripleFault("triple fault: repeated faults during delivery") from None
+                if sw and return_rip is not None:
+                    # INT n itself faults (gate DPL, not present, ...): a fault, so the
+                    # pushed RIP is the INT instruction's, not the one after it (SDM 6.12.1.1).
+                    return_rip = self._insn_start(v, return_rip)
                 if (v in _CONTRIBUTORY and second in _CONTRIBUTORY) or \
                         (v == _PF and (second in _CONTRIBUTORY or second == _PF)):
                     # #PF detected on the way still loads CR2 (SDM 6.15, #PF), even as it becomes #DF.
                     pending = (_DF, 0, False, True, f.cr2 if second == _PF else None)
                 else:
                     pending = (second, f.error_code, False, True, f.cr2)
+
+    def _insn_start(self, vector: int, next_rip: int) -> int:
+        """Where the INT3 / INTO / INT imm8 that raised ``vector`` starts, given the
+        address after it (all Unicorn reports): INT3 (CC) and INTO (CE) are one byte,
+        INT imm8 (CD ib) two.  The vector tells CC apart from an imm8 of 0xCC."""
+        b = self.cpu.ctx_read()
+        pg = _paging(b)
+        cs_base = 0 if pg.lma else _Q.unpack_from(b, Ctx.SEGS + SEG_SIZE * Seg.CS + 8)[0]
+        try:
+            last = self._read(pg, cs_base + next_rip - 1, 1)[0]
+        except Fault:
+            return next_rip - 2
+        if (vector == 3 and last == 0xCC) or (vector == 4 and last == 0xCE):
+            return next_rip - 1
+        return next_rip - 2
 
     # ------------------------------------------------------------------ one attempt
     def _deliver_once(self, vector: int, ec: int | None, software: bool, ext: bool,
@@ -132,8 +151,7 @@ class IdtSink:
         b = cpu.ctx_read()
         hflags = _I.unpack_from(b, Ctx.HFLAGS)[0]
         cpl = hflags & HF.CPL_MASK
-        pg = Paging(_Q.unpack_from(b, Ctx.CR0)[0], _Q.unpack_from(b, Ctx.CR3)[0],
-                    _Q.unpack_from(b, Ctx.CR4)[0], bool(hflags & HF.LMA))
+        pg = _paging(b)
         if not (pg.cr0 & 1):
             raise TripleFault(f"interrupt {vector} in real mode: real-mode IVT delivery is not modelled")
         idt_base, idt_limit = _table(b, Ctx.IDT)
@@ -295,6 +313,12 @@ class IdtSink:
 
 
 _CR2_REG = Reg.CR2
+
+
+def _paging(b) -> Paging:
+    hflags = _I.unpack_from(b, Ctx.HFLAGS)[0]
+    return Paging(_Q.unpack_from(b, Ctx.CR0)[0], _Q.unpack_from(b, Ctx.CR3)[0],
+                  _Q.unpack_from(b, Ctx.CR4)[0], bool(hflags & HF.LMA))
 
 
 def _table(b, off: int) -> tuple[int, int]:

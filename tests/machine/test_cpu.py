@@ -11,7 +11,7 @@ Counting rule used for expected times: the guest starts at t = 0 and the k-th
 instruction ends at t = k * icount; a port write, an ``rdtsc`` or a register read
 happens at the end of its instruction.
 
-Bugs found are pinned by the ``xfail(strict=True)`` tests at the end of the file.
+Bugs this suite found stay pinned by their tests (none is left as an xfail).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Interrupt timing: the guest starts at t = 0 and the k-th instruction ends at t =
 an interrupt pending at a boundary where it may be taken is delivered there in
 zero time, and the runtime's ``rdtsc`` runs ``RUNTIME_TSC`` instructions later.
 
-Bugs found are pinned by the ``xfail(strict=True)`` tests at the end.
+The tests under "bugs fixed" at the end pin bugs this suite found (no xfail is left).
 """
 from __future__ import annotations
 
@@ -588,7 +588,7 @@ def test_iretq_setting_if_delivers_at_its_target() -> None:
     assert e.tsc == 4 + 8 + tsc_offset
 
 
-# -- bugs -----------------------------------------------------------------------------------------------------
+# -- bugs fixed -----------------------------------------------------------------------------------------------------
 
 def test_cr2_after_pf_while_delivering_pf_is_the_stack_address() -> None:
     h = _pf_on_pf_machine()
@@ -597,14 +597,17 @@ def test_cr2_after_pf_while_delivering_pf_is_the_stack_address() -> None:
     assert e.cr2 == VIRT + 0x1000 - 8                      # the first push (SS) faults
 
 
-@pytest.mark.xfail(strict=True, reason="x86.py IdtSink.deliver / pc.py _take_event: a fault raised while delivering "
-                   "INT n (#GP for gate DPL < CPL, #NP for a not-present gate) pushes the RIP after the INT; it is "
-                   "a fault, so the pushed RIP must be the INT instruction (as QEMU does)")
+@pytest.mark.parametrize("insn, vector", [("int 0x41", 0x41), ("int3", 3), (".byte 0xcd, 0x03", 3),
+                                          ("int 0xcc", 0xCC), ("int 0xce", 0xCE)])
 @pytest.mark.parametrize("ring3, dpl, present", [(True, 0, True), (False, 0, False)])
-def test_fault_delivering_int_n_points_at_the_int_instruction(ring3: bool, dpl: int, present: bool) -> None:
-    body = "int 0x41\nnop"
+def test_fault_delivering_int_n_points_at_the_int_instruction(ring3: bool, dpl: int, present: bool, insn: str,
+                                                              vector: int) -> None:
+    """INT n that faults (#GP: gate DPL < CPL; #NP: gate not present) is a fault: the
+    pushed RIP is the INT's own address (SDM 6.12.1.1), for the one-byte INT3 as for
+    INT imm8, whose imm8 may look like INT3 or INTO (0xCC, 0xCE)."""
+    body = f"{insn}\nnop"
     h = machine(f"{to_ring3('user')}\nuser:\n{body}" if ring3 else body)
-    set_gate(h, 0x41, dpl=dpl, present=present)
+    set_gate(h, vector, dpl=dpl, present=present)
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert e.vector in (11, 13) and e.rip == addr_of(h, "int 0x41")
+    assert e.vector == (13 if ring3 else 11) and e.rip == addr_of(h, insn)
