@@ -311,12 +311,24 @@ class VMKernel:
                 return RunResult(Why.STOPPED, "instruction limit reached")
             r = m.run(until=until, max_instructions=left)
             if not (r.why == Why.STOPPED and r.message.startswith(KSTOP)):
+                if r.why == Why.DEAD and self.current is None:
+                    return self._deadlock()
                 return r                        # not ours: the fiber stays on the CPU
             if self.current is not None:
                 self._unload(self.current)
             self.hal.idling = False
             if self._slice_end is not None and m.now >= self._slice_end:
                 sched.slice_expired()           # the container goes behind its peers
+
+    def _deadlock(self) -> RunResult:
+        """The CPU idles for ever: every fiber is blocked and no timer, no interrupt
+        source (the console's input is closed) can wake one."""
+        waits = sorted({w for f in self.sched.blocked() if f.container is not None
+                        and (w := f.waiting_on) is not None})
+        what = "; ".join(waits[:3]) + (" ..." if len(waits) > 3 else "")
+        return RunResult(Why.DEAD, f"every fiber is blocked and nothing can wake one (no timer armed, "
+                                   f"console input closed) at t={self.machine.now} ns"
+                                   + (f": waiting on {what}" if what else ""))
 
     def _load(self, f, now: int) -> GuestContext:
         """Make ``f`` the current fiber at virtual time ``now`` (its context is what

@@ -61,3 +61,14 @@ def test_typed_faster_than_read_is_not_lost(console_image: Path) -> None:
     k.run(until=5_000_000_000)
     assert ("x" * 100 + "\r\n") in com1.data.decode()
     assert k.hal.rx.overflow == 0
+
+
+def test_a_kernel_that_can_never_wake_again_says_what_its_fibers_wait_for(console_image: Path) -> None:
+    """No more input will come and no timer is armed: the run ends (it does not idle
+    for ever) with one line naming what the blocked fibers wait on."""
+    m, k, com1 = boot(console_image, b"ps\r")
+    r = k.run()
+    assert r.why == Why.DEAD
+    assert r.message.startswith("every fiber is blocked and nothing can wake one")
+    assert "waiting on recv on channel 0" in r.message          # the shell, on console.rx
+    assert com1.data.decode().endswith("> ")                     # it answered, then waited for a line
