@@ -227,39 +227,12 @@ memory = "64K"
     return ours, raw
 
 
-_PP_MANIFEST_TWO = """
-[kernel]
-channels = 16
-[[program]]
-name = "a"
-source = "a.c"
-[[program]]
-name = "b"
-source = "b.c"
-[[channel]]
-name = "ping"
-msg_size = 8
-[[channel]]
-name = "pong"
-msg_size = 8
-[[container]]
-name = "a"
-program = "a"
-memory = "256K"
-handles = ["ping", "pong"]
-[[container]]
-name = "b"
-program = "b"
-memory = "256K"
-handles = ["ping", "pong"]
-"""
-
-
 def _rtt_containers(tmp: Path, n: int) -> float:
     """Round trips per host second between two containers (the whole run is the ping-pong)."""
     files = {"a.c": PINGPONG_C % {"n": n, "mode": 1, "ping": 0, "pong": 1},
              "b.c": PINGPONG_C % {"n": n, "mode": 2, "ping": 0, "pong": 1}}
-    m, k, _ = _boot(_build(tmp, _PP_MANIFEST_TWO, files))
+    from vmk.testing.workloads import ping_pong_manifest
+    m, k, _ = _boot(_build(tmp, ping_pong_manifest("a.c", "b.c"), files))
     t = time.perf_counter()
     k.run(until=60_000_000_000)
     return n / (time.perf_counter() - t)

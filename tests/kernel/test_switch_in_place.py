@@ -22,6 +22,7 @@ from vmk.boot.vmkimage import Policy, read_image
 from vmk.kernel.pid0 import VMKernel
 from vmk.machine.pc import Machine, MachineConfig
 from vmk.testing.harness import SerialCapture
+from vmk.testing.workloads import ping_pong_manifest
 from vmk.tools.build import build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,36 +86,11 @@ int main(void)
 }
 """
 
-PINGPONG_TOML = """
-[kernel]
-channels = 8
-[[program]]
-name = "pp"
-source = "pp.c"
-[[channel]]
-name = "ping"
-msg_size = 8
-[[channel]]
-name = "pong"
-msg_size = 8
-[[container]]
-name = "a"
-program = "pp"
-memory = "128K"
-handles = ["ping", "pong"]
-[[container]]
-name = "b"
-program = "pp"
-memory = "128K"
-handles = ["ping", "pong"]
-"""
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("fast-paths")
     (tmp / "pp.c").write_text(PINGPONG)
-    (tmp / "pp.toml").write_text(PINGPONG_TOML)
+    (tmp / "pp.toml").write_text(ping_pong_manifest("pp.c", memory="128K"))
     out = {"pingpong": tmp / "pp.img"}
     build(tmp / "pp.toml", out["pingpong"])
     for demo in ("pipeline", "console"):
