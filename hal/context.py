@@ -89,20 +89,9 @@ class ContextSwitcher:
     # and Unicorn adds 2 to whatever RIP holds when the hook returns.
     SYSCALL_LEN = 2
 
-    def save_in_syscall(self, ctx: GuestContext) -> None:
-        """Save from inside the SYSCALL hook: the fiber resumes after the SYSCALL."""
-        regs = self._batch.read()
-        regs[_RIP] += self.SYSCALL_LEN
-        ctx.regs[:] = regs
-
-    def load_in_syscall(self, ctx: GuestContext, cr3: int) -> None:
-        """Load from inside the SYSCALL hook (the CPU goes on at ``ctx``'s RIP)."""
-        regs = list(ctx.regs)
-        regs[_RIP] -= self.SYSCALL_LEN
-        self.load(GuestContext(regs), cr3)
-
     def switch_in_syscall(self, old: GuestContext, new: GuestContext, cr3: int) -> None:
-        """``save_in_syscall(old)`` then ``load_in_syscall(new, cr3)``, in one register call."""
+        """From inside the SYSCALL hook, in one register call: save ``old`` (it resumes
+        after the SYSCALL) and load ``new`` (the CPU goes on at its RIP)."""
         self.cpu.invalidate_ctx()
         self._load_cr3(cr3)
         self._batch.swap(old.regs, new.regs, _RIP, self.SYSCALL_LEN)

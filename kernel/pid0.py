@@ -31,9 +31,10 @@ unless the image asks otherwise:
   again: no sibling runs in its place) and ``sched.slice_expired`` moves the
   container behind its peers.
 * **wakeup**: an interrupt that woke a fiber (a driver, a fiber syncing on an
-  IRQ, a sleeper or timeout whose time came) stops the running fiber the same way (``requeue_front``), so the
-  policy can choose: per-container, the container stays current until its
-  slice or quantum ends; global, it goes behind the fibers already queued.
+  IRQ, a sleeper or a timeout whose time came) stops the running fiber the
+  same way (``requeue_front``), so the policy can choose: per-container, the
+  container stays current until its slice or quantum ends; global, it goes
+  behind the fibers already queued.
   Either way the same fiber goes on when its container runs again.  An
   interrupt that woke nobody stops nothing.
 * **fiber timer** (``fiber_preemption_ns`` > 0, Guile fibers' ``hz``): a
@@ -327,7 +328,7 @@ class VMKernel:
                         and (w := f.waiting_on) is not None})
         what = "; ".join(waits[:3]) + (" ..." if len(waits) > 3 else "")
         return RunResult(Why.DEAD, f"every fiber is blocked and nothing can wake one (no timer armed, "
-                                   f"console input closed) at t={self.machine.now} ns"
+                                   f"no input to come) at t={self.machine.now} ns"
                                    + (f": waiting on {what}" if what else ""))
 
     def _load(self, f, now: int) -> GuestContext:
@@ -498,7 +499,7 @@ class VMKernel:
         if handler is None:
             return -int(Errno.ENOSYS)
         try:
-            return handler(self, f, c, *args) if len(args) == 6 else handler(self, f, c, *args[:6])
+            return handler(self, f, c, *args[:6])
         except UserFault:
             return -int(Errno.EFAULT)
         except OutOfMemory:
@@ -569,11 +570,10 @@ class VMKernel:
         return 0
 
     # send and recv: a partner already parked on the channel is the common case
-    # (a server waiting for requests); the rendezvous is then done at once,
-    # as the one-arm sync would do it.  Errors and blocking take the sync.
-    # When nobody is there the fiber parks as a :class:`_Parked` (the one-arm
-    # sync without the generic machinery); a send that would fail (type, EPIPE)
-    # takes the sync, which gives the error.
+    # (a server waiting for requests); the rendezvous is then done at once, as
+    # the one-arm sync would do it.  With nobody there the fiber parks as a
+    # :class:`_Parked` (that sync without the generic machinery).  Anything that
+    # fails (a bad type, EPIPE) takes the sync, which gives the error.
     def sys_send(self, f, c, h, buf, n, *_):
         ch = c.handles.channel(h)
         data = c.aspace.read(buf, n)

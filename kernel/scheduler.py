@@ -373,15 +373,9 @@ class GlobalPolicy:
         if f.kind is FiberKind.KERNEL:
             self._kernel.push(f, p, tick)
             return
-        g = self._groups.get(f.container)
-        if g is None:
-            g = self._group_of(f)
+        g = self._group_of(f)
         g.add(f, p, tick)
-        stats = self._stats
-        stats.seq += 1
-        heapq.heappush(self._slots, (tick - p * self._aging, stats.seq, g, p))
-        g.slots += 1
-        stats.work += 1
+        self._push_slot(g, p, tick)
 
     def requeue_front(self, f: Fiber, tick: int) -> None:
         if f.kind is FiberKind.KERNEL:
