@@ -194,8 +194,26 @@ class Harness:
             enter_long_mode(h.machine, org, 0)
         else:
             enter_protected_mode(h.machine, org, 0)
-        h.code_end = org + len(code)
+        h.code_org, h.code_end = org, org + len(code)
         return h
+
+    def addrs_of(self, insn: str) -> list[int]:
+        """Addresses in the ``from_asm`` code of the instructions that encode like
+        ``insn`` (a position-independent instruction)."""
+        code = self.machine.read_physical(self.code_org, self.code_end - self.code_org)
+        enc = assemble(insn, 0)
+        assert enc, f"{insn!r} does not assemble"
+        found, pos = [], code.find(enc)
+        while pos >= 0:
+            found.append(self.code_org + pos)
+            pos = code.find(enc, pos + len(enc))
+        return found
+
+    def addr_of(self, insn: str) -> int:
+        """Address of the one instruction in the ``from_asm`` code that encodes like ``insn``."""
+        found = self.addrs_of(insn)
+        assert len(found) == 1, f"{insn!r} occurs {len(found)} times in the test code"
+        return found[0]
 
     # -- running
     def run_for(self, ns: int) -> RunResult:

@@ -73,26 +73,6 @@ def machine(src: str, *, runtime: bool = True, **kw) -> Harness:
     return h
 
 
-def addrs_of(h: Harness, insn: str) -> list[int]:
-    """Addresses of the instructions in the test code that encode like ``insn``
-    (a position-independent instruction whose bytes appear nowhere else)."""
-    code = h.machine.read_physical(ORG, h.code_end - ORG)
-    enc = assemble(insn, 0)
-    assert enc
-    found, pos = [], code.find(enc)
-    while pos >= 0:
-        found.append(ORG + pos)
-        pos = code.find(enc, pos + len(enc))
-    return found
-
-
-def addr_of(h: Harness, insn: str) -> int:
-    """Address of the one instruction in the test code that encodes like ``insn``."""
-    found = addrs_of(h, insn)
-    assert len(found) == 1, f"{insn!r} occurs {len(found)} times in the test code"
-    return found[0]
-
-
 def put_code(h: Harness, addr: int, src: str) -> None:
     h.machine.write_physical(addr, assemble(src, addr))
 
@@ -261,7 +241,7 @@ def test_hlt_ends_a_slice_with_the_right_count() -> None:
     h = machine(HLT_SRC)
     cpu = h.machine.cpu
     assert cpu.run(1000) == (HLT_AT, Stop.HALT)
-    assert cpu.halted and cpu.rip == addr_of(h, "mov r10, 1")
+    assert cpu.halted and cpu.rip == h.addr_of("mov r10, 1")
     assert h.regs.r10 == 0
 
 
@@ -322,7 +302,7 @@ def test_exit_through_isa_debug_exit_counts_exactly() -> None:
     r = h.run_for(100_000)
     assert r.why == Why.EXIT and r.exit_status == 1
     assert h.instructions == h.now == 3 + 300 * 6 + 1 + 3
-    assert h.regs.r14 == 0 and h.regs.rip == addr_of(h, "mov r14, 1")
+    assert h.regs.r14 == 0 and h.regs.rip == h.addr_of("mov r14, 1")
 
 
 # -- exception bookkeeping (env->old_exception) -----------------------------------------------------------------
@@ -374,10 +354,10 @@ def test_five_faults_in_a_row_keep_their_vectors_and_error_codes() -> None:
     h = _five_faults()
     h.run(max_instructions=500)
     got = _summary(h)
-    store1, store2 = addrs_of(h, "mov [rcx], rax")
-    assert got == [(14, 0, addr_of(h, "mov rax, [rcx]"), VIRT),         # read, not present
-                   (13, 0x58, addr_of(h, "mov ds, ax"), None),          # selector beyond the GDT
-                   (0, 0, addr_of(h, "div ecx"), None),
+    store1, store2 = h.addrs_of("mov [rcx], rax")
+    assert got == [(14, 0, h.addr_of("mov rax, [rcx]"), VIRT),         # read, not present
+                   (13, 0x58, h.addr_of("mov ds, ax"), None),          # selector beyond the GDT
+                   (0, 0, h.addr_of("div ecx"), None),
                    (14, 2, store1, VIRT),                               # write, not present
                    (14, 3, store2, VIRT + 0x20_0000)]                   # write, read-only
     assert h.regs.r15 == 0x55
@@ -391,7 +371,7 @@ def test_slice_ending_right_before_a_fault_still_gives_pf() -> None:
     h = _five_faults()
     before_load = count_insns(resume_at("r1")) + 1
     r = h.run(max_instructions=before_load)
-    assert r.why == Why.STOPPED and h.regs.rip == addr_of(h, "mov rax, [rcx]")
+    assert r.why == Why.STOPPED and h.regs.rip == h.addr_of("mov rax, [rcx]")
     assert events(h) == []
     h.run(max_instructions=500)
     assert [(e.vector, e.error_code) for e in events(h)][:1] == [(14, 0)]
@@ -487,7 +467,7 @@ def test_syscall_from_ring3_enters_lstar_at_cpl0_and_sysret_returns() -> None:
     r = h.run_to_end(LIMIT)
     assert r.why == Why.DEAD
     user_flags = RFLAGS_FIXED | RF_CF | RF_PF | RF_ZF | RF_IF | RF_DF     # xor eax,eax; stc; std
-    assert rec(h, 0) == addr_of(h, "mov rbx, 0x7000")      # RCX = the instruction after syscall
+    assert rec(h, 0) == h.addr_of("mov rbx, 0x7000")      # RCX = the instruction after syscall
     assert rec(h, 1) == user_flags                          # R11 = RFLAGS
     assert rec(h, 2) == user_flags & ~FMASK_VALUE           # FMASK applied (CF, IF, DF cleared)
     assert rec(h, 3) == PML4_ADDR                           # mov rax, cr3 worked: CPL 0
@@ -498,7 +478,7 @@ def test_syscall_from_ring3_enters_lstar_at_cpl0_and_sysret_returns() -> None:
     assert rec(h, 11) == bm.SEL.UCODE and rec(h, 12) == bm.SEL.UDATA
     # the only fault is the final user `hlt`: #GP(0) at CPL 3
     assert [(e.vector, e.error_code, e.cs) for e in events(h)] == [(13, 0, bm.SEL.UCODE)]
-    assert events(h)[0].rip == addr_of(h, "hlt")
+    assert events(h)[0].rip == h.addr_of("hlt")
 
 
 INT_FROM_USER_SRC = f"""
@@ -544,7 +524,7 @@ def test_interrupt_from_ring3_runs_a_dpl0_handler_at_cpl0_and_iretq_returns_to_r
     assert h.regs.r8 == 200
     # back in ring 3: the user's own `mov rax, cr3` faults
     assert [(e.vector, e.error_code, e.cs, e.rip) for e in events(h)] == \
-        [(13, 0, bm.SEL.UCODE, addr_of(h, "mov rax, cr3"))]
+        [(13, 0, bm.SEL.UCODE, h.addr_of("mov rax, cr3"))]
     assert h.irq_counts == {0x41: 1, 13: 1}
 
 
@@ -598,7 +578,7 @@ def test_code_run_in_a_long_slice_then_single_stepped_respects_the_count() -> No
     h.regs.rip = ORG
     h.regs.r9 = 0
     cpu.halted = False
-    loop = addr_of(h, "dec r8")
+    loop = h.addr_of("dec r8")
     steps = [(ORG + 7, 1000), (loop + 3, 999), (loop, 999), (loop + 3, 998)]
     for rip, r8 in steps:
         assert cpu.run(1) == (1, Stop.COUNT)
@@ -742,13 +722,13 @@ def test_out_from_ring3_with_iopl0_and_no_bitmap_is_gp_and_does_not_write() -> N
     # Without the workaround (the bus's IOPL/bitmap check), Unicorn runs IN/OUT at any CPL.
     h = _io_harness(RFLAGS_FIXED)
     assert h.run_to_end(LIMIT).why == Why.DEAD
-    out_com1, out_com2 = addrs_of(h, "out dx, al")
+    out_com1, out_com2 = h.addrs_of("out dx, al")
     assert _faults(h) == [
         (13, 0, out_com1, bm.SEL.UCODE),                      # OUT: #GP(0) on the OUT itself
-        (13, 0, addr_of(h, "in al, dx"), bm.SEL.UCODE),       # IN likewise
+        (13, 0, h.addr_of("in al, dx"), bm.SEL.UCODE),       # IN likewise
         (13, 0, out_com2, bm.SEL.UCODE),                      # OUT to COM2
-        (13, 0, addr_of(h, "out dx, ax"), bm.SEL.UCODE),      # word OUT
-        (13, 0, addr_of(h, "hlt"), bm.SEL.UCODE),             # the final hlt
+        (13, 0, h.addr_of("out dx, ax"), bm.SEL.UCODE),      # word OUT
+        (13, 0, h.addr_of("hlt"), bm.SEL.UCODE),             # the final hlt
     ]
     assert _scratch(h, COM1_SCR) == 0 and _scratch(h, COM2_SCR) == 0     # no write happened
     assert h.regs.r12 == 0x12345678                           # the faulting `in` left RAX alone
@@ -758,7 +738,7 @@ def test_out_from_ring3_with_iopl3_works() -> None:
     h = _io_harness(RFLAGS_FIXED | IOPL3)
     assert h.run_to_end(LIMIT).why == Why.DEAD
     # no I/O fault: only the final hlt (twice: the unused resume address r4 is that hlt)
-    assert _faults(h) == [(13, 0, addr_of(h, "hlt"), bm.SEL.UCODE)] * 2
+    assert _faults(h) == [(13, 0, h.addr_of("hlt"), bm.SEL.UCODE)] * 2
     assert h.regs.r12 == 0x1234565A                           # `in al` read the scratch back
     assert _scratch(h, COM2_SCR) == 0x66
     assert _scratch(h, COM1_SCR) == 0x77                      # the word out wrote 0x77 to 0x3ff
@@ -776,9 +756,9 @@ def test_tss_io_bitmap_allows_exactly_one_port() -> None:
     m.write_physical(bm.TSS_BASE + 104, bytes(bitmap))
     m.cpu.uc.reg_write(Reg.TR, (bm.SEL.TSS, bm.TSS_BASE, limit, 0x8900))
     assert h.run_to_end(LIMIT).why == Why.DEAD
-    assert _faults(h) == [(13, 0, addrs_of(h, "out dx, al")[1], bm.SEL.UCODE),    # COM2: bit set
-                          (13, 0, addr_of(h, "out dx, ax"), bm.SEL.UCODE),        # 0x3fe's bit set
-                          (13, 0, addr_of(h, "hlt"), bm.SEL.UCODE)]
+    assert _faults(h) == [(13, 0, h.addrs_of("out dx, al")[1], bm.SEL.UCODE),    # COM2: bit set
+                          (13, 0, h.addr_of("out dx, ax"), bm.SEL.UCODE),        # 0x3fe's bit set
+                          (13, 0, h.addr_of("hlt"), bm.SEL.UCODE)]
     assert _scratch(h, COM1_SCR) == 0x5A and _scratch(h, COM2_SCR) == 0
     assert h.regs.r12 == 0x1234565A
 
@@ -804,7 +784,7 @@ def test_syscall_with_sce_clear_is_ud() -> None:
     put_code(h, KHANDLER, LSTAR_HANDLER)
     h.run_to_end(LIMIT)
     first = events(h)[0]
-    assert (first.vector, first.rip, first.cs) == (6, addr_of(h, "syscall"), bm.SEL.UCODE)
+    assert (first.vector, first.rip, first.cs) == (6, h.addr_of("syscall"), bm.SEL.UCODE)
 
 
 # -- the C hook gateways (machine/_fasthooks.c) ------------------------------------------------------------------
@@ -902,10 +882,9 @@ def test_a_register_swap_in_the_syscall_hook_saves_one_context_and_runs_the_othe
     SYSCALL go into ``old`` with RIP past it; the CPU goes on at ``new``'s RIP
     (Unicorn adds 2 after the hook, so the swap loads RIP - 2) with its registers."""
     from vmk.machine.cpu import RegBatch
-    from vmk.testing.harness import ASM_ORG
-    head = "mov rbx, 0x1111\nmov rcx, -1\nmov eax, 1\nsyscall\nmov r14, 0x77\nhlt\n"
-    other = ASM_ORG + len(assemble(head, ASM_ORG))
-    h = Harness.from_asm(head + "mov r15, rbx\nhlt\n")
+    h = Harness.from_asm("mov rbx, 0x1111\nmov rcx, -1\nmov eax, 1\nsyscall\nmov r14, 0x77\nhlt\n"
+                         "mov r15, rbx\nhlt\n")
+    other, after_syscall = h.addr_of("mov r15, rbx"), h.addr_of("mov r14, 0x77")
     cpu = h.machine.cpu
     batch = RegBatch(cpu.uc, [int(Reg.RAX), int(Reg.RBX), int(Reg.RCX), int(Reg.RIP)])
     old = [0, 0, 0, 0]
@@ -918,7 +897,6 @@ def test_a_register_swap_in_the_syscall_hook_saves_one_context_and_runs_the_othe
 
     cpu.syscall_door = door
     h.run_for(1_000)
-    after_syscall = ASM_ORG + len(assemble("mov rbx, 0x1111\nmov rcx, -1\nmov eax, 1\nsyscall\n", ASM_ORG))
     assert old == [1, 0x1111, (1 << 64) - 1, after_syscall]
     assert new == [5, 0x2222, 7, other]                 # not changed
     assert h.regs.r15 == 0x2222 and h.regs.rcx == 7 and h.regs.rax == 5 and h.regs.r14 == 0

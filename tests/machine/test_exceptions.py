@@ -76,27 +76,9 @@ def machine(src: str, **kw) -> Harness:
     return h
 
 
-def addrs_of(h: Harness, insn: str) -> list[int]:
-    """Addresses in the test code of the (position-independent) instruction ``insn``."""
-    code = h.machine.read_physical(ORG, h.code_end - ORG)
-    enc = assemble(insn, 0)
-    assert enc
-    found, pos = [], code.find(enc)
-    while pos >= 0:
-        found.append(ORG + pos)
-        pos = code.find(enc, pos + len(enc))
-    return found
-
-
-def addr_of(h: Harness, insn: str) -> int:
-    found = addrs_of(h, insn)
-    assert len(found) == 1, f"{insn!r} occurs {len(found)} times in the test code"
-    return found[0]
-
-
 def after(h: Harness, insn: str) -> int:
     """Address of the instruction following the unique ``insn``."""
-    return addr_of(h, insn) + len(assemble(insn, 0))
+    return h.addr_of(insn) + len(assemble(insn, 0))
 
 
 def set_gate(h: Harness, vector: int, handler: int | None = None, *, gate_type: int = GATE_INT,
@@ -154,7 +136,7 @@ def test_de_from_ring0_frame_on_the_current_stack() -> None:
     e = one_event(h)
     flags = RFLAGS_FIXED | 0x44                     # after `xor ecx, ecx`: ZF, PF
     assert (e.vector, e.rip, e.cs, e.rflags, e.rsp, e.ss) == \
-        (0, addr_of(h, "div ecx"), bm.SEL.KCODE, flags, bm.KSTACK, bm.SEL.KDATA)
+        (0, h.addr_of("div ecx"), bm.SEL.KCODE, flags, bm.KSTACK, bm.SEL.KDATA)
     assert e.frame == bm.KSTACK - 40                # no stack switch, no error code
     assert frame_words(h, e.frame) == (e.rip, bm.SEL.KCODE, flags, bm.KSTACK, bm.SEL.KDATA)
 
@@ -163,7 +145,7 @@ def test_ud_is_a_fault_on_the_instruction() -> None:
     h = machine("nop\nud2\nnop")
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert (e.vector, e.rip, e.frame) == (6, addr_of(h, "ud2"), bm.KSTACK - 40)
+    assert (e.vector, e.rip, e.frame) == (6, h.addr_of("ud2"), bm.KSTACK - 40)
 
 
 @pytest.mark.parametrize("selector, code", [(0x58, 0x58), (0x5B, 0x58), (0x5C, 0x5C)])
@@ -172,7 +154,7 @@ def test_gp_selector_error_code(selector: int, code: int) -> None:
     h = machine(f"mov ax, {selector:#x}\nmov ds, ax\nnop")
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert (e.vector, e.error_code, e.rip) == (13, code, addr_of(h, "mov ds, ax"))
+    assert (e.vector, e.error_code, e.rip) == (13, code, h.addr_of("mov ds, ax"))
     assert e.frame == bm.KSTACK - 40
     assert u64(h, bm.KSTACK - 48) == code             # the CPU pushed it below RIP
 
@@ -181,7 +163,7 @@ def test_gp_non_canonical_address_error_code_zero() -> None:
     h = machine("mov rcx, 0x8000000000000000\nmov rax, [rcx]\nnop")
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert (e.vector, e.error_code, e.rip) == (13, 0, addr_of(h, "mov rax, [rcx]"))
+    assert (e.vector, e.error_code, e.rip) == (13, 0, h.addr_of("mov rax, [rcx]"))
 
 
 def test_ring0_frame_is_16_byte_aligned_and_pushes_the_old_rsp() -> None:
@@ -228,7 +210,7 @@ def test_pf_from_ring0(page: int, store: bool, code: int) -> None:
     h = _pf_machine(f"mov rcx, {addr:#x}\n{access}\nnop")
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert (e.vector, e.error_code, e.cr2, e.rip) == (14, code, addr, addr_of(h, access))
+    assert (e.vector, e.error_code, e.cr2, e.rip) == (14, code, addr, h.addr_of(access))
     assert (e.cs, e.ss, e.rsp, e.frame) == (bm.SEL.KCODE, bm.SEL.KDATA, bm.KSTACK, bm.KSTACK - 40)
     assert u64(h, bm.KSTACK - 48) == code
 
@@ -246,7 +228,7 @@ def test_pf_from_ring3_switches_to_rsp0(page: int, store: bool, code: int) -> No
     h = _pf_machine(f"{to_ring3('user', rsp=0x6FFF8)}\nuser:\nmov rcx, {addr:#x}\n{access}\nnop")
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert (e.vector, e.error_code, e.cr2, e.rip) == (14, code, addr, addr_of(h, access))
+    assert (e.vector, e.error_code, e.cr2, e.rip) == (14, code, addr, h.addr_of(access))
     assert (e.cs, e.ss, e.rsp) == (bm.SEL.UCODE, bm.SEL.UDATA, 0x6FFF8)
     assert e.frame == bm.RSP0 - 40                     # RSP0 - 48 with the error code
     assert u64(h, bm.RSP0 - 48) == code
@@ -258,7 +240,7 @@ def test_user_read_of_a_user_page_works() -> None:
     h.machine.write_physical(0x80_0000, struct.pack("<Q", 0xFEED))
     h.run_to_end(LIMIT)
     e = one_event(h)                                   # only the user `hlt`: #GP(0)
-    assert (e.vector, e.error_code, e.rip) == (13, 0, addr_of(h, "hlt"))
+    assert (e.vector, e.error_code, e.rip) == (13, 0, h.addr_of("hlt"))
     assert h.regs.r8 == 0xFEED
 
 
@@ -279,7 +261,7 @@ def test_de_from_ring3_switches_to_rsp0_without_error_code() -> None:
     h.run_to_end(LIMIT)
     e = one_event(h)
     assert e.frame == bm.RSP0 - 40
-    assert frame_words(h, e.frame) == (addr_of(h, "div ecx"), bm.SEL.UCODE, RFLAGS_FIXED | 0x44, 0x6FF00,
+    assert frame_words(h, e.frame) == (h.addr_of("div ecx"), bm.SEL.UCODE, RFLAGS_FIXED | 0x44, 0x6FF00,
                                        bm.SEL.UDATA)
 
 
@@ -288,7 +270,7 @@ def test_gp_from_ring3_frame_with_error_code() -> None:
     h.run_to_end(LIMIT)
     e = one_event(h)
     assert (e.vector, e.error_code, e.rip, e.cs, e.ss, e.rsp) == \
-        (13, 0, addr_of(h, "mov rax, cr3"), bm.SEL.UCODE, bm.SEL.UDATA, bm.USER_STACK)
+        (13, 0, h.addr_of("mov rax, cr3"), bm.SEL.UCODE, bm.SEL.UDATA, bm.USER_STACK)
     assert e.frame == bm.RSP0 - 40 and u64(h, bm.RSP0 - 48) == 0
 
 
@@ -297,7 +279,7 @@ def test_bp_from_ring3_through_a_dpl3_gate() -> None:
     h.run_to_end(LIMIT)
     bp, gp = events(h)
     assert (bp.vector, bp.rip, bp.cs, bp.frame) == (3, after(h, "int3"), bm.SEL.UCODE, bm.RSP0 - 40)
-    assert (gp.vector, gp.rip) == (13, addr_of(h, "hlt"))
+    assert (gp.vector, gp.rip) == (13, h.addr_of("hlt"))
     assert h.regs.r8 == 1
 
 
@@ -317,7 +299,7 @@ def test_ist_gate_with_error_code_from_ring3() -> None:
     h.run_to_end(LIMIT)
     e = one_event(h)
     assert (e.vector, e.error_code, e.rip, e.cs, e.rsp) == \
-        (13, 0, addr_of(h, "cli"), bm.SEL.UCODE, bm.USER_STACK)
+        (13, 0, h.addr_of("cli"), bm.SEL.UCODE, bm.USER_STACK)
     assert e.frame == bm.IST1 - 40 and u64(h, bm.IST1 - 48) == 0     # IST wins over RSP0
 
 
@@ -337,7 +319,7 @@ def test_int_0x80_from_ring3_through_a_dpl3_gate() -> None:
     sc, gp = events(h)
     assert (sc.vector, sc.rip, sc.cs, sc.ss, sc.rsp, sc.frame) == \
         (0x80, after(h, "int 0x80"), bm.SEL.UCODE, bm.SEL.UDATA, bm.USER_STACK, bm.RSP0 - 40)
-    assert (gp.vector, gp.rip) == (13, addr_of(h, "hlt"))
+    assert (gp.vector, gp.rip) == (13, h.addr_of("hlt"))
     assert h.regs.r8 == 1
 
 
@@ -353,8 +335,8 @@ def test_hardware_interrupt_ignores_gate_dpl() -> None:
     """)
     h.run_to_end(LIMIT)
     irq, gp = events(h)
-    assert (irq.vector, irq.rip, irq.cs, irq.frame) == (0x40, addr_of(h, "inc r8"), bm.SEL.UCODE, bm.RSP0 - 40)
-    assert (gp.vector, gp.rip) == (13, addr_of(h, "hlt"))
+    assert (irq.vector, irq.rip, irq.cs, irq.frame) == (0x40, h.addr_of("inc r8"), bm.SEL.UCODE, bm.RSP0 - 40)
+    assert (gp.vector, gp.rip) == (13, h.addr_of("hlt"))
 
 
 @pytest.mark.parametrize("gate_type, if_in_handler", [(GATE_INT, 0), (GATE_TRAP, RF_IF)])
@@ -382,7 +364,7 @@ def test_hardware_interrupt_to_a_not_present_gate_sets_ext() -> None:
     set_gate(h, 0x42, present=False)
     h.run_to_end(LIMIT)
     e = one_event(h)
-    nops = addrs_of(h, "nop")
+    nops = h.addrs_of("nop")
     assert (e.vector, e.error_code, e.rip) == (11, 0x42 * 8 + 2 + 1, nops[1])   # IDT + EXT; after the sti shadow
 
 
@@ -392,7 +374,7 @@ def test_benign_then_contributory_is_handled_serially() -> None:
     set_gate(h, 6, present=False)
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert (e.vector, e.error_code, e.rip) == (11, 6 * 8 + 2, addr_of(h, "ud2"))
+    assert (e.vector, e.error_code, e.rip) == (11, 6 * 8 + 2, h.addr_of("ud2"))
 
 
 def test_gp_while_delivering_gp_is_double_fault() -> None:
@@ -439,16 +421,16 @@ def test_fault_while_delivering_df_is_a_triple_fault() -> None:
     r = h.run_to_end(LIMIT)
     assert r.why == Why.TRIPLE_FAULT
     assert r.message and "\n" not in r.message and "triple fault" in r.message
-    assert f"{addr_of(h, 'div ecx'):#x}" in r.message
+    assert f"{h.addr_of('div ecx'):#x}" in r.message
     assert events(h) == [] and h.regs.r8 == 0             # stopped at the fault, nothing delivered
-    assert h.regs.rip == addr_of(h, "div ecx")
+    assert h.regs.rip == h.addr_of("div ecx")
 
 
 def test_hlt_with_if_clear_is_dead() -> None:
     h = machine("nop\ncli\nhlt\nmov r8, 1")
     r = h.run_to_end(LIMIT)
     assert r.why == Why.DEAD
-    assert "\n" not in r.message and f"RIP {addr_of(h, 'hlt'):#x}" in r.message
+    assert "\n" not in r.message and f"RIP {h.addr_of('hlt'):#x}" in r.message
     assert h.regs.r8 == 0 and h.now == 3
 
 
@@ -496,7 +478,7 @@ def test_interrupt_is_held_while_if_is_clear_then_taken_after_the_sti_shadow() -
     assert h.machine.lapic.pending()                # requested at t=4, still waiting
     assert h.run_to_end(LIMIT).why == Why.DEAD
     e = one_event(h)
-    assert (e.vector, e.rip) == (0x40, addr_of(h, "inc r9"))
+    assert (e.vector, e.rip) == (0x40, h.addr_of("inc r9"))
     assert (rec(h, 0), rec(h, 1)) == (1, 0)          # inc r8 ran in the shadow, inc r9 not yet
     assert e.tsc == HELD_STI + 1 + tsc_offset        # delivered when inc r8 ended
     assert e.rflags & RF_IF
@@ -508,7 +490,7 @@ def test_held_interrupt_is_the_same_in_one_slice() -> None:
     tsc_offset = _with_prehook(h, 0x40)
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert (e.rip, e.tsc) == (addr_of(h, "inc r9"), HELD_STI + 1 + tsc_offset)
+    assert (e.rip, e.tsc) == (h.addr_of("inc r9"), HELD_STI + 1 + tsc_offset)
 
 
 SHADOW_SRC = """
@@ -538,10 +520,10 @@ def test_mov_ss_shadow_delays_the_interrupt_by_one_instruction(insn: str, shadow
     assert h.run_to_end(LIMIT).why == Why.DEAD
     e = one_event(h)
     if shadow:
-        assert (e.rip, rec(h, 0), rec(h, 1)) == (addr_of(h, "inc r9"), 1, 0)
+        assert (e.rip, rec(h, 0), rec(h, 1)) == (h.addr_of("inc r9"), 1, 0)
         assert e.tsc == SHADOW_AT + 1 + tsc_offset
     else:
-        assert (e.rip, rec(h, 0), rec(h, 1)) == (addr_of(h, "inc r8"), 0, 0)
+        assert (e.rip, rec(h, 0), rec(h, 1)) == (h.addr_of("inc r8"), 0, 0)
         assert e.tsc == SHADOW_AT + tsc_offset
 
 
@@ -560,7 +542,7 @@ def test_popf_setting_if_delivers_right_after_it() -> None:
     tsc_offset = _with_prehook(h, 0x40)
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert (e.vector, e.rip, rec(h, 0), rec(h, 1)) == (0x40, addr_of(h, "inc r8"), 0, 0)   # no shadow
+    assert (e.vector, e.rip, rec(h, 0), rec(h, 1)) == (0x40, h.addr_of("inc r8"), 0, 0)   # no shadow
     assert e.tsc == 4 + 3 + tsc_offset
 
 
@@ -584,7 +566,7 @@ def test_iretq_setting_if_delivers_at_its_target() -> None:
     tsc_offset = _with_prehook(h, 0x40)
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert (e.rip, e.rsp, rec(h, 0)) == (addr_of(h, "inc r8"), bm.KSTACK, 0)
+    assert (e.rip, e.rsp, rec(h, 0)) == (h.addr_of("inc r8"), bm.KSTACK, 0)
     assert e.tsc == 4 + 8 + tsc_offset
 
 
@@ -610,4 +592,4 @@ def test_fault_delivering_int_n_points_at_the_int_instruction(ring3: bool, dpl: 
     set_gate(h, vector, dpl=dpl, present=present)
     h.run_to_end(LIMIT)
     e = one_event(h)
-    assert e.vector == (13 if ring3 else 11) and e.rip == addr_of(h, insn)
+    assert e.vector == (13 if ring3 else 11) and e.rip == h.addr_of(insn)
