@@ -1,5 +1,6 @@
-"""Build glue for the one C extension (vmk.machine._fasthooks); everything
-else is configured in pyproject.toml."""
+"""Build glue for the C extensions (vmk.machine._fasthooks, vmk.kernel._fastipc);
+everything else is configured in pyproject.toml."""
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("vmk.machine._fasthooks", ["machine/_fasthooks.c"])])
+setup(ext_modules=[Extension("vmk.machine._fasthooks", ["machine/_fasthooks.c"]),
+                  Extension("vmk.kernel._fastipc", ["kernel/_fastipc.c"])])

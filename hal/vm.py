@@ -314,10 +314,22 @@ class Hal:
     # ------------------------------------------------------------------ syscalls
     def _syscall_entry(self, nr: int, *args: int) -> int | None:
         result = self.kernel.syscall(nr, args)
-        if result is None and not self.kernel.switch_in_place():
-            # Blocked: end the run after this instruction (RIP is past it); pid 0 switches.
-            self.machine.stop("kernel: syscall blocked")
+        if result is None:
+            self.syscall_blocked()
         return result
+
+    def syscall_blocked(self) -> None:
+        """The fiber on the CPU blocked in its syscall: the kernel switches to the next
+        one right here, or the run ends after this instruction (RIP is past it) and
+        pid 0 chooses."""
+        if not self.kernel.switch_in_place():
+            self.machine.stop("kernel: syscall blocked")
+
+    def wrap_syscall_entry(self, wrap: Callable[..., Callable[..., int | None]]) -> None:
+        """Put ``wrap(entry, blocked)`` in front of the syscall entry (the kernel's IPC
+        fast path: kernel/_fastipc.c); ``entry`` is the entry above, ``blocked`` is
+        :meth:`syscall_blocked`."""
+        self.cpu.syscall_door = wrap(self._syscall_entry, self.syscall_blocked)
 
     # ------------------------------------------------------------------ ports
     def _port_allowed(self, port: int, size: int) -> bool:

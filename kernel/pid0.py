@@ -72,9 +72,10 @@ from vmk.hal.vm import Hal
 from vmk.machine.pc import Machine, RunResult, Why
 
 from . import events as ev
-from .channel import IMAGE, MAX_MSG, ChannelTable, recv, send
+from . import _fastipc
+from .channel import IMAGE, MAX_MSG, Channel, ChannelTable, recv, send
 from .events import NOT_READY, Condition, Failed, IrqSource, KernelError, OpState, Sync
-from .fiber import FiberState
+from .fiber import FiberKind, FiberState
 from .handles import HandleTable
 from .scheduler import Blocked, Scheduler
 from .syscall_table import EVENT_SIZE, Errno, EventKind, Syscall
@@ -176,6 +177,10 @@ class VMKernel:
     # A plain send/recv that blocks parks as a _Parked (False: as a generic
     # one-arm sync; the same behaviour, slower: tests compare the two).
     plain_park = True
+    # Plain send/recv between guest fibers go through the C fast path first
+    # (kernel/_fastipc.c; it takes them only while this and plain_park are
+    # True; False: all of them through ``syscall``; tests compare).
+    fast_ipc = True
 
     def __init__(self, machine: Machine, image: Image, log: Callable[[str], None] | None = None) -> None:
         self.machine = machine
@@ -209,6 +214,8 @@ class VMKernel:
         self.sched.spawn_kernel(self._uart_rx_driver(), "uart-rx")
         self.sched.spawn_kernel(self._uart_tx_driver(), "uart-tx")
         self.hal.start(self)
+        self.door: Any = None                    # the fast path's syscall entry
+        self.hal.wrap_syscall_entry(self._fast_door)
         # Heaps are demand-paged, but what the image promises its containers must exist.
         free = self.hal.frames.available * PAGE
         for spec in image.boot_order():
@@ -223,6 +230,16 @@ class VMKernel:
                 free = self.hal.frames.available * PAGE
                 raise ImageError(f"container {spec.name!r} needs {spec.memory >> 10} KiB but only "
                                  f"{free >> 10} KiB of guest RAM is left (try --mem)") from None
+
+    def _fast_door(self, entry: Callable[..., int | None], blocked: Callable[[], None]) -> Any:
+        ram = self.hal.frames.ram
+        self.door = _fastipc.Door(
+            slow=entry, blocked=blocked, kernel=self, sched=self.sched, channel_type=Channel,
+            parked_type=_Parked, image=IMAGE, waiting=OpState.WAITING, synced=OpState.SYNCED,
+            blocked_state=FiberState.BLOCKED, runnable=FiberState.RUNNABLE, guest=FiberKind.GUEST,
+            ram=ram.host_address, ram_size=ram.size, nr_send=int(Syscall.SEND),
+            nr_recv=int(Syscall.RECV), max_msg=MAX_MSG)
+        return self.door
 
     # ------------------------------------------------------------------ containers
     def start_container(self, name: str, passed: list[Any] | None = None) -> Container:

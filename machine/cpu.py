@@ -320,7 +320,7 @@ class CPU:
         # callbacks wired by the machine
         self.port_in: Callable[[int, int], int] = lambda port, size: (1 << (8 * size)) - 1
         self.port_out: Callable[[int, int, int], None] = lambda port, size, value: None
-        self.syscall_door: Callable[..., int | None] | None = None
+        self._syscall_door: Callable[..., int | None] | None = None
         self.rdtsc: Callable[[], int] = lambda: 0
         self.cpuid: Callable[[int, int], tuple[int, int, int, int] | None] = lambda leaf, sub: None
         self._rip = RegBatch(uc, [X.UC_X86_REG_RIP])
@@ -347,7 +347,7 @@ class CPU:
         gw = _GATEWAYS
         self._add_hook(UC_HOOK_INSN, gw["in"], self._hook_in, X.UC_X86_INS_IN)
         self._add_hook(UC_HOOK_INSN, gw["out"], self._hook_out, X.UC_X86_INS_OUT)
-        self._add_hook(UC_HOOK_INSN, gw["syscall"], self._hook_syscall, X.UC_X86_INS_SYSCALL)
+        self._syscall_hook = self._add_hook(UC_HOOK_INSN, gw["syscall"], self._hook_syscall, X.UC_X86_INS_SYSCALL)
         self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_cpuid, X.UC_X86_INS_CPUID)
         # Quirk: the binding refuses UC_HOOK_INSN for RDTSC (UC_ERR_ARG) though
         # libunicorn supports it; uc_hook_add takes it (callback shaped as CPUID's).
@@ -434,10 +434,21 @@ class CPU:
         self._abcd.write(res)
         return 1
 
+    @property
+    def syscall_door(self) -> Callable[..., int | None] | None:
+        return self._syscall_door
+
+    @syscall_door.setter
+    def syscall_door(self, door: Callable[..., int | None] | None) -> None:
+        """The gateway calls the door itself (one Python frame less per syscall);
+        without one, SYSCALL is architectural."""
+        self._syscall_door = door
+        _lib.uc_hook_del(self.uc._uch, ctypes.c_size_t(self._syscall_hook))
+        self._syscall_hook = self._add_hook(UC_HOOK_INSN, _GATEWAYS["syscall"],
+                                            self._hook_syscall if door is None else door,
+                                            X.UC_X86_INS_SYSCALL)
+
     def _hook_syscall(self, nr, a0, a1, a2, a3, a4, a5):
-        door = self.syscall_door
-        if door is not None:
-            return door(nr, a0, a1, a2, a3, a4, a5)
         self._architectural_syscall()
         return None
 

@@ -6,7 +6,9 @@ the same virtual times and the same instruction count with each of them off:
 * a plain send/recv parked as a ``_Parked`` (``VMKernel.plain_park``) against
   the generic one-arm sync;
 * the lazily reprogrammed LAPIC one-shot (``Hal.lazy_timer``) against one
-  reprogrammed at every change of deadline.
+  reprogrammed at every change of deadline;
+* the C fast path of plain send/recv (``VMKernel.fast_ipc``,
+  kernel/_fastipc.c) against pid 0's Python syscalls.
 
 Checked on the pipeline demo (three containers, timers, an interrupt), the
 console demo and a two-container ping-pong, under both scheduling policies."""
@@ -30,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="the demo programs are C (gcc needed)")
 
 
-FAST_PATHS = ("in_place", "plain_park", "lazy_timer")
+FAST_PATHS = ("in_place", "plain_park", "lazy_timer", "fast_ipc")
 
 
 def _run(img: Path, in_place: bool, policy: str | None, typed: bytes, plain_park: bool = True,
-         lazy_timer: bool = True) -> tuple:
+         lazy_timer: bool = True, fast_ipc: bool = True) -> tuple:
     image = read_image(img)
     if policy is not None:
         image = dataclasses.replace(image, kernel=dataclasses.replace(image.kernel, policy=Policy(policy)))
@@ -43,6 +45,7 @@ def _run(img: Path, in_place: bool, policy: str | None, typed: bytes, plain_park
     k = VMKernel(m, image)
     k.plain_park = plain_park
     k.hal.lazy_timer = lazy_timer
+    k.fast_ipc = fast_ipc
     switched = []
     real = k.switch_in_place
 
@@ -54,7 +57,7 @@ def _run(img: Path, in_place: bool, policy: str | None, typed: bytes, plain_park
     k.switch_in_place = spy
     m.clock.timer(lambda: m.uarts[0].receive(typed)).arm(30_000_000)
     r = k.run(until=400_000_000)
-    return (r.why, r.message, com1.data, m.now, m.instructions), sum(switched)
+    return (r.why, r.message, com1.data, m.now, m.instructions), sum(switched), k.door.fast
 
 
 @pytest.mark.parametrize("policy", ["global", "per-container"])
@@ -62,8 +65,8 @@ def _run(img: Path, in_place: bool, policy: str | None, typed: bytes, plain_park
 def test_switching_in_the_hook_changes_nothing(tmp_path: Path, demo: str, typed: bytes, policy: str) -> None:
     img = tmp_path / f"{demo}.img"
     build(ROOT / "demo" / demo / f"{demo}.toml", img)
-    fast, n_fast = _run(img, True, policy, typed)
-    slow, n_slow = _run(img, False, policy, typed)
+    fast, n_fast, _ = _run(img, True, policy, typed)
+    slow, n_slow, _ = _run(img, False, policy, typed)
     assert n_slow == 0
     if demo == "pipeline":
         assert n_fast > 0                       # its containers hand the CPU to each other in the hook
@@ -106,7 +109,11 @@ def test_each_fast_path_changes_nothing(images: dict[str, Path], demo: str, type
                                         off: str) -> None:
     on = {name: True for name in FAST_PATHS}
     slow = {name: off not in (name, "all") for name in FAST_PATHS}
-    fast, _ = _run(images[demo], policy=policy, typed=typed, **on)
-    other, _ = _run(images[demo], policy=policy, typed=typed, **slow)
+    fast, _, door = _run(images[demo], policy=policy, typed=typed, **on)
+    other, _, other_door = _run(images[demo], policy=policy, typed=typed, **slow)
     assert fast == other
     assert fast[2]                              # the demo did print
+    if demo == "pingpong":
+        assert door >= 50                       # the fast path took at least one syscall per round trip
+    if not slow["fast_ipc"] or not slow["plain_park"]:
+        assert other_door == 0
