@@ -39,11 +39,11 @@
 
 #define PAGE 4096
 
-static PyObject *zero;
+static PyObject *zero, *one;
 static PyObject *s_current, *s_container, *s_handles, *s_objs, *s_recvq, *s_sendq, *s_q, *s_msg_size,
     *s_freed, *s_connected, *s_holders, *s_state, *s_party, *s_exit_code, *s_buf, *s_n, *s_fiber,
     *s_aspace, *s_pages, *s_sends, *s_winner, *s_sync_, *s_result, *s_error, *s_wakeups, *s_policy,
-    *s_push, *s_tick, *s_running, *s_sched, *s_ch, *s_queue, *s_payload, *s_sync, *s_arm, *s_kind, *s_fast_ipc, *s_plain_park;
+    *s_push, *s_tick, *s_running, *s_sched, *s_ch, *s_queue, *s_payload, *s_sync, *s_arm, *s_kind, *s_fast_ipc, *s_plain_park, *s_deferred;
 
 typedef struct {
     PyObject_HEAD
@@ -58,9 +58,46 @@ typedef struct {
     long nr_send, nr_recv;
     long long max_msg;
     unsigned long long fast, slowed;
+    /* __slots__ offsets (resolved from the types when the door is made) */
+    PyObject *fiber_type, *queue_type;
+    Py_ssize_t f_state, f_kind, f_container, f_sync, f_result, f_error;
+    Py_ssize_t p_state, p_party, p_fiber, p_sched, p_ch, p_queue, p_payload, p_buf, p_n, p_sync, p_arm,
+        p_winner;
+    Py_ssize_t c_msg_size, c_freed, c_connected, c_holders, c_recvq, c_sendq, c_sends;
+    Py_ssize_t q_q;
 } Door;
 
 /* ------------------------------------------------------------------ helpers */
+
+/* Fields of the __slots__ classes (Fiber, _Parked, Channel, WaitQueue) are read
+ * and written at their slot's offset, as their member descriptors do (a slot
+ * not yet set reads NULL); the other objects through getattr. */
+#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+static void set_slot(PyObject *o, Py_ssize_t off, PyObject *v)
+{
+    PyObject *old = SLOT(o, off);
+    Py_INCREF(v);
+    SLOT(o, off) = v;
+    Py_XDECREF(old);
+}
+
+static Py_ssize_t slot_offset(PyObject *type, const char *name)
+{
+    PyObject *descr = PyObject_GetAttrString(type, name);
+    if (descr == NULL)
+        return -1;
+    Py_ssize_t off = -1;
+    if (Py_TYPE(descr) == &PyMemberDescr_Type) {
+        PyMemberDef *m = ((PyMemberDescrObject *)descr)->d_member;
+        if (m->type == T_OBJECT_EX && !(m->flags & READONLY))
+            off = m->offset;
+    }
+    Py_DECREF(descr);
+    if (off < 0)
+        PyErr_Format(PyExc_TypeError, "%R.%s is not an object slot", type, name);
+    return off;
+}
 
 /* getattr that keeps no reference (the owner keeps the object alive for the call). */
 static PyObject *peek(PyObject *o, PyObject *name)
@@ -71,6 +108,18 @@ static PyObject *peek(PyObject *o, PyObject *name)
     return v;
 }
 
+static int is_int(PyObject *v, long long *out)
+{
+    if (v == NULL || !PyLong_CheckExact(v))
+        return 0;
+    *out = PyLong_AsLongLong(v);
+    if (*out == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
 /* Host pointer to [va, va+size) of a container if it lies in one mapped page
  * (writable if asked), else NULL (no exception).  size 0 is fine. */
 static uint8_t *user_ptr(Door *d, PyObject *container, uint64_t va, long long size, int write)
@@ -78,9 +127,7 @@ static uint8_t *user_ptr(Door *d, PyObject *container, uint64_t va, long long si
     if (size < 0 || (uint64_t)size > PAGE - (va & (PAGE - 1)))
         return NULL;
     PyObject *aspace = peek(container, s_aspace);
-    if (aspace == NULL)
-        return NULL;
-    PyObject *pages = peek(aspace, s_pages);
+    PyObject *pages = aspace ? peek(aspace, s_pages) : NULL;
     if (pages == NULL || !PyDict_CheckExact(pages))
         return NULL;
     PyObject *key = PyLong_FromUnsignedLongLong(va & ~(uint64_t)(PAGE - 1));
@@ -90,12 +137,12 @@ static uint8_t *user_ptr(Door *d, PyObject *container, uint64_t va, long long si
     Py_DECREF(key);
     if (got == NULL || !PyTuple_CheckExact(got) || PyTuple_GET_SIZE(got) != 2)
         return NULL;
-    if (write && !PyObject_IsTrue(PyTuple_GET_ITEM(got, 1)))
+    if (write && PyTuple_GET_ITEM(got, 1) != Py_True)
         return NULL;
-    uint64_t frame = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 0));
-    if (PyErr_Occurred())
+    long long frame;
+    if (!is_int(PyTuple_GET_ITEM(got, 0), &frame) || frame < 0)
         return NULL;
-    uint64_t at = frame + (va & (PAGE - 1));
+    uint64_t at = (uint64_t)frame + (va & (PAGE - 1));
     if (at + (uint64_t)size > d->ram_size)
         return NULL;
     return d->ram + at;
@@ -104,56 +151,67 @@ static uint8_t *user_ptr(Door *d, PyObject *container, uint64_t va, long long si
 /* Channel.broken_for(party) is certainly False (1), or it may be True (0). */
 static int surely_whole(Door *d, PyObject *ch, PyObject *party)
 {
-    PyObject *freed = peek(ch, s_freed);
-    if (freed != Py_False)
+    if (SLOT(ch, d->c_freed) != Py_False)
         return 0;
-    PyObject *connected = peek(ch, s_connected);
+    PyObject *connected = SLOT(ch, d->c_connected);
     if (connected == Py_False)
         return 1;
-    if (connected != Py_True)
-        return 0;
-    PyObject *h = peek(ch, s_holders);
-    if (h == NULL || !PyDict_CheckExact(h))
+    PyObject *h = SLOT(ch, d->c_holders);
+    if (connected != Py_True || h == NULL || !PyDict_CheckExact(h))
         return 0;
     Py_ssize_t parties = PyDict_GET_SIZE(h) - (PyDict_GetItemWithError(h, d->image) != NULL);
-    if (PyErr_Occurred())
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
         return 0;
+    }
     if (parties != 1)
         return 1;
     return PyDict_GetItemWithError(h, party) == NULL && !PyErr_Occurred();
 }
 
-/* The channel behind handle `h` of the current fiber's container (borrowed), or NULL. */
-static PyObject *channel_of(Door *d, PyObject *c, PyObject *h)
+/* The channel behind handle args[1] of container `c`, with buf = args[2] and
+ * n = args[3] (sys_send / sys_recv's arguments); NULL if not the fast case. */
+static PyObject *channel_args(Door *d, PyObject *c, PyObject *const *args, uint64_t *buf, long long *n)
 {
+    PyObject *h = args[1];
     if (!PyLong_CheckExact(h))
         return NULL;
     PyObject *handles = peek(c, s_handles);
-    if (handles == NULL)
-        return NULL;
-    PyObject *objs = peek(handles, s_objs);
+    PyObject *objs = handles ? peek(handles, s_objs) : NULL;
     if (objs == NULL || !PyDict_CheckExact(objs))
         return NULL;
     PyObject *ch = PyDict_GetItemWithError(objs, h);
     if (ch == NULL || Py_TYPE(ch) != (PyTypeObject *)d->channel_type)
         return NULL;
+    *buf = PyLong_AsUnsignedLongLong(args[2]);
+    *n = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *sq = SLOT(ch, d->c_sendq), *rq = SLOT(ch, d->c_recvq);
+    if (sq == NULL || rq == NULL || Py_TYPE(sq) != (PyTypeObject *)d->queue_type
+        || Py_TYPE(rq) != (PyTypeObject *)d->queue_type || SLOT(sq, d->q_q) == NULL || SLOT(rq, d->q_q) == NULL)
+        return NULL;
     return ch;
 }
 
-static int add_long(PyObject *o, PyObject *name, long delta)
+static int add_one(PyObject **slot)
+{
+    PyObject *nv = PyNumber_Add(*slot, one);
+    if (nv == NULL)
+        return -1;
+    Py_SETREF(*slot, nv);
+    return 0;
+}
+
+static int add_one_attr(PyObject *o, PyObject *name)
 {
     PyObject *v = PyObject_GetAttr(o, name);
     if (v == NULL)
         return -1;
-    long long x = PyLong_AsLongLong(v);
+    int r = add_one(&v);
+    if (r == 0)
+        r = PyObject_SetAttr(o, name, v);
     Py_DECREF(v);
-    if (x == -1 && PyErr_Occurred())
-        return -1;
-    PyObject *nv = PyLong_FromLongLong(x + delta);
-    if (nv == NULL)
-        return -1;
-    int r = PyObject_SetAttr(o, name, nv);
-    Py_DECREF(nv);
     return r;
 }
 
@@ -164,20 +222,19 @@ static int add_long(PyObject *o, PyObject *name, long delta)
  * case.  Also gives the waiter's fiber and container (borrowed). */
 static PyObject *first_parked(Door *d, PyObject *queue, PyObject **fiber, PyObject **party)
 {
-    PyObject *q = peek(queue, s_q);
-    if (q == NULL || PyObject_Length(q) <= 0)
+    PyObject *q = SLOT(queue, d->q_q);
+    if (PyObject_Length(q) <= 0)
         return NULL;
     PyObject *it = PyObject_GetIter(q);
-    if (it == NULL)
-        return NULL;
-    PyObject *w = PyIter_Next(it);
-    Py_DECREF(it);
+    PyObject *w = it ? PyIter_Next(it) : NULL;
+    Py_XDECREF(it);
     if (w == NULL)
         return NULL;
     PyObject *rf, *rc;
-    if (Py_TYPE(w) == (PyTypeObject *)d->parked_type && peek(w, s_state) == d->waiting
-        && peek(w, s_queue) == queue && (rf = peek(w, s_fiber)) != NULL && (rc = peek(w, s_party)) != NULL
-        && peek(rf, s_state) == d->blocked_state && peek(rf, s_kind) == d->guest
+    if (Py_TYPE(w) == (PyTypeObject *)d->parked_type && SLOT(w, d->p_state) == d->waiting
+        && SLOT(w, d->p_queue) == queue && (rf = SLOT(w, d->p_fiber)) != NULL
+        && Py_TYPE(rf) == (PyTypeObject *)d->fiber_type && (rc = SLOT(w, d->p_party)) != NULL
+        && SLOT(rf, d->f_state) == d->blocked_state && SLOT(rf, d->f_kind) == d->guest
         && peek(rc, s_exit_code) == Py_None) {
         *fiber = rf;
         *party = rc;
@@ -189,30 +246,36 @@ static PyObject *first_parked(Door *d, PyObject *queue, PyObject **fiber, PyObje
 
 /* Take waiter `w` off `queue` and commit it with `result`: Channel.hand_over /
  * take (sends += 1), _Parked.complete, Scheduler.committed (the fiber becomes
- * RUNNABLE with its result and the policy queues it).  0 or -1 (error set). */
+ * RUNNABLE with its result; its queueing is deferred).  0 or -1 (error set). */
 static int commit(Door *d, PyObject *ch, PyObject *queue, PyObject *w, PyObject *fiber, long long result)
 {
-    PyObject *q = peek(queue, s_q);
     PyObject *res = PyLong_FromLongLong(result);
-    if (q == NULL || res == NULL) {
-        Py_XDECREF(res);
+    if (res == NULL)
         return -1;
-    }
     Py_INCREF(fiber);
-    int ok = PyObject_DelItem(q, w) == 0 && add_long(ch, s_sends, 1) == 0
-        && PyObject_SetAttr(w, s_state, d->synced) == 0 && PyObject_SetAttr(w, s_winner, zero) == 0
-        && PyObject_SetAttr(fiber, s_sync_, Py_None) == 0 && PyObject_SetAttr(fiber, s_result, res) == 0
-        && PyObject_SetAttr(fiber, s_error, Py_None) == 0 && PyObject_SetAttr(fiber, s_state, d->runnable) == 0
-        && add_long(d->sched, s_wakeups, 1) == 0;
+    int ok = PyObject_DelItem(SLOT(queue, d->q_q), w) == 0 && add_one(&SLOT(ch, d->c_sends)) == 0;
+    if (ok) {
+        set_slot(w, d->p_state, d->synced);
+        set_slot(w, d->p_winner, zero);
+        set_slot(fiber, d->f_sync, Py_None);
+        set_slot(fiber, d->f_result, res);
+        set_slot(fiber, d->f_error, Py_None);
+        set_slot(fiber, d->f_state, d->runnable);
+        ok = add_one_attr(d->sched, s_wakeups) == 0;
+    }
     Py_DECREF(res);
     if (ok) {
-        PyObject *policy = PyObject_GetAttr(d->sched, s_policy);
-        PyObject *tick = policy ? PyObject_GetAttr(d->sched, s_tick) : NULL;
-        PyObject *r = tick ? PyObject_CallMethodObjArgs(policy, s_push, fiber, tick, NULL) : NULL;
-        Py_XDECREF(policy);
-        Py_XDECREF(tick);
-        ok = r != NULL;
-        Py_XDECREF(r);
+        /* Queued by the scheduler at its next look at the run queues, or taken by
+         * the next switch (Scheduler.policy, Scheduler.next_guest).  A fiber
+         * deferred earlier is queued first (that look). */
+        PyObject *earlier = PyObject_GetAttr(d->sched, s_deferred);
+        if (earlier != NULL && earlier != Py_None) {
+            PyObject *policy = PyObject_GetAttr(d->sched, s_policy);
+            Py_XDECREF(policy);
+            ok = policy != NULL;
+        }
+        ok = ok && earlier != NULL && PyObject_SetAttr(d->sched, s_deferred, fiber) == 0;
+        Py_XDECREF(earlier);
     }
     Py_DECREF(fiber);
     return ok ? 0 : -1;
@@ -223,22 +286,28 @@ static int commit(Door *d, PyObject *ch, PyObject *queue, PyObject *w, PyObject 
 static int park(Door *d, PyObject *f, PyObject *c, PyObject *ch, PyObject *queue, PyObject *payload,
                 PyObject *buf, PyObject *n)
 {
-    PyObject *q = peek(queue, s_q);
-    if (q == NULL)
-        return -1;
     PyTypeObject *t = (PyTypeObject *)d->parked_type;
     PyObject *p = t->tp_alloc(t, 0);
     if (p == NULL)
         return -1;
-    int ok = PyObject_SetAttr(p, s_state, d->waiting) == 0 && PyObject_SetAttr(p, s_party, c) == 0
-        && PyObject_SetAttr(p, s_fiber, f) == 0 && PyObject_SetAttr(p, s_sched, d->sched) == 0
-        && PyObject_SetAttr(p, s_ch, ch) == 0 && PyObject_SetAttr(p, s_queue, queue) == 0
-        && PyObject_SetAttr(p, s_payload, payload) == 0 && PyObject_SetAttr(p, s_buf, buf) == 0
-        && PyObject_SetAttr(p, s_n, n) == 0 && PyObject_SetAttr(p, s_sync, p) == 0
-        && PyObject_SetAttr(p, s_arm, zero) == 0 && PyObject_SetAttr(p, s_winner, Py_None) == 0
-        && PyObject_SetItem(q, p, Py_None) == 0
-        && PyObject_SetAttr(f, s_state, d->blocked_state) == 0 && PyObject_SetAttr(f, s_sync_, p) == 0
-        && PyObject_SetAttr(d->sched, s_running, Py_None) == 0;
+    set_slot(p, d->p_state, d->waiting);
+    set_slot(p, d->p_party, c);
+    set_slot(p, d->p_fiber, f);
+    set_slot(p, d->p_sched, d->sched);
+    set_slot(p, d->p_ch, ch);
+    set_slot(p, d->p_queue, queue);
+    set_slot(p, d->p_payload, payload);
+    set_slot(p, d->p_buf, buf);
+    set_slot(p, d->p_n, n);
+    set_slot(p, d->p_sync, p);
+    set_slot(p, d->p_arm, zero);
+    set_slot(p, d->p_winner, Py_None);
+    int ok = PyObject_SetItem(SLOT(queue, d->q_q), p, Py_None) == 0;
+    if (ok) {
+        set_slot(f, d->f_state, d->blocked_state);
+        set_slot(f, d->f_sync, p);
+        ok = PyObject_SetAttr(d->sched, s_running, Py_None) == 0;
+    }
     Py_DECREF(p);
     if (!ok)
         return -1;
@@ -256,30 +325,21 @@ static int park(Door *d, PyObject *f, PyObject *c, PyObject *ch, PyObject *queue
 
 static int fast_send(Door *d, PyObject *f, PyObject *c, PyObject *const *args, long long *rax)
 {
-    PyObject *ch = channel_of(d, c, args[1]);
-    if (ch == NULL)
-        return 0;
-    uint64_t buf = PyLong_AsUnsignedLongLong(args[2]);
-    long long n = PyLong_AsLongLong(args[3]);
-    if (PyErr_Occurred())
-        return 0;
-    PyObject *ms = peek(ch, s_msg_size);
-    long long msg_size = ms ? PyLong_AsLongLong(ms) : -1;
-    if (!(msg_size == n || (msg_size == 0 && n >= 0 && n <= d->max_msg)) || !surely_whole(d, ch, c))
+    uint64_t buf;
+    long long n, msg_size;
+    PyObject *ch = channel_args(d, c, args, &buf, &n);
+    if (ch == NULL || !is_int(SLOT(ch, d->c_msg_size), &msg_size)
+        || !(msg_size == n || (msg_size == 0 && n >= 0 && n <= d->max_msg)) || !surely_whole(d, ch, c))
         return 0;
     uint8_t *src = user_ptr(d, c, buf, n, 0);
-    PyObject *recvq = peek(ch, s_recvq);
-    if (src == NULL || recvq == NULL)
+    if (src == NULL)
         return 0;
-    PyObject *rq = peek(recvq, s_q);
-    if (rq == NULL)
-        return 0;
-    if (PyObject_Length(rq) == 0) {                 /* nobody there: park with the message */
-        PyObject *sendq = peek(ch, s_sendq);
-        PyObject *data = sendq ? PyBytes_FromStringAndSize((const char *)src, (Py_ssize_t)n) : NULL;
+    PyObject *recvq = SLOT(ch, d->c_recvq);
+    if (PyObject_Length(SLOT(recvq, d->q_q)) == 0) {     /* nobody there: park with the message */
+        PyObject *data = PyBytes_FromStringAndSize((const char *)src, (Py_ssize_t)n);
         if (data == NULL)
-            return 0;
-        int r = park(d, f, c, ch, sendq, data, zero, zero);
+            return -1;
+        int r = park(d, f, c, ch, SLOT(ch, d->c_sendq), data, zero, zero);
         Py_DECREF(data);
         *rax = -1;
         return r;
@@ -289,15 +349,15 @@ static int fast_send(Door *d, PyObject *f, PyObject *c, PyObject *const *args, l
     if (w == NULL)
         return 0;
     int done = 0;
-    PyObject *wb = peek(w, s_buf), *wn = peek(w, s_n);
-    uint64_t rbuf = wb ? PyLong_AsUnsignedLongLong(wb) : 0;
-    long long rn = wn ? PyLong_AsLongLong(wn) : -1;
-    long long m = n < rn ? n : rn;
-    uint8_t *dst = PyErr_Occurred() ? NULL : user_ptr(d, rc, rbuf, m, 1);
-    if (dst != NULL) {
-        memmove(dst, src, (size_t)m);               /* _Parked.complete's _deliver */
-        done = commit(d, ch, recvq, w, rf, m) == 0 ? 1 : -1;
-        *rax = 0;
+    long long rbuf, rn;
+    if (is_int(SLOT(w, d->p_buf), &rbuf) && is_int(SLOT(w, d->p_n), &rn)) {
+        long long m = n < rn ? n : rn;
+        uint8_t *dst = user_ptr(d, rc, (uint64_t)rbuf, m, 1);
+        if (dst != NULL) {
+            memmove(dst, src, (size_t)m);           /* _Parked.complete's _deliver */
+            done = commit(d, ch, recvq, w, rf, m) == 0 ? 1 : -1;
+            *rax = 0;
+        }
     }
     Py_DECREF(w);
     return done;
@@ -305,29 +365,25 @@ static int fast_send(Door *d, PyObject *f, PyObject *c, PyObject *const *args, l
 
 static int fast_recv(Door *d, PyObject *f, PyObject *c, PyObject *const *args, long long *rax)
 {
-    PyObject *ch = channel_of(d, c, args[1]);
+    uint64_t buf;
+    long long n;
+    PyObject *ch = channel_args(d, c, args, &buf, &n);
     if (ch == NULL)
         return 0;
-    uint64_t buf = PyLong_AsUnsignedLongLong(args[2]);
-    long long n = PyLong_AsLongLong(args[3]);
-    if (PyErr_Occurred())
-        return 0;
     uint8_t *dst = user_ptr(d, c, buf, n, 1);
-    PyObject *sendq = peek(ch, s_sendq);
-    PyObject *sq = sendq ? peek(sendq, s_q) : NULL;
-    if (dst == NULL || sq == NULL || !surely_whole(d, ch, c))
+    if (dst == NULL || !surely_whole(d, ch, c))
         return 0;
-    if (PyObject_Length(sq) == 0) {                 /* nobody there: park */
-        PyObject *recvq = peek(ch, s_recvq);
+    PyObject *sendq = SLOT(ch, d->c_sendq);
+    if (PyObject_Length(SLOT(sendq, d->q_q)) == 0) {     /* nobody there: park */
         *rax = -1;
-        return recvq ? park(d, f, c, ch, recvq, Py_None, args[2], args[3]) : 0;
+        return park(d, f, c, ch, SLOT(ch, d->c_recvq), Py_None, args[2], args[3]);
     }
     PyObject *sf, *sc;
     PyObject *w = first_parked(d, sendq, &sf, &sc);
     if (w == NULL)
         return 0;
     int done = 0;
-    PyObject *msg = peek(w, s_payload);
+    PyObject *msg = SLOT(w, d->p_payload);
     if (msg != NULL && PyBytes_CheckExact(msg)) {
         Py_INCREF(msg);
         long long m = PyBytes_GET_SIZE(msg) < n ? PyBytes_GET_SIZE(msg) : n;
@@ -355,7 +411,7 @@ static PyObject *door_call(PyObject *self, PyObject *const *args, size_t nargsf,
         else if ((nr == d->nr_send || nr == d->nr_recv) && peek(d->kernel, s_fast_ipc) == Py_True
                  && peek(d->kernel, s_plain_park) == Py_True) {
             PyObject *f = peek(d->kernel, s_current);
-            PyObject *c = (f != NULL && f != Py_None) ? peek(f, s_container) : NULL;
+            PyObject *c = (f != NULL && Py_TYPE(f) == (PyTypeObject *)d->fiber_type) ? SLOT(f, d->f_container) : NULL;
             int r = 0;
             long long rax = -1;
             if (c != NULL && c != Py_None) {
@@ -398,6 +454,8 @@ static void door_dealloc(Door *d)
     Py_CLEAR(d->blocked_state);
     Py_CLEAR(d->runnable);
     Py_CLEAR(d->guest);
+    Py_CLEAR(d->fiber_type);
+    Py_CLEAR(d->queue_type);
     Py_TYPE(d)->tp_free((PyObject *)d);
 }
 
@@ -425,29 +483,46 @@ static int door_clear(Door *d)
 static PyObject *door_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"slow", "blocked", "kernel", "sched", "channel_type", "parked_type", "image",
-                            "waiting", "synced", "blocked_state", "runnable", "guest",
+                            "waiting", "synced", "blocked_state", "runnable", "guest", "fiber_type", "queue_type",
                             "ram", "ram_size", "nr_send", "nr_recv", "max_msg", NULL};
-    PyObject *o[12];
+    PyObject *o[14];
     unsigned long long ram, ram_size;
     long nr_send, nr_recv;
     long long max_msg;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOOOOOOOOOKKllL", names, &o[0], &o[1], &o[2], &o[3], &o[4],
-                                     &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &ram, &ram_size,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOOOOOOOOOOOKKllL", names, &o[0], &o[1], &o[2], &o[3], &o[4],
+                                     &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &ram, &ram_size,
                                      &nr_send, &nr_recv, &max_msg))
         return NULL;
-    if (!PyType_Check(o[4]) || !PyType_Check(o[5])) {
-        PyErr_SetString(PyExc_TypeError, "channel_type and parked_type must be types");
+    if (!PyType_Check(o[4]) || !PyType_Check(o[5]) || !PyType_Check(o[12]) || !PyType_Check(o[13])) {
+        PyErr_SetString(PyExc_TypeError, "channel_type, parked_type, fiber_type and queue_type must be types");
         return NULL;
     }
     Door *d = (Door *)type->tp_alloc(type, 0);
     if (d == NULL)
         return NULL;
-    PyObject **slots[12] = {&d->slow, &d->blocked, &d->kernel, &d->sched, &d->channel_type, &d->parked_type,
-                            &d->image, &d->waiting, &d->synced, &d->blocked_state, &d->runnable, &d->guest};
-    for (int i = 0; i < 12; i++) {
+    PyObject **slots[14] = {&d->slow, &d->blocked, &d->kernel, &d->sched, &d->channel_type, &d->parked_type,
+                            &d->image, &d->waiting, &d->synced, &d->blocked_state, &d->runnable, &d->guest,
+                            &d->fiber_type, &d->queue_type};
+    for (int i = 0; i < 14; i++) {
         Py_INCREF(o[i]);
         *slots[i] = o[i];
     }
+    struct { Py_ssize_t *off; PyObject *type; const char *name; } offs[] = {
+        {&d->f_state, o[12], "state"}, {&d->f_kind, o[12], "kind"}, {&d->f_container, o[12], "container"},
+        {&d->f_sync, o[12], "_sync"}, {&d->f_result, o[12], "result"}, {&d->f_error, o[12], "error"},
+        {&d->p_state, o[5], "state"}, {&d->p_party, o[5], "party"}, {&d->p_fiber, o[5], "fiber"},
+        {&d->p_sched, o[5], "sched"}, {&d->p_ch, o[5], "ch"}, {&d->p_queue, o[5], "queue"},
+        {&d->p_payload, o[5], "payload"}, {&d->p_buf, o[5], "buf"}, {&d->p_n, o[5], "n"},
+        {&d->p_sync, o[5], "sync"}, {&d->p_arm, o[5], "arm"}, {&d->p_winner, o[5], "winner"},
+        {&d->c_msg_size, o[4], "msg_size"}, {&d->c_freed, o[4], "freed"}, {&d->c_connected, o[4], "connected"},
+        {&d->c_holders, o[4], "_holders"}, {&d->c_recvq, o[4], "recvq"}, {&d->c_sendq, o[4], "sendq"},
+        {&d->c_sends, o[4], "sends"}, {&d->q_q, o[13], "_q"},
+    };
+    for (size_t i = 0; i < sizeof offs / sizeof offs[0]; i++)
+        if ((*offs[i].off = slot_offset(offs[i].type, offs[i].name)) < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
     d->ram = (uint8_t *)(uintptr_t)ram;
     d->ram_size = ram_size;
     d->nr_send = nr_send;
@@ -493,12 +568,12 @@ PyMODINIT_FUNC PyInit__fastipc(void)
         {&s_policy, "policy"}, {&s_push, "push"}, {&s_tick, "tick"}, {&s_running, "running"},
         {&s_sched, "sched"}, {&s_ch, "ch"}, {&s_queue, "queue"}, {&s_payload, "payload"}, {&s_sync, "sync"},
         {&s_arm, "arm"}, {&s_kind, "kind"}, {&s_fast_ipc, "fast_ipc"},
-        {&s_plain_park, "plain_park"},
+        {&s_plain_park, "plain_park"}, {&s_deferred, "deferred"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].p = PyUnicode_InternFromString(names[i].s)) == NULL)
             return NULL;
-    if ((zero = PyLong_FromLong(0)) == NULL)
+    if ((zero = PyLong_FromLong(0)) == NULL || (one = PyLong_FromLong(1)) == NULL)
         return NULL;
     if (PyType_Ready(&DoorType) < 0)
         return NULL;

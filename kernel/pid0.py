@@ -74,8 +74,8 @@ from vmk.machine.pc import Machine, RunResult, Why
 from . import events as ev
 from . import _fastipc
 from .channel import IMAGE, MAX_MSG, Channel, ChannelTable, recv, send
-from .events import NOT_READY, Condition, Failed, IrqSource, KernelError, OpState, Sync
-from .fiber import FiberKind, FiberState
+from .events import NOT_READY, Condition, Failed, IrqSource, KernelError, OpState, Sync, WaitQueue
+from .fiber import Fiber, FiberKind, FiberState
 from .handles import HandleTable
 from .scheduler import Blocked, Scheduler
 from .syscall_table import EVENT_SIZE, Errno, EventKind, Syscall
@@ -237,6 +237,7 @@ class VMKernel:
             slow=entry, blocked=blocked, kernel=self, sched=self.sched, channel_type=Channel,
             parked_type=_Parked, image=IMAGE, waiting=OpState.WAITING, synced=OpState.SYNCED,
             blocked_state=FiberState.BLOCKED, runnable=FiberState.RUNNABLE, guest=FiberKind.GUEST,
+            fiber_type=Fiber, queue_type=WaitQueue,
             ram=ram.host_address, ram_size=ram.size, nr_send=int(Syscall.SEND),
             nr_recv=int(Syscall.RECV), max_msg=MAX_MSG)
         return self.door

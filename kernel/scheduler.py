@@ -468,6 +468,22 @@ class GlobalPolicy:
         self._stats.work += 1
         return self._fill(heapq.heappop(self._slots))
 
+    def handoff(self, f: Fiber, tick: int) -> Fiber | None:
+        """``push(f)`` then ``pop_guest``.  When nothing else is runnable (no slot
+        queued, stale or live, no kernel fiber, no held turn) that gives ``f``
+        back; the heaps are then left alone and only what the pair would
+        leave changes: the sequence, the work count, the turn."""
+        g = self._groups.get(f.container)
+        if self._count or self._slots or self._held or g is None or g.queue._heap or f.kind is FiberKind.KERNEL:
+            self.push(f, tick)
+            return self.pop_guest(tick)
+        p = f.priority
+        stats = self._stats
+        stats.seq += 2                          # the group's queue entry, then the slot
+        stats.work += 4                         # each pushed, each popped
+        self._turn = (tick - p * self._aging, stats.seq, g, p)
+        return f
+
     def pick_container(self, tick: int) -> Any:
         if self._held is not None and self._goes_on(self._held):
             return self._held[2].container
@@ -580,6 +596,11 @@ class PerContainerPolicy:
         (and nothing changes)."""
         return self.pop_next(tick) if self.next_is_guest() else None
 
+    def handoff(self, f: Fiber, tick: int) -> Fiber | None:
+        """``push(f)`` then ``pop_guest``."""
+        self.push(f, tick)
+        return self.pop_guest(tick)
+
     def pick_container(self, tick: int) -> Any:
         self._rotate(tick)
         g = self._pick()
@@ -616,7 +637,8 @@ class Scheduler:
             raise ValueError("aging must be >= 0 and quantum >= 1")
         self.clock = clock
         self.stats = _Stats()
-        self.policy = POLICIES[policy](self.stats, aging, quantum)
+        self._policy = POLICIES[policy](self.stats, aging, quantum)
+        self.deferred: Fiber | None = None              # committed, not queued yet (see ``policy``)
         self.rng = rng
         self.log = log if log is not None else _log.warning
         self.fibers: dict[int, Fiber] = {}              # by fid, until reaped
@@ -626,6 +648,21 @@ class Scheduler:
         self._stepping: Fiber | None = None             # the kernel fiber inside its generator
         self.tick = 0                                   # dispatches so far
         self.wakeups = 0                                # parked fibers made RUNNABLE so far
+
+    @property
+    def policy(self) -> Any:
+        """The run queues.  A fiber committed by pid 0's IPC fast path
+        (kernel/_fastipc.c) may wait in ``deferred`` instead of being queued at
+        once: it is queued here, by the first look at the queues, exactly as it
+        would have been at its commit (nothing was queued and no dispatch
+        happened in between: anything that does either looks here first).
+        ``next_guest`` takes it without queueing it when nothing else is
+        runnable (``handoff``: L4's direct process switch)."""
+        f = self.deferred
+        if f is not None:
+            self.deferred = None
+            self._policy.push(f, self.tick)
+        return self._policy
 
     # -- creating fibers -----------------------------------------------------------
     def spawn_kernel(self, gen: Generator[Any, Any, Any], name: str = "", container: Any = None,
@@ -725,7 +762,12 @@ class Scheduler:
         fiber (pid 0 may then switch without going round its loop:
         ``VMKernel.switch_in_place``); otherwise None, and nothing changes."""
         assert self.running is None, f"next_guest while {self.running!r} is running"
-        f = self.policy.pop_guest(self.tick)
+        f = self.deferred
+        if f is None:
+            f = self._policy.pop_guest(self.tick)
+        else:
+            self.deferred = None
+            f = self._policy.handoff(f, self.tick)
         if f is None:
             return None
         assert f.state is FiberState.RUNNABLE, f
@@ -928,4 +970,4 @@ class Scheduler:
     @property
     def work(self) -> int:
         """Run-queue entries touched so far: a cost counter for tests and benchmarks."""
-        return self.stats.work
+        return self.policy and self.stats.work
