@@ -323,13 +323,17 @@ class Hal:
         one right here, or the run ends after this instruction (RIP is past it) and
         pid 0 chooses."""
         if not self.kernel.switch_in_place():
-            self.machine.stop("kernel: syscall blocked")
+            self._blocked_stop()
 
     def wrap_syscall_entry(self, wrap: Callable[..., Callable[..., int | None]]) -> None:
-        """Put ``wrap(entry, blocked)`` in front of the syscall entry (the kernel's IPC
-        fast path: kernel/_fastipc.c); ``entry`` is the entry above, ``blocked`` is
-        :meth:`syscall_blocked`."""
-        self.cpu.syscall_door = wrap(self._syscall_entry, self.syscall_blocked)
+        """Put ``wrap(entry, stop)`` in front of the syscall entry (the kernel's IPC
+        fast path: kernel/_fastipc.c); ``entry`` is the entry above, ``stop()``
+        ends the run after the syscall when the kernel did not switch in place
+        (:meth:`syscall_blocked`, in two halves)."""
+        self.cpu.syscall_door = wrap(self._syscall_entry, self._blocked_stop)
+
+    def _blocked_stop(self) -> None:
+        self.machine.stop("kernel: syscall blocked")
 
     # ------------------------------------------------------------------ ports
     def _port_allowed(self, port: int, size: int) -> bool:

@@ -11,8 +11,11 @@
  *         kernel/pid0.py _Parked): the bytes go from the sender's page to the
  *         receiver's, the receiver commits (RUNNABLE, its result = the
  *         length) and is queued by the scheduler's policy; RAX = 0.
- *   recv  on a channel with no parked sender: the fiber parks as a _Parked
- *         and the HAL's `blocked` callable switches to the next fiber.
+ *   recv  on a channel with a parked plain send: the message is taken (the
+ *         sender commits with 0); with nobody there the fiber parks as a
+ *         _Parked and pid 0's `switch` (VMKernel.switch_in_place) puts the
+ *         next fiber on the CPU, or `stop` ends the CPU slice.  A send with
+ *         nobody there parks the same way.
  *
  * Everything else, and any of these two that would take one step off the
  * common path (a type mismatch, a broken channel, a buffer across a page, a
@@ -43,13 +46,13 @@ static PyObject *zero, *one;
 static PyObject *s_current, *s_container, *s_handles, *s_objs, *s_recvq, *s_sendq, *s_q, *s_msg_size,
     *s_freed, *s_connected, *s_holders, *s_state, *s_party, *s_exit_code, *s_buf, *s_n, *s_fiber,
     *s_aspace, *s_pages, *s_sends, *s_winner, *s_sync_, *s_result, *s_error, *s_wakeups, *s_policy,
-    *s_push, *s_tick, *s_running, *s_sched, *s_ch, *s_queue, *s_payload, *s_sync, *s_arm, *s_kind, *s_fast_ipc, *s_plain_park, *s_deferred;
+    *s_push, *s_tick, *s_running, *s_sched, *s_ch, *s_queue, *s_payload, *s_sync, *s_arm, *s_kind, *s_fast_ipc, *s_plain_park, *s_deferred, *s_switch_in_place;
 
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *slow;         /* callable(nr, a0..a5) -> int | None: the HAL's syscall entry */
-    PyObject *blocked;      /* callable(): the current fiber parked; switch or stop */
+    PyObject *stop;         /* callable(): end the run after this syscall (pid 0 switches) */
     PyObject *kernel, *sched;
     PyObject *channel_type, *parked_type, *image;
     PyObject *waiting, *synced, *blocked_state, *runnable, *guest;
@@ -311,9 +314,16 @@ static int park(Door *d, PyObject *f, PyObject *c, PyObject *ch, PyObject *queue
     Py_DECREF(p);
     if (!ok)
         return -1;
-    PyObject *r = PyObject_CallNoArgs(d->blocked);
+    /* as the HAL's syscall_blocked (looked up at each call: tests replace it) */
+    PyObject *r = PyObject_CallMethodNoArgs(d->kernel, s_switch_in_place);
     if (r == NULL)
         return -1;
+    if (r == Py_False) {
+        Py_DECREF(r);
+        r = PyObject_CallNoArgs(d->stop);
+        if (r == NULL)
+            return -1;
+    }
     Py_DECREF(r);
     return 1;
 }
@@ -443,7 +453,7 @@ static void door_dealloc(Door *d)
 {
     PyObject_GC_UnTrack(d);
     Py_CLEAR(d->slow);
-    Py_CLEAR(d->blocked);
+    Py_CLEAR(d->stop);
     Py_CLEAR(d->kernel);
     Py_CLEAR(d->sched);
     Py_CLEAR(d->channel_type);
@@ -462,7 +472,7 @@ static void door_dealloc(Door *d)
 static int door_traverse(Door *d, visitproc visit, void *arg)
 {
     Py_VISIT(d->slow);
-    Py_VISIT(d->blocked);
+    Py_VISIT(d->stop);
     Py_VISIT(d->kernel);
     Py_VISIT(d->sched);
     Py_VISIT(d->channel_type);
@@ -474,7 +484,7 @@ static int door_traverse(Door *d, visitproc visit, void *arg)
 static int door_clear(Door *d)
 {
     Py_CLEAR(d->slow);
-    Py_CLEAR(d->blocked);
+    Py_CLEAR(d->stop);
     Py_CLEAR(d->kernel);
     Py_CLEAR(d->sched);
     return 0;
@@ -482,7 +492,7 @@ static int door_clear(Door *d)
 
 static PyObject *door_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *names[] = {"slow", "blocked", "kernel", "sched", "channel_type", "parked_type", "image",
+    static char *names[] = {"slow", "stop", "kernel", "sched", "channel_type", "parked_type", "image",
                             "waiting", "synced", "blocked_state", "runnable", "guest", "fiber_type", "queue_type",
                             "ram", "ram_size", "nr_send", "nr_recv", "max_msg", NULL};
     PyObject *o[14];
@@ -500,7 +510,7 @@ static PyObject *door_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     Door *d = (Door *)type->tp_alloc(type, 0);
     if (d == NULL)
         return NULL;
-    PyObject **slots[14] = {&d->slow, &d->blocked, &d->kernel, &d->sched, &d->channel_type, &d->parked_type,
+    PyObject **slots[14] = {&d->slow, &d->stop, &d->kernel, &d->sched, &d->channel_type, &d->parked_type,
                             &d->image, &d->waiting, &d->synced, &d->blocked_state, &d->runnable, &d->guest,
                             &d->fiber_type, &d->queue_type};
     for (int i = 0; i < 14; i++) {
@@ -544,7 +554,7 @@ static PyTypeObject DoorType = {
     .tp_name = "vmk.kernel._fastipc.Door",
     .tp_basicsize = sizeof(Door),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "Door(*, slow, blocked, kernel, ...): pid 0's syscall entry with the IPC fast path",
+    .tp_doc = "Door(*, slow, switch, stop, kernel, ...): pid 0's syscall entry with the IPC fast path",
     .tp_new = door_new,
     .tp_dealloc = (destructor)door_dealloc,
     .tp_traverse = (traverseproc)door_traverse,
@@ -569,6 +579,7 @@ PyMODINIT_FUNC PyInit__fastipc(void)
         {&s_sched, "sched"}, {&s_ch, "ch"}, {&s_queue, "queue"}, {&s_payload, "payload"}, {&s_sync, "sync"},
         {&s_arm, "arm"}, {&s_kind, "kind"}, {&s_fast_ipc, "fast_ipc"},
         {&s_plain_park, "plain_park"}, {&s_deferred, "deferred"},
+        {&s_switch_in_place, "switch_in_place"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].p = PyUnicode_InternFromString(names[i].s)) == NULL)

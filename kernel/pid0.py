@@ -231,10 +231,10 @@ class VMKernel:
                 raise ImageError(f"container {spec.name!r} needs {spec.memory >> 10} KiB but only "
                                  f"{free >> 10} KiB of guest RAM is left (try --mem)") from None
 
-    def _fast_door(self, entry: Callable[..., int | None], blocked: Callable[[], None]) -> Any:
+    def _fast_door(self, entry: Callable[..., int | None], stop: Callable[[], None]) -> Any:
         ram = self.hal.frames.ram
         self.door = _fastipc.Door(
-            slow=entry, blocked=blocked, kernel=self, sched=self.sched, channel_type=Channel,
+            slow=entry, stop=stop, kernel=self, sched=self.sched, channel_type=Channel,
             parked_type=_Parked, image=IMAGE, waiting=OpState.WAITING, synced=OpState.SYNCED,
             blocked_state=FiberState.BLOCKED, runnable=FiberState.RUNNABLE, guest=FiberKind.GUEST,
             fiber_type=Fiber, queue_type=WaitQueue,
@@ -380,7 +380,7 @@ class VMKernel:
         m = self.machine
         if cur is None or cur.state is not FiberState.BLOCKED or m.stop_pending:
             return False
-        now = m.now
+        now = m.clock.now
         end = self._slice_end
         if end is None or now >= end:
             return False
