@@ -13,7 +13,11 @@ its own address space (hal/aspace.py).  This module joins the pieces:
   or the end of its time slice;
 * **syscalls** are dispatched here (``syscall``), from Unicorn's syscall hook:
   one that completes at once returns its value into RAX without leaving the
-  CPU slice; one that blocks parks the fiber (``sched.sync``) and ends it;
+  CPU slice; one that blocks parks the fiber (``sched.sync``) and the next
+  fiber is switched to in the hook (``switch_in_place``) or the slice ends.
+  Plain send/recv meet the C fast path first (kernel/_fastipc.c, the HAL's
+  syscall entry wrapped by ``_fast_door``): it does the common rendezvous on
+  these same objects and hands everything else to ``syscall`` untouched;
 * **time** is tickless: :class:`KernelClock` keeps pid 0's timers (fiber
   timeouts, sleeps) and the HAL programs the LAPIC one-shot for the earliest
   of them, the end of the running time slice, or the running fiber's
