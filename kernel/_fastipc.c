@@ -43,10 +43,9 @@
 #define PAGE 4096
 
 static PyObject *zero, *one;
-static PyObject *s_current, *s_container, *s_handles, *s_objs, *s_recvq, *s_sendq, *s_q, *s_msg_size,
-    *s_freed, *s_connected, *s_holders, *s_state, *s_party, *s_exit_code, *s_buf, *s_n, *s_fiber,
-    *s_aspace, *s_pages, *s_sends, *s_winner, *s_sync_, *s_result, *s_error, *s_wakeups, *s_policy,
-    *s_push, *s_tick, *s_running, *s_sched, *s_ch, *s_queue, *s_payload, *s_sync, *s_arm, *s_kind, *s_fast_ipc, *s_plain_park, *s_deferred, *s_switch_in_place;
+/* attribute names of the objects that are not __slots__ classes (interned) */
+static PyObject *s_current, *s_handles, *s_objs, *s_exit_code, *s_aspace, *s_pages, *s_wakeups, *s_policy,
+    *s_running, *s_fast_ipc, *s_plain_park, *s_deferred, *s_switch_in_place;
 
 typedef struct {
     PyObject_HEAD
@@ -569,17 +568,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastipc", NULL, -1,
 PyMODINIT_FUNC PyInit__fastipc(void)
 {
     struct { PyObject **p; const char *s; } names[] = {
-        {&s_current, "current"}, {&s_container, "container"}, {&s_handles, "handles"}, {&s_objs, "_objs"},
-        {&s_recvq, "recvq"}, {&s_sendq, "sendq"}, {&s_q, "_q"}, {&s_msg_size, "msg_size"},
-        {&s_freed, "freed"}, {&s_connected, "connected"}, {&s_holders, "_holders"}, {&s_state, "state"},
-        {&s_party, "party"}, {&s_exit_code, "exit_code"}, {&s_buf, "buf"}, {&s_n, "n"}, {&s_fiber, "fiber"},
-        {&s_aspace, "aspace"}, {&s_pages, "pages"}, {&s_sends, "sends"}, {&s_winner, "winner"},
-        {&s_sync_, "_sync"}, {&s_result, "result"}, {&s_error, "error"}, {&s_wakeups, "wakeups"},
-        {&s_policy, "policy"}, {&s_push, "push"}, {&s_tick, "tick"}, {&s_running, "running"},
-        {&s_sched, "sched"}, {&s_ch, "ch"}, {&s_queue, "queue"}, {&s_payload, "payload"}, {&s_sync, "sync"},
-        {&s_arm, "arm"}, {&s_kind, "kind"}, {&s_fast_ipc, "fast_ipc"},
-        {&s_plain_park, "plain_park"}, {&s_deferred, "deferred"},
-        {&s_switch_in_place, "switch_in_place"},
+        {&s_current, "current"}, {&s_handles, "handles"}, {&s_objs, "_objs"},
+        {&s_exit_code, "exit_code"}, {&s_aspace, "aspace"}, {&s_pages, "pages"}, {&s_wakeups, "wakeups"},
+        {&s_policy, "policy"}, {&s_running, "running"}, {&s_fast_ipc, "fast_ipc"},
+        {&s_plain_park, "plain_park"}, {&s_deferred, "deferred"}, {&s_switch_in_place, "switch_in_place"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].p = PyUnicode_InternFromString(names[i].s)) == NULL)
