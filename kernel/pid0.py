@@ -343,6 +343,24 @@ class VMKernel:
             if self._slice_end is not None and m.now >= self._slice_end:
                 sched.slice_expired()           # the container goes behind its peers
 
+    def salvage_console(self) -> None:
+        """A vmk bug stopped the run: hand everything the containers wrote to the
+        console to the UART's back end now (messages parked on console.tx, the
+        driver's queue, the UART's FIFO), so no guest output is lost with it."""
+        q = self.hal.tx_queue
+        for w in self.console_tx.sendq:
+            if isinstance(w.payload, (bytes, bytearray)):
+                q.extend(w.payload)
+        uarts = self.machine.uarts
+        for _ in range(len(q) // 16 + 2):
+            try:
+                self.hal.pump_tx()
+            finally:
+                for uart in uarts:
+                    uart.flush_tx()
+            if not q:
+                break
+
     def _deadlock(self) -> RunResult:
         """The CPU idles for ever: every fiber is blocked and no timer, no interrupt
         source (the console's input is closed) can wake one."""
@@ -528,6 +546,10 @@ class VMKernel:
             return -int(Errno.ENOMEM)
         except KernelError as e:
             return -int(e.errno)
+        except Exception as e:          # a vmk bug: say where it happened (tools/cli.py reports it)
+            e.add_note(f"in syscall {_syscall_name(nr)}({', '.join(hex(a) for a in args[:6])}) "
+                       f"of pid {c.pid} ({c.name}), fiber {f.fid}")
+            raise
 
     def _sync(self, f, op) -> int | None:
         out = self.sched.sync(f, op)
@@ -661,6 +683,10 @@ class VMKernel:
         raise KernelError(Errno.EINVAL, f"unknown event kind {kind}")
 
     def sys_sleep(self, f, c, ns, *_):
+        # A signed duration: one <= 0 is a time already past, ready at once (CML, Guile fibers).
+        ns = _signed(ns)
+        if ns <= 0:
+            return 0
         return self._sync(f, ev.timeout(ns))
 
     def sys_time(self, f, c, *_):
@@ -775,6 +801,13 @@ class _Parked(Sync):
 
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _syscall_name(nr: int) -> str:
+    try:
+        return Syscall(nr).name.lower()
+    except ValueError:
+        return f"#{nr}"
 
 
 def _signed(v: int) -> int:

@@ -12,7 +12,10 @@ Exit status of ``vmk boot``: the guest's isa-debug-exit status
 (``(value << 1) | 1``, as QEMU); 0 when the guest halts the CPU for good;
 124 when ``--max-time`` runs out (like ``timeout(1)``); 2 for a usage error or
 an image that cannot be booted; 3 for a triple fault or an emulation error;
-130 after Ctrl-C.  Every user error is one line on stderr, never a traceback.
+130 after Ctrl-C; 70 (sysexits' EX_SOFTWARE) when vmk itself fails (a bug in vmk,
+never the guest's doing): the guest's output so far is flushed first, and one
+line names what was running and the file the traceback was written to.
+Every user error is one line on stderr, never a traceback.
 With ``--gdb``, a kill from the debugger ends ``vmk boot`` with status 0 (as
 QEMU).  ``vmk debug`` exits 0, or 1 when a ``--batch`` command failed.
 ``vmk build`` prints nothing (``-v``: a one-line summary) and exits 0, or 2
@@ -30,12 +33,13 @@ from vmk.machine.pc import Machine, MachineConfig, Why
 
 from .units import format_ns, parse_duration, parse_size
 
-__all__ = ["main", "EXIT_USAGE", "EXIT_TIME_LIMIT", "EXIT_FAULT", "EXIT_INTERRUPTED"]
+__all__ = ["main", "EXIT_USAGE", "EXIT_TIME_LIMIT", "EXIT_FAULT", "EXIT_INTERRUPTED", "EXIT_BUG"]
 
 EXIT_USAGE = 2
 EXIT_FAULT = 3
 EXIT_TIME_LIMIT = 124
 EXIT_INTERRUPTED = 130
+EXIT_BUG = 70                 # sysexits.h EX_SOFTWARE: an internal error of vmk
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,6 +208,8 @@ def cmd_boot(args) -> int:
             result = machine.run(until=args.max_time)
         for uart in machine.uarts:
             uart.flush_tx()          # bytes still in the transmitter reach the back end
+    except Exception as e:           # a vmk bug (user errors are handled above)
+        return _internal_error(e, machine, vm)
     finally:
         if stub is not None:
             stub.close()
@@ -224,6 +230,41 @@ def cmd_boot(args) -> int:
         sys.stderr.write(f"vmk: killed by the debugger (t={t})\n")
         return 0
     return _fail(result.message, EXIT_FAULT)
+
+
+def _internal_error(exc: BaseException, machine, vm) -> int:
+    """vmk failed: save the guest's output, write the traceback to a file, say so in one line."""
+    import tempfile
+    import traceback
+    try:
+        if vm is not None:
+            vm.salvage_console()
+        else:
+            for uart in machine.uarts:
+                uart.flush_tx()
+    except Exception as again:      # noqa: BLE001 - the report below matters more
+        exc.add_note(f"(saving the console output failed too: {again!r})")
+    where = ""
+    cur = getattr(vm, "current", None)
+    notes = "; ".join(getattr(exc, "__notes__", ()))
+    if cur is not None and cur.container is not None and not notes:
+        where = f"; pid {cur.container.pid} ({cur.container.name}) fiber {cur.fid} was on the CPU"
+    kind = type(exc).__qualname__
+    if type(exc).__module__ not in ("builtins", "__main__"):
+        kind = f"{type(exc).__module__}.{kind}"
+    try:
+        fd, path = tempfile.mkstemp(prefix="vmk-bug-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"vmk internal error at t={machine.now} ns, {machine.instructions} instructions, "
+                    f"RIP {machine.cpu.rip:#x}\n")
+            traceback.print_exception(exc, file=f)
+        saved = f"traceback in {path}"
+    except OSError as e:
+        saved = f"the traceback could not be saved ({e.strerror})"
+    sys.stdout.flush()
+    sys.stderr.write(f"vmk: internal error (a bug in vmk, not in the guest): {kind}: {exc}"
+                     f"{' ' + notes if notes else ''}{where}; {saved}\n")
+    return EXIT_BUG
 
 
 def cmd_build(args) -> int:
