@@ -12,7 +12,8 @@ returns as ``-EBADF``.
 
 Channel handles are counted holds (``Channel.hold(owner)``): ``dup`` and
 ``copy_to`` (the syscall layer passing a handle to another container, e.g. at
-``spawn``) add one, ``close`` drops one, and the channel is freed with its
+``spawn``, or a message carrying it: kernel/pid0.py) add one, ``close`` (and
+``close_if``: a moved handle leaving its sender) drops one, and the channel is freed with its
 last hold; dropping holds is also what wakes a partner with ``EPIPE`` when the
 other side of a channel is gone (kernel/channel.py).  ``close_all`` closes a
 dying container's handles, in ascending order.
@@ -112,6 +113,14 @@ class HandleTable:
         heapq.heappush(self._free, h)
         if isinstance(obj, Channel):
             obj.release(self.owner)
+
+    def close_if(self, h: int, obj: Any) -> bool:
+        """Close ``h`` if it still names ``obj`` (a moved handle: the number may have
+        been closed, or reused for something else, since the move was asked)."""
+        if self._objs.get(h) is not obj:
+            return False
+        self.close(h)
+        return True
 
     def close_all(self) -> int:
         """Close every handle (the container is ending); returns how many."""
