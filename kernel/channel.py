@@ -184,6 +184,25 @@ class Channel:
             self._table._free(self)
         self._wake_broken()
 
+    def transfer(self, src: Any, dst: Any) -> None:
+        """Move one hold from ``src`` to ``dst`` (a handle moved in a message): the
+        channel is never without it, and is connected only if it was, or if
+        ``dst`` joins a party that holds it still."""
+        n = self._holders.get(src, 0)
+        if n <= 0:
+            raise ValueError(f"{src!r} does not hold channel {self.cid}")
+        if src is dst:
+            return
+        h = self._holders
+        if n == 1:
+            del h[src]
+        else:
+            h[src] = n - 1
+        h[dst] = h.get(dst, 0) + 1
+        if len(h) - (IMAGE in h) >= 2:
+            self.connected = True
+        self._wake_broken()
+
     @property
     def holders(self) -> dict[Any, int]:
         return dict(self._holders)

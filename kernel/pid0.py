@@ -853,22 +853,28 @@ def _read_message(c: Container, ptr: int) -> Message:
 
 def _pass_handles(msg: Message, dest: Container | None, room: int) -> tuple[list[int], bool]:
     """Commit a message's handles: install up to ``room`` of them in ``dest`` (None:
-    drop them all), then, for a move, close the sender's.  Installing first keeps
-    a channel in flight held.  Returns (the new handles, whether any was dropped)."""
+    drop them all).  A moved handle still open in the sender hands its hold over
+    (the channel is never without one, and a channel only its sender held is not
+    made *connected* by the move); one that is not delivered is closed in the
+    sender.  Returns (the new handles, whether any was dropped)."""
     out: list[int] = []
     dropped = False
-    for obj in msg.objs:
-        if dest is None or dest.exit_code is not None or len(out) >= room                 or (isinstance(obj, Channel) and obj.freed):
-            dropped = True
-            continue
-        try:
-            out.append(dest.handles.install(obj))
-        except KernelError:                     # EMFILE: the receiver's table is full
-            dropped = True
     sender = msg.sender
-    if msg.move and isinstance(sender, Container) and sender.exit_code is None:
-        for h, obj in zip(msg.handles, msg.objs):
-            sender.handles.close_if(h, obj)
+    mover = sender.handles if msg.move and isinstance(sender, Container) and sender.exit_code is None else None
+    for h, obj in zip(msg.handles, msg.objs):
+        moving = mover is not None and mover.names(h, obj)
+        if dest is None or dest.exit_code is not None or len(out) >= room or getattr(obj, "freed", False):
+            dropped = True
+        else:
+            try:
+                out.append(dest.handles.install(obj, moved_from=sender if moving else None))
+                if moving:
+                    mover.forget(h)
+                continue
+            except KernelError:                 # EMFILE: the receiver's table is full
+                dropped = True
+        if moving:
+            mover.close_if(h, obj)
     return out, dropped
 
 
