@@ -70,6 +70,10 @@ Decisions
 * A fiber killed while blocked aborts its sync: all arms are cancelled and
   every nack of the sync is signalled (the client gave up on all of them;
   CML would leave them unsignalled and servers waiting forever).
+* A guest's nack is its own condition: ``with_nack(f, cond)`` signals ``cond``
+  instead of a fresh one (kernel/pid0.py maps an ``EV_WITH_NACK`` scope marker
+  onto it), so guest and kernel nacks are the one mechanism above.  Guest
+  ``wrap`` and ``guard`` are guest code (vmk.h's ``vmk_sync_ops``).
 * Values: ``timeout``, ``at_time``, ``cond_wait``, ``send`` and a nack commit
   with 0 (ready for a guest's RAX); ``irq`` with the number of fires since the
   last consumer; ``join`` with the fiber's exit value; ``always(v)`` with v.

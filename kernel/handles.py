@@ -14,7 +14,8 @@ Channel handles are counted holds (``Channel.hold(owner)``): ``dup`` and
 ``copy_to`` (the syscall layer passing a handle to another container, e.g. at
 ``spawn``, or a message carrying it: kernel/pid0.py) add one, ``close`` drops
 one, and the channel is freed with its last hold; a moved handle takes its
-sender's hold over (``install(obj, moved_from)`` then ``forget``); dropping holds is also what wakes a partner with ``EPIPE`` when the
+sender's hold over (``install(obj, moved_from)``, then ``forget`` in the
+sender).  Dropping holds is also what wakes a partner with ``EPIPE`` when the
 other side of a channel is gone (kernel/channel.py).  ``close_all`` closes a
 dying container's handles, in ascending order.
 

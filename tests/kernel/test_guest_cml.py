@@ -355,7 +355,8 @@ int main(void)
     kv("drop.send", vmk_send_handle(0, d_handle, 0));
     /* EV_SENDMSG arm against the client's EV_RECVMSG arm */
     struct vmk_msg sm = {.buf = "sync", .len = 4, .tag = 9};
-    struct vmk_event e[2] = {{.kind = EV_TIMEOUT, .arg0 = 50000000}, {.kind = EV_SENDMSG, .handle = 0, .arg0 = (uint64_t)&sm}};
+    struct vmk_event e[2] = {{.kind = EV_TIMEOUT, .arg0 = 50000000},
+                             {.kind = EV_SENDMSG, .handle = 0, .arg0 = (uint64_t)&sm}};
     kv("ev.arm", vmk_sync(e, 2));
     /* malformed messages */
     int64_t many[17] = {0};
