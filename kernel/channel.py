@@ -72,7 +72,7 @@ from typing import Any
 from .events import KERNEL, NOT_READY, BaseOp, Failed, KernelError, Operation, Sync, Waiter, WaitQueue
 from .syscall_table import Errno
 
-__all__ = ["IMAGE", "MAX_MSG", "MAX_TAG", "Channel", "ChannelTable", "message_size", "recv", "send"]
+__all__ = ["IMAGE", "MAX_MSG", "MAX_TAG", "Channel", "ChannelTable", "Message", "message_size", "recv", "send"]
 
 
 class _ImageParty:
@@ -91,10 +91,39 @@ MAX_TAG = 0xFFFF_FFFF
 """Largest channel tag (tags are u32 in the image; 0 = untyped)."""
 
 
+class Message:
+    """A guest's ``sendmsg``: bytes, the sender's tag claim and handles in flight.
+
+    ``objs`` are the objects behind the sender's ``handles`` (looked up when the
+    send was synced); ``sender`` is the sending party.  Who receives it turns
+    them into handles of its own (kernel/pid0.py) and, for a ``move``, closes
+    the sender's handles afterwards.  Its size is that of its bytes, so channel
+    typing treats it as a bytes message; it is never ``bytes`` itself, so the C
+    fast path (kernel/_fastipc.c) leaves it to Python."""
+    __slots__ = ("data", "handles", "move", "objs", "sender", "tag")
+
+    def __init__(self, data: bytes, tag: int = 0, sender: Any = None, handles: tuple[int, ...] = (),
+                 objs: tuple[Any, ...] = (), move: bool = False) -> None:
+        self.data = data
+        self.tag = tag
+        self.sender = sender
+        self.handles = handles
+        self.objs = objs
+        self.move = move
+
+    def __bytes__(self) -> bytes:
+        return self.data
+
+    def __repr__(self) -> str:
+        return f"<Message {len(self.data)} bytes tag={self.tag} handles={len(self.objs)}{' move' if self.move else ''}>"
+
+
 def message_size(msg: Any) -> int | None:
-    """Length of a bytes-like message, None for an opaque kernel object."""
+    """Length of a bytes-like message (a :class:`Message`'s bytes), None for an opaque kernel object."""
     if isinstance(msg, (bytes, bytearray)):
         return len(msg)
+    if isinstance(msg, Message):
+        return len(msg.data)
     if isinstance(msg, memoryview):
         return msg.nbytes
     return None
@@ -153,6 +182,25 @@ class Channel:
         if not self._holders:
             self.freed = True
             self._table._free(self)
+        self._wake_broken()
+
+    def transfer(self, src: Any, dst: Any) -> None:
+        """Move one hold from ``src`` to ``dst`` (a handle moved in a message): the
+        channel is never without it, and is connected only if it was, or if
+        ``dst`` joins a party that holds it still."""
+        n = self._holders.get(src, 0)
+        if n <= 0:
+            raise ValueError(f"{src!r} does not hold channel {self.cid}")
+        if src is dst:
+            return
+        h = self._holders
+        if n == 1:
+            del h[src]
+        else:
+            h[src] = n - 1
+        h[dst] = h.get(dst, 0) + 1
+        if len(h) - (IMAGE in h) >= 2:
+            self.connected = True
         self._wake_broken()
 
     @property

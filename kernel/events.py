@@ -70,6 +70,10 @@ Decisions
 * A fiber killed while blocked aborts its sync: all arms are cancelled and
   every nack of the sync is signalled (the client gave up on all of them;
   CML would leave them unsignalled and servers waiting forever).
+* A guest's nack is its own condition: ``with_nack(f, cond)`` signals ``cond``
+  instead of a fresh one (kernel/pid0.py maps an ``EV_WITH_NACK`` scope marker
+  onto it), so guest and kernel nacks are the one mechanism above.  Guest
+  ``wrap`` and ``guard`` are guest code (vmk.h's ``vmk_sync_ops``).
 * Values: ``timeout``, ``at_time``, ``cond_wait``, ``send`` and a nack commit
   with 0 (ready for a guest's RAX); ``irq`` with the number of fires since the
   last consumer; ``join`` with the fiber's exit value; ``always(v)`` with v.
@@ -243,8 +247,11 @@ class Guard(Operation):
 @dataclass(frozen=True, slots=True)
 class WithNack(Operation):
     """``with_nack(f)``: ``f(nack)`` builds the operation at every sync; ``nack``
-    becomes enabled when the sync commits to an arm outside it (or is aborted)."""
+    becomes enabled when the sync commits to an arm outside it (or is aborted).
+    ``cond``: the condition to signal then (a guest's ``EV_WITH_NACK`` scope names
+    its own); None: a fresh one at every sync."""
     f: Callable[[Operation], Operation]
+    cond: Condition | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -433,8 +440,9 @@ def _flatten(op: Operation, chain: tuple[tuple[Callable[[Any], Any], bool], ...]
     elif isinstance(op, Guard):
         _flatten(_check(op.thunk(), "guard thunk"), chain, nacks, sync, out)
     elif isinstance(op, WithNack):
-        cond = Condition("nack")
-        sync.nacks.append(cond)
+        cond = op.cond if op.cond is not None else Condition("nack")
+        if cond not in sync.nacks:
+            sync.nacks.append(cond)
         inner = _check(op.f(_NackWait(cond)), "with_nack function")
         _flatten(inner, chain, nacks | {cond}, sync, out)
     else:
@@ -705,6 +713,10 @@ def guard(thunk: Callable[[], Operation]) -> Operation:
     return Guard(thunk)
 
 
-def with_nack(f: Callable[[Operation], Operation]) -> Operation:
-    """``f(nack)`` at each sync; ``nack`` is enabled if the sync commits elsewhere."""
-    return WithNack(f)
+def with_nack(f: Callable[[Operation], Operation], cond: Condition | None = None) -> Operation:
+    """``f(nack)`` at each sync; ``nack`` is enabled if the sync commits elsewhere.
+
+    ``cond``: signal this condition as the nack (``nack`` waits on it) instead of
+    a fresh one; a condition named by several scopes of one sync is signalled
+    when the winner lies in none of them."""
+    return WithNack(f, cond)

@@ -12,8 +12,10 @@ returns as ``-EBADF``.
 
 Channel handles are counted holds (``Channel.hold(owner)``): ``dup`` and
 ``copy_to`` (the syscall layer passing a handle to another container, e.g. at
-``spawn``) add one, ``close`` drops one, and the channel is freed with its
-last hold; dropping holds is also what wakes a partner with ``EPIPE`` when the
+``spawn``, or a message carrying it: kernel/pid0.py) add one, ``close`` drops
+one, and the channel is freed with its last hold; a moved handle takes its
+sender's hold over (``install(obj, moved_from)``, then ``forget`` in the
+sender).  Dropping holds is also what wakes a partner with ``EPIPE`` when the
 other side of a channel is gone (kernel/channel.py).  ``close_all`` closes a
 dying container's handles, in ascending order.
 
@@ -57,13 +59,29 @@ class HandleTable:
         self._next += 1
         return self._next - 1
 
-    def install(self, obj: Any) -> int:
-        """A new handle to ``obj`` (a channel gains a hold by the owner)."""
+    def install(self, obj: Any, moved_from: Any = None) -> int:
+        """A new handle to ``obj`` (a channel gains a hold by the owner).
+
+        ``moved_from``: a party whose hold the new handle takes over instead
+        (``Channel.transfer``: a moved handle, which its sender then ``forget``s)."""
         h = self._number()
         if isinstance(obj, Channel):
-            obj.hold(self.owner)
+            if moved_from is None:
+                obj.hold(self.owner)
+            else:
+                obj.transfer(moved_from, self.owner)
         self._objs[h] = obj
         return h
+
+    def names(self, h: int, obj: Any) -> bool:
+        """``h`` is open here and names ``obj``."""
+        return self._objs.get(h) is obj
+
+    def forget(self, h: int) -> None:
+        """Drop ``h`` without releasing its object: its hold was moved away (``install``
+        with ``moved_from``)."""
+        del self._objs[h]
+        heapq.heappush(self._free, h)
 
     def create_channel(self, table: ChannelTable, msg_size: int = 0, tag: int = 0, name: str = "") -> int:
         """``chan_create``: a new channel and a handle to it (EMFILE, ENFILE, EINVAL)."""
@@ -112,6 +130,14 @@ class HandleTable:
         heapq.heappush(self._free, h)
         if isinstance(obj, Channel):
             obj.release(self.owner)
+
+    def close_if(self, h: int, obj: Any) -> bool:
+        """Close ``h`` if it still names ``obj`` (a moved handle that went nowhere: the
+        number may have been closed, or reused for something else, since)."""
+        if self._objs.get(h) is not obj:
+            return False
+        self.close(h)
+        return True
 
     def close_all(self) -> int:
         """Close every handle (the container is ending); returns how many."""

@@ -77,12 +77,12 @@ from vmk.machine.pc import Machine, RunResult, Why
 
 from . import events as ev
 from . import _fastipc
-from .channel import IMAGE, MAX_MSG, Channel, ChannelTable, recv, send
+from .channel import IMAGE, MAX_MSG, MAX_TAG, Channel, ChannelTable, Message, recv, send
 from .events import NOT_READY, Condition, Failed, IrqSource, KernelError, OpState, Sync, WaitQueue
 from .fiber import Fiber, FiberKind, FiberState
 from .handles import HandleTable
 from .scheduler import Blocked, Scheduler
-from .syscall_table import EVENT_SIZE, Errno, EventKind, Syscall
+from .syscall_table import EVENT_SIZE, MAX_MSG_HANDLES, MSG_SIZE, Errno, EventKind, MsgFlag, Syscall
 
 __all__ = ["VMKernel", "Container", "KernelClock"]
 
@@ -647,12 +647,28 @@ class VMKernel:
         if not 0 < count <= 64:
             return -int(Errno.EINVAL)
         raw = c.aspace.read(events_ptr, count * EVENT_SIZE)
-        arms = []
-        for i in range(count):
-            kind, _flags, handle, a0, a1, _res = struct.unpack_from("<IIqQQq", raw, i * EVENT_SIZE)
-            arms.append(ev.wrap(self._event_op(c, kind, handle, a0, a1),
-                                lambda v, i=i: _store_result(c, events_ptr, i, v)))
-        return self._sync(f, ev.choice(*arms))
+        descs = [struct.unpack_from("<IIqQQq", raw, i * EVENT_SIZE) for i in range(count)]
+
+        def scope(i: int, end: int) -> list:
+            # The arms of descriptors i..end-1; an EV_WITH_NACK marker makes the
+            # next k of them (nested markers too) one with_nack scope, not an arm.
+            ops = []
+            while i < end:
+                kind, _flags, handle, a0, a1, _res = descs[i]
+                if kind == EventKind.WITH_NACK:
+                    k = _signed(a0)
+                    if not 0 <= k < end - i:
+                        raise KernelError(Errno.EINVAL, f"nack scope of {k} at event {i} runs past its end")
+                    cond = c.handles.get(handle, Condition)
+                    inner = scope(i + 1, i + 1 + k)
+                    ops.append(ev.with_nack(lambda _nack, inner=inner: ev.choice(*inner), cond))
+                    i += 1 + k
+                else:
+                    ops.append(ev.wrap(self._event_op(c, kind, handle, a0, a1),
+                                       lambda v, i=i: _store_result(c, events_ptr, i, v)))
+                    i += 1
+            return ops
+        return self._sync(f, ev.choice(*scope(0, count)))
 
     def _event_op(self, c: Container, kind: int, handle: int, a0: int, a1: int):
         if kind == EventKind.SEND:
@@ -660,10 +676,10 @@ class VMKernel:
         if kind == EventKind.RECV:
             c.aspace.check(a0, a1, write=True)
             return ev.wrap(recv(c.handles.channel(handle)), lambda msg: _deliver(c, a0, a1, msg))
-        if kind == EventKind.TIMEOUT:
-            return ev.timeout(a0)
-        if kind == EventKind.AT_TIME:
-            return ev.at_time(a0)
+        if kind == EventKind.TIMEOUT:            # signed ns: <= 0 is ready at once
+            return ev.timeout(_signed(a0))
+        if kind == EventKind.AT_TIME:            # signed ns: at or before now is ready at once
+            return ev.at_time(_signed(a0))
         if kind == EventKind.JOIN:
             target = self.sched.fibers.get(handle)
             if target is None or target.container is not c:
@@ -680,7 +696,27 @@ class VMKernel:
             return ev.always(a0)
         if kind == EventKind.NEVER:
             return ev.never()
+        if kind == EventKind.SENDMSG:
+            ch = c.handles.channel(handle)
+            msg = _read_message(c, a0)
+            return send(ch, msg, msg.tag)
+        if kind == EventKind.RECVMSG:
+            ch = c.handles.channel(handle)
+            buf, n, _tag, hp, nh, _flags = struct.unpack("<QqqQqq", c.aspace.read(a0, MSG_SIZE))
+            if n < 0 or nh < 0:
+                raise KernelError(Errno.EINVAL, "negative capacity in struct vmk_msg")
+            room = min(nh, MAX_MSG_HANDLES)
+            c.aspace.check(a0, MSG_SIZE, write=True)
+            c.aspace.check(buf, n, write=True)
+            c.aspace.check(hp, 8 * room, write=True)
+            return ev.wrap(recv(ch), lambda m: _deliver_message(c, ch, a0, buf, n, hp, room, m))
         raise KernelError(Errno.EINVAL, f"unknown event kind {kind}")
+
+    def sys_sendmsg(self, f, c, h, msg_ptr, *_):
+        return self._sync(f, self._event_op(c, EventKind.SENDMSG, h, msg_ptr, 0))
+
+    def sys_recvmsg(self, f, c, h, msg_ptr, *_):
+        return self._sync(f, self._event_op(c, EventKind.RECVMSG, h, msg_ptr, 0))
 
     def sys_sleep(self, f, c, ns, *_):
         # A signed duration: one <= 0 is a time already past, ready at once (CML, Guile fibers).
@@ -746,6 +782,7 @@ _SYSCALLS: dict[int, Callable[..., int | None]] = {
     Syscall.SPAWN: VMKernel.sys_spawn, Syscall.WAIT: VMKernel.sys_wait,
     Syscall.CONSOLE_WRITE: VMKernel.sys_console_write, Syscall.HANDLE_DUP: VMKernel.sys_handle_dup,
     Syscall.COND_CREATE: VMKernel.sys_cond_create, Syscall.COND_SIGNAL: VMKernel.sys_cond_signal,
+    Syscall.SENDMSG: VMKernel.sys_sendmsg, Syscall.RECVMSG: VMKernel.sys_recvmsg,
 }
 
 
@@ -814,16 +851,88 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _u64(v: int) -> int:
+    """A value written back to a guest: reduced to 64 bits, two's complement."""
+    return v & _U64
+
+
 def _deliver(c: Container, buf: int, n: int, msg: Any) -> int:
+    """A plain recv's delivery: the bytes; a message's handles are dropped."""
+    if type(msg) is Message:
+        _pass_handles(msg, None, 0)
+        msg = msg.data
     data = bytes(msg)[:n]
     if c.exit_code is None:
         c.aspace.write(buf, data)
     return len(data)
 
 
+def _read_message(c: Container, ptr: int) -> Message:
+    """A sendmsg's ``struct vmk_msg`` at ``ptr``: the bytes, the tag claim and the
+    objects behind the handles (channels or conditions), read at the sync."""
+    buf, n, tag, hp, nh, flags = struct.unpack("<QqqQqq", c.aspace.read(ptr, MSG_SIZE))
+    if n < 0 or not 0 <= tag <= MAX_TAG or not 0 <= nh <= MAX_MSG_HANDLES or flags & ~int(MsgFlag.MOVE):
+        raise KernelError(Errno.EINVAL, "bad struct vmk_msg")
+    if n > MAX_MSG:
+        raise KernelError(Errno.EMSGSIZE, f"{n} bytes > {MAX_MSG}")
+    data = c.aspace.read(buf, n)
+    hs = struct.unpack(f"<{nh}q", c.aspace.read(hp, 8 * nh)) if nh else ()
+    objs = tuple(c.handles.get(h) for h in hs)
+    for h, obj in zip(hs, objs):
+        if not isinstance(obj, (Channel, Condition)):
+            raise KernelError(Errno.EBADF, f"handle {h} cannot be passed")
+    return Message(data, tag, c, hs, objs, bool(flags & MsgFlag.MOVE))
+
+
+def _pass_handles(msg: Message, dest: Container | None, room: int) -> tuple[list[int], bool]:
+    """Commit a message's handles: install up to ``room`` of them in ``dest`` (None:
+    drop them all).  A moved handle still open in the sender hands its hold over
+    (the channel is never without one, and a channel only its sender held is not
+    made *connected* by the move); one that is not delivered is closed in the
+    sender.  Returns (the new handles, whether any was dropped)."""
+    out: list[int] = []
+    dropped = False
+    sender = msg.sender
+    mover = sender.handles if msg.move and isinstance(sender, Container) and sender.exit_code is None else None
+    for h, obj in zip(msg.handles, msg.objs):
+        moving = mover is not None and mover.names(h, obj)
+        if dest is None or dest.exit_code is not None or len(out) >= room or getattr(obj, "freed", False):
+            dropped = True
+        else:
+            try:
+                out.append(dest.handles.install(obj, moved_from=sender if moving else None))
+                if moving:
+                    mover.forget(h)
+                continue
+            except KernelError:                 # EMFILE: the receiver's table is full
+                dropped = True
+        if moving:
+            mover.close_if(h, obj)
+    return out, dropped
+
+
+def _deliver_message(c: Container, ch: Channel, ptr: int, buf: int, n: int, hp: int, room: int,
+                     msg: Any) -> int:
+    """A recvmsg's delivery: bytes, tag, handles, and the written-back fields."""
+    if type(msg) is Message:
+        tag = msg.tag or ch.tag
+        hs, dropped = _pass_handles(msg, c, room)
+        data = msg.data[:n]
+    else:
+        tag, hs, dropped = ch.tag, [], False
+        data = bytes(msg)[:n]
+    if c.exit_code is None:
+        c.aspace.write(buf, data)
+        if hs:
+            c.aspace.write(hp, struct.pack(f"<{len(hs)}q", *hs))
+        c.aspace.write(ptr + 8, struct.pack("<QQ", len(data), _u64(tag)))
+        c.aspace.write(ptr + 32, struct.pack("<QQ", len(hs), int(MsgFlag.CTRUNC) if dropped else 0))
+    return len(data)
+
+
 def _store_result(c: Container, events_ptr: int, i: int, value: Any) -> Any:
     if c.exit_code is None and isinstance(value, int):
-        c.aspace.write(events_ptr + i * EVENT_SIZE + 32, struct.pack("<q", value))
+        c.aspace.write(events_ptr + i * EVENT_SIZE + 32, struct.pack("<Q", _u64(value)))
     return i
 
 

@@ -10,13 +10,55 @@ defines a syscall number.
 The CML ``sync`` call takes an array of event descriptors (:data:`EVENT_LAYOUT`)
 and returns the index of the arm that fired; the arm's value (bytes received,
 fiber exit value, ...) is written back into that descriptor's ``result`` field.
+
+Values.  Every value the kernel writes back to a guest (RAX, an event's
+``result``, a ``struct vmk_msg`` field) is reduced to 64 bits as two's
+complement (a value of 2**63 or more reads as negative in an ``int64_t``);
+nothing a guest passes can make the write fail.  Values read from a guest are
+read with the signedness the C declaration gives them: ``long`` and
+``int64_t`` fields are signed, ``uint64_t`` fields (``arg0``/``arg1`` used as
+pointers or lengths) unsigned, except where a kind says otherwise below.
+
+Time.  Every duration and time in the ABI is a *signed* 64-bit count of
+virtual nanoseconds (``EV_TIMEOUT``/``EV_AT_TIME`` read ``arg0`` as signed).
+A duration <= 0, or an ``EV_AT_TIME`` at or before now, is ready at once (a
+time in the past is ready, as in CML and Guile fibers).
+
+Concurrent ML.  ``wrap`` and ``guard`` run in the syncing fiber (CML: the guard
+before the sync, the wrap after the commit), so they are guest code:
+``vmk_sync_ops`` in ``vmk.h`` (a static inline library emitted with the
+wrappers).  ``with-nack`` needs the kernel: an ``EV_WITH_NACK`` descriptor is a
+*scope marker*, not an arm: ``{kind=EV_WITH_NACK, handle=condition, arg0=k}``
+puts the next k descriptors (markers inside count, and may nest) in a scope;
+when the sync commits to an arm outside the scope, or is aborted (the fiber's
+container ends), the kernel signals the condition (a ``cond_create`` handle; a
+server waits for it with ``EV_COND``).  It is never signalled when an arm
+inside the scope wins.  A marker is never the returned index.  k < 0 or past
+the end of the array is ``-EINVAL``, a handle that is not a condition
+``-EBADF``.  Conditions are one-shot: use a fresh one for every sync.
+
+Messages.  ``sendmsg``/``recvmsg`` (and ``EV_SENDMSG``/``EV_RECVMSG``, arg0 =
+``struct vmk_msg *``, :data:`MSG_LAYOUT`) carry bytes, a tag and up to
+:data:`MAX_MSG_HANDLES` handles (channels or conditions).  Send: ``buf``/``len``
+the bytes, ``tag`` the sender's claim (0 = none; a claim that differs from a
+tagged channel's is ``-EINVAL``), ``handles``/``nhandles`` the handles to pass,
+``flags`` ``VMK_MSG_MOVE`` to lose them at the commit (else the sender keeps
+them: a copy).  Receive: ``buf``/``len``/``handles``/``nhandles`` are
+capacities; on return ``len`` (bytes delivered), ``tag`` (the sender's, or the
+channel's when the sender made no claim), ``nhandles`` (new handles written to
+``handles``, in the order sent) and ``flags`` (``VMK_MSG_CTRUNC`` when handles
+were dropped for want of room) are written back; the result is the byte count.
+The receiver's handles are installed before a moved handle is closed in the
+sender, so a channel in flight is never freed.  A plain ``recv`` of a message
+with handles gets the bytes; the handles are dropped (closed), never leaked.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
 
-__all__ = ["Syscall", "SYSCALLS", "Errno", "EventKind", "EVENT_LAYOUT", "EVENT_SIZE", "SyscallSpec"]
+__all__ = ["Syscall", "SYSCALLS", "Errno", "EventKind", "EVENT_LAYOUT", "EVENT_SIZE", "MSG_LAYOUT", "MSG_SIZE",
+           "MsgFlag", "MAX_MSG_HANDLES", "SyscallSpec"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +91,8 @@ class Syscall(IntEnum):
     HANDLE_DUP = 17
     COND_CREATE = 18
     COND_SIGNAL = 19
+    SENDMSG = 20
+    RECVMSG = 21
 
 
 SYSCALLS: tuple[SyscallSpec, ...] = (
@@ -81,6 +125,12 @@ SYSCALLS: tuple[SyscallSpec, ...] = (
     SyscallSpec(17, "handle_dup", ("long handle",), "long", "A second handle to the same channel."),
     SyscallSpec(18, "cond_create", (), "long", "A condition (a one-shot broadcast event); returns a handle."),
     SyscallSpec(19, "cond_signal", ("long handle",), "long", "Signal a condition: every waiter, now and later, wakes."),
+    SyscallSpec(20, "sendmsg", ("long handle", "struct vmk_msg *msg"), "long",
+                "Rendezvous: send bytes, a tag and handles (struct vmk_msg; VMK_MSG_MOVE in flags: the handles "
+                "leave this container at the commit); returns 0."),
+    SyscallSpec(21, "recvmsg", ("long handle", "struct vmk_msg *msg"), "long",
+                "Rendezvous: receive bytes, tag and handles into struct vmk_msg (capacities in, len/tag/nhandles/"
+                "flags written back); returns the byte count."),
 )
 
 assert [s.number for s in SYSCALLS] == [int(s) for s in Syscall], "table and enum disagree"
@@ -109,15 +159,30 @@ class EventKind(IntEnum):
     """``struct vmk_event.kind`` for sync()."""
     SEND = 1          # handle, buf, len
     RECV = 2          # handle, buf, len   -> result = bytes received
-    TIMEOUT = 3       # arg0 = ns relative to the sync
-    AT_TIME = 4       # arg0 = absolute virtual ns
+    TIMEOUT = 3       # arg0 = ns relative to the sync (signed; <= 0: ready at once)
+    AT_TIME = 4       # arg0 = absolute virtual ns (signed; at or before now: ready at once)
     IRQ = 5           # handle = IRQ line granted to the container -> result = count since last
     JOIN = 6          # handle = fiber id -> result = exit value
     COND = 7          # handle = condition
     ALWAYS = 8        # result = arg0
     NEVER = 9
+    WITH_NACK = 10    # scope marker: handle = condition, arg0 = k (the next k descriptors)
+    SENDMSG = 11      # handle, arg0 = struct vmk_msg *
+    RECVMSG = 12      # handle, arg0 = struct vmk_msg *  -> result = bytes received
 
 
 # struct vmk_event { u32 kind; u32 flags; i64 handle; u64 arg0; u64 arg1; i64 result; }  (40 bytes)
 EVENT_LAYOUT = (("kind", "I"), ("flags", "I"), ("handle", "q"), ("arg0", "Q"), ("arg1", "Q"), ("result", "q"))
 EVENT_SIZE = 40
+
+# struct vmk_msg { const void *buf; i64 len; i64 tag; i64 *handles; i64 nhandles; i64 flags; }  (48 bytes)
+MSG_LAYOUT = (("buf", "Q"), ("len", "q"), ("tag", "q"), ("handles", "Q"), ("nhandles", "q"), ("flags", "q"))
+MSG_SIZE = 48
+MAX_MSG_HANDLES = 16
+"""Most handles one message carries (more is -EINVAL)."""
+
+
+class MsgFlag(IntEnum):
+    """``struct vmk_msg.flags`` (``VMK_MSG_*``)."""
+    MOVE = 1          # send: the handles leave the sender at the commit
+    CTRUNC = 2        # recv (written back): handles were dropped, the receiver's array was too small

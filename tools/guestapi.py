@@ -9,17 +9,22 @@ turns it into text and nothing else.  The generated files are committed under
     python -m vmk.tools.guestapi --check    # exit 1 (naming the files) when they are stale
 
 ``vmk.h``: ``SYS_*``, errno (``E*``, the Linux numbers), ``EV_*`` event kinds,
-``struct vmk_event`` with static asserts on its layout, the user address
-layout (``VMK_USER_BASE``, ``VMK_STACK_TOP``), and one ``static inline``
-wrapper per syscall, ``vmk_<name>(...)``, which executes ``syscall`` with the
-number in RAX and the arguments in RDI, RSI, RDX, R10, R8, R9 (clobbering
-RCX, R11 and memory).  Wrappers return the raw result: a negative errno on
-failure.
+``struct vmk_event`` and ``struct vmk_msg`` (``VMK_MSG_*`` flags) with static
+asserts on their layouts, the user address layout (``VMK_USER_BASE``,
+``VMK_STACK_TOP``), and one ``static inline`` wrapper per syscall,
+``vmk_<name>(...)``, which executes ``syscall`` with the number in RAX and the
+arguments in RDI, RSI, RDX, R10, R8, R9 (clobbering RCX, R11 and memory).
+Wrappers return the raw result: a negative errno on failure.  Then a small
+static inline library on top (:data:`LIBRARY`): CML's ``wrap`` and ``guard``
+(``struct vmk_op``, ``vmk_sync_ops``; they run in the syncing fiber, as in
+CML) and message conveniences (``vmk_send_tagged``, ``vmk_send_handle``,
+``vmk_recv_handle``).
 
 ``vmk.inc``: the same constants as ``.equ NAME, value`` lines, plus
 ``ERR_<E>`` = -errno (keystone 0.9.2 mis-encodes ``-EPIPE`` in an
 instruction), the event field offsets (``EVENT_OFF_<FIELD>``) and
-``EVENT_SIZE``; ``#`` comments.
+``EVENT_SIZE``, the message field offsets (``MSG_OFF_<FIELD>``), ``MSG_SIZE``
+and ``VMK_MSG_*``; ``#`` comments.
 Both keystone and GNU as accept this; ``vmk build`` prepends it to every
 ``.s`` program, and a GNU as source can ``.include "vmk.inc"``.
 """
@@ -32,10 +37,21 @@ import sys
 from pathlib import Path
 
 from vmk.boot.vmkimage import STACK_TOP, USER_BASE
-from vmk.kernel.syscall_table import EVENT_LAYOUT, EVENT_SIZE, SYSCALLS, Errno, EventKind, SyscallSpec
+from vmk.kernel.syscall_table import (
+    EVENT_LAYOUT,
+    EVENT_SIZE,
+    MAX_MSG_HANDLES,
+    MSG_LAYOUT,
+    MSG_SIZE,
+    SYSCALLS,
+    Errno,
+    EventKind,
+    MsgFlag,
+    SyscallSpec,
+)
 
 __all__ = ["INCLUDE_DIR", "HEADER_NAME", "INC_NAME", "generate_header", "generate_inc", "generated_files",
-           "event_offsets", "write_guest_api", "stale_files", "main"]
+           "event_offsets", "msg_offsets", "write_guest_api", "stale_files", "main", "LIBRARY"]
 
 INCLUDE_DIR = Path(__file__).resolve().parent.parent / "guest" / "include"
 HEADER_NAME = "vmk.h"
@@ -46,18 +62,116 @@ _C_TYPES = {"b": "int8_t", "B": "uint8_t", "h": "int16_t", "H": "uint16_t", "i":
             "q": "int64_t", "Q": "uint64_t"}
 
 
-def event_offsets() -> list[tuple[str, str, int]]:
-    """(field, struct code, offset) of ``struct vmk_event``, natural C alignment."""
+_MSG_C_TYPES = {"buf": "const void *", "handles": "int64_t *"}     # pointer fields of struct vmk_msg
+
+
+def _offsets(layout: tuple[tuple[str, str], ...], total: int, what: str) -> list[tuple[str, str, int]]:
     out, off = [], 0
-    for name, code in EVENT_LAYOUT:
+    for name, code in layout:
         size = struct.calcsize("<" + code)
         off += -off % size
         out.append((name, code, off))
         off += size
     off += -off % 8
-    if off != EVENT_SIZE:
-        raise ValueError(f"EVENT_LAYOUT adds up to {off} bytes but EVENT_SIZE is {EVENT_SIZE}")
+    if off != total:
+        raise ValueError(f"{what} adds up to {off} bytes but its size is {total}")
     return out
+
+
+def event_offsets() -> list[tuple[str, str, int]]:
+    """(field, struct code, offset) of ``struct vmk_event``, natural C alignment."""
+    return _offsets(EVENT_LAYOUT, EVENT_SIZE, "EVENT_LAYOUT")
+
+
+def msg_offsets() -> list[tuple[str, str, int]]:
+    """(field, struct code, offset) of ``struct vmk_msg``, natural C alignment."""
+    return _offsets(MSG_LAYOUT, MSG_SIZE, "MSG_LAYOUT")
+
+
+LIBRARY = r"""/* ---- Concurrent ML in the guest: wrap and guard (CML runs both in the syncing
+ * thread: a guard before the sync, a wrap after the commit), over vmk_sync.
+ *
+ *   struct vmk_op ops[] = {
+ *       {.ev = {.kind = EV_RECV, .handle = h, .arg0 = (uint64_t)buf, .arg1 = 8}, .wrap = got_msg},
+ *       {.ev = {.kind = EV_TIMEOUT}, .guard = set_deadline, .arg = &ctx},
+ *   };
+ *   long value, arm = vmk_sync_ops(ops, 2, &value);
+ *
+ * vmk_sync_ops runs every op's guard (in array order, at every call, before the
+ * kernel tries any arm; a guard may rewrite its op's event, e.g. make a fresh
+ * condition for an EV_WITH_NACK marker), syncs on the events, copies the
+ * winner's result back into ops[arm].ev.result and sets *value to
+ * wrap(result, arg), or to result when the winner has no wrap.  Only the
+ * winner's wrap runs.  Returns the winning index (never a marker's) or
+ * -errno (no wrap runs then).  Compose wraps inside one vmk_wrap_fn.
+ * EV_WITH_NACK markers (kernel/syscall_table.py): {.kind = EV_WITH_NACK,
+ * .handle = vmk_cond_create(), .arg0 = k} scopes the next k ops; the kernel
+ * signals the condition when an arm outside the scope wins or the sync is
+ * abandoned (the container ends), never when an arm inside wins. */
+#define VMK_MAX_EVENTS 64
+typedef long (*vmk_wrap_fn)(long value, void *arg);
+typedef void (*vmk_guard_fn)(struct vmk_event *ev, void *arg);
+struct vmk_op {
+    struct vmk_event ev;
+    vmk_guard_fn guard;     /* NULL: none */
+    vmk_wrap_fn wrap;       /* NULL: the value is the arm's result */
+    void *arg;              /* for guard and wrap */
+};
+
+static inline long vmk_sync_ops(struct vmk_op *ops, long n, long *value)
+{
+    struct vmk_event evs[VMK_MAX_EVENTS];
+    if (n <= 0 || n > VMK_MAX_EVENTS)
+        return -EINVAL;
+    for (long i = 0; i < n; i++)
+        if (ops[i].guard)
+            ops[i].guard(&ops[i].ev, ops[i].arg);
+    for (long i = 0; i < n; i++)
+        evs[i] = ops[i].ev;
+    long arm = vmk_sync(evs, n);
+    if (arm < 0 || arm >= n)
+        return arm;
+    ops[arm].ev.result = evs[arm].result;
+    long v = evs[arm].result;
+    if (ops[arm].wrap)
+        v = ops[arm].wrap(v, ops[arm].arg);
+    if (value)
+        *value = v;
+    return arm;
+}
+
+/* ---- Messages: conveniences over sendmsg/recvmsg. */
+
+/* send() with a tag claim (0 = none; a claim that differs from a tagged channel's is -EINVAL). */
+static inline long vmk_send_tagged(long h, const void *buf, long len, long tag)
+{
+    struct vmk_msg m = {.buf = buf, .len = len, .tag = tag};
+    return vmk_sendmsg(h, &m);
+}
+
+/* Pass `handle` (a channel or condition) over channel h in an empty message (a
+ * channel of any size): the receiver gets a new handle of its own; move != 0:
+ * this container loses `handle` when the message is taken. */
+static inline long vmk_send_handle(long h, long handle, long move)
+{
+    int64_t hs[1] = {handle};
+    struct vmk_msg m = {.handles = hs, .nhandles = 1, .flags = move ? VMK_MSG_MOVE : 0};
+    return vmk_sendmsg(h, &m);
+}
+
+/* Receive one message on h and return the handle it carries (-EBADF if it
+ * carried none; its bytes are dropped). */
+static inline long vmk_recv_handle(long h)
+{
+    int64_t hs[1] = {-1};
+    struct vmk_msg m = {.handles = hs, .nhandles = 1};
+    long r = vmk_recvmsg(h, &m);
+    if (r < 0)
+        return r;
+    return m.nhandles == 1 ? hs[0] : -EBADF;
+}
+"""
+"""The static inline library emitted after the wrappers (C only)."""
 
 
 def _arg_name(decl: str) -> str:
@@ -105,9 +219,20 @@ def generate_header() -> str:
             "_Static_assert(sizeof(struct vmk_event) == VMK_EVENT_SIZE, \"struct vmk_event layout\");"]
     out += [f"_Static_assert(__builtin_offsetof(struct vmk_event, {name}) == {off}, \"vmk_event.{name}\");"
             for name, _, off in event_offsets()]
+    out += ["", "/* struct vmk_msg.flags */"]
+    out += [f"#define VMK_MSG_{m.name} {int(m)}" for m in MsgFlag]
+    out += [f"#define VMK_MAX_MSG_HANDLES {MAX_MSG_HANDLES}"]
+    out += ["", "/* A message for sendmsg/recvmsg (recv: buf, len, handles, nhandles are capacities;",
+            " * len, tag, nhandles and flags are written back). */", "struct vmk_msg {"]
+    out += [f"    {_MSG_C_TYPES[name]}{name};" if name in _MSG_C_TYPES else f"    {_C_TYPES[code]} {name};"
+            for name, code, _ in msg_offsets()]
+    out += ["};", f"#define VMK_MSG_SIZE {MSG_SIZE}",
+            "_Static_assert(sizeof(struct vmk_msg) == VMK_MSG_SIZE, \"struct vmk_msg layout\");"]
+    out += [f"_Static_assert(__builtin_offsetof(struct vmk_msg, {name}) == {off}, \"vmk_msg.{name}\");"
+            for name, _, off in msg_offsets()]
     out += ["", "/* Syscall wrappers: each returns the raw result (negative errno on failure). */", ""]
     out += [_wrapper(s) for s in SYSCALLS]
-    out += ["#endif /* VMK_H */", ""]
+    out += [LIBRARY, "#endif /* VMK_H */", ""]
     return "\n".join(out)
 
 
@@ -128,6 +253,11 @@ def generate_inc() -> str:
     out += ["", "# struct vmk_event: field offsets and size"]
     out += [f".equ EVENT_OFF_{name.upper()}, {off}" for name, _, off in event_offsets()]
     out += [f".equ EVENT_SIZE, {EVENT_SIZE}", ""]
+    out += ["# struct vmk_msg: field offsets, size and flags"]
+    out += [f".equ MSG_OFF_{name.upper()}, {off}" for name, _, off in msg_offsets()]
+    out += [f".equ MSG_SIZE, {MSG_SIZE}"]
+    out += [f".equ VMK_MSG_{m.name}, {int(m)}" for m in MsgFlag]
+    out += [f".equ VMK_MAX_MSG_HANDLES, {MAX_MSG_HANDLES}", ""]
     return "\n".join(out)
 
 

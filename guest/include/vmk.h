@@ -31,6 +31,8 @@
 #define SYS_HANDLE_DUP 17
 #define SYS_COND_CREATE 18
 #define SYS_COND_SIGNAL 19
+#define SYS_SENDMSG 20
+#define SYS_RECVMSG 21
 
 /* Errors: syscalls return -errno */
 #define EPERM 1
@@ -59,6 +61,9 @@
 #define EV_COND 7
 #define EV_ALWAYS 8
 #define EV_NEVER 9
+#define EV_WITH_NACK 10
+#define EV_SENDMSG 11
+#define EV_RECVMSG 12
 
 /* One arm of sync(); the arm's value is written back into result. */
 struct vmk_event {
@@ -77,6 +82,30 @@ _Static_assert(__builtin_offsetof(struct vmk_event, handle) == 8, "vmk_event.han
 _Static_assert(__builtin_offsetof(struct vmk_event, arg0) == 16, "vmk_event.arg0");
 _Static_assert(__builtin_offsetof(struct vmk_event, arg1) == 24, "vmk_event.arg1");
 _Static_assert(__builtin_offsetof(struct vmk_event, result) == 32, "vmk_event.result");
+
+/* struct vmk_msg.flags */
+#define VMK_MSG_MOVE 1
+#define VMK_MSG_CTRUNC 2
+#define VMK_MAX_MSG_HANDLES 16
+
+/* A message for sendmsg/recvmsg (recv: buf, len, handles, nhandles are capacities;
+ * len, tag, nhandles and flags are written back). */
+struct vmk_msg {
+    const void *buf;
+    int64_t len;
+    int64_t tag;
+    int64_t *handles;
+    int64_t nhandles;
+    int64_t flags;
+};
+#define VMK_MSG_SIZE 48
+_Static_assert(sizeof(struct vmk_msg) == VMK_MSG_SIZE, "struct vmk_msg layout");
+_Static_assert(__builtin_offsetof(struct vmk_msg, buf) == 0, "vmk_msg.buf");
+_Static_assert(__builtin_offsetof(struct vmk_msg, len) == 8, "vmk_msg.len");
+_Static_assert(__builtin_offsetof(struct vmk_msg, tag) == 16, "vmk_msg.tag");
+_Static_assert(__builtin_offsetof(struct vmk_msg, handles) == 24, "vmk_msg.handles");
+_Static_assert(__builtin_offsetof(struct vmk_msg, nhandles) == 32, "vmk_msg.nhandles");
+_Static_assert(__builtin_offsetof(struct vmk_msg, flags) == 40, "vmk_msg.flags");
 
 /* Syscall wrappers: each returns the raw result (negative errno on failure). */
 
@@ -267,6 +296,109 @@ static inline long vmk_cond_signal(long handle)
     register long _a0 __asm__("rdi") = (long)(handle);
     __asm__ volatile("syscall" : "+a"(_ret) : "r"(_a0) : "rcx", "r11", "memory");
     return _ret;
+}
+
+/* Rendezvous: send bytes, a tag and handles (struct vmk_msg; VMK_MSG_MOVE in flags: the handles leave this container at the commit); returns 0. */
+static inline long vmk_sendmsg(long handle, struct vmk_msg *msg)
+{
+    long _ret = SYS_SENDMSG;
+    register long _a0 __asm__("rdi") = (long)(handle);
+    register long _a1 __asm__("rsi") = (long)(msg);
+    __asm__ volatile("syscall" : "+a"(_ret) : "r"(_a0), "r"(_a1) : "rcx", "r11", "memory");
+    return _ret;
+}
+
+/* Rendezvous: receive bytes, tag and handles into struct vmk_msg (capacities in, len/tag/nhandles/flags written back); returns the byte count. */
+static inline long vmk_recvmsg(long handle, struct vmk_msg *msg)
+{
+    long _ret = SYS_RECVMSG;
+    register long _a0 __asm__("rdi") = (long)(handle);
+    register long _a1 __asm__("rsi") = (long)(msg);
+    __asm__ volatile("syscall" : "+a"(_ret) : "r"(_a0), "r"(_a1) : "rcx", "r11", "memory");
+    return _ret;
+}
+
+/* ---- Concurrent ML in the guest: wrap and guard (CML runs both in the syncing
+ * thread: a guard before the sync, a wrap after the commit), over vmk_sync.
+ *
+ *   struct vmk_op ops[] = {
+ *       {.ev = {.kind = EV_RECV, .handle = h, .arg0 = (uint64_t)buf, .arg1 = 8}, .wrap = got_msg},
+ *       {.ev = {.kind = EV_TIMEOUT}, .guard = set_deadline, .arg = &ctx},
+ *   };
+ *   long value, arm = vmk_sync_ops(ops, 2, &value);
+ *
+ * vmk_sync_ops runs every op's guard (in array order, at every call, before the
+ * kernel tries any arm; a guard may rewrite its op's event, e.g. make a fresh
+ * condition for an EV_WITH_NACK marker), syncs on the events, copies the
+ * winner's result back into ops[arm].ev.result and sets *value to
+ * wrap(result, arg), or to result when the winner has no wrap.  Only the
+ * winner's wrap runs.  Returns the winning index (never a marker's) or
+ * -errno (no wrap runs then).  Compose wraps inside one vmk_wrap_fn.
+ * EV_WITH_NACK markers (kernel/syscall_table.py): {.kind = EV_WITH_NACK,
+ * .handle = vmk_cond_create(), .arg0 = k} scopes the next k ops; the kernel
+ * signals the condition when an arm outside the scope wins or the sync is
+ * abandoned (the container ends), never when an arm inside wins. */
+#define VMK_MAX_EVENTS 64
+typedef long (*vmk_wrap_fn)(long value, void *arg);
+typedef void (*vmk_guard_fn)(struct vmk_event *ev, void *arg);
+struct vmk_op {
+    struct vmk_event ev;
+    vmk_guard_fn guard;     /* NULL: none */
+    vmk_wrap_fn wrap;       /* NULL: the value is the arm's result */
+    void *arg;              /* for guard and wrap */
+};
+
+static inline long vmk_sync_ops(struct vmk_op *ops, long n, long *value)
+{
+    struct vmk_event evs[VMK_MAX_EVENTS];
+    if (n <= 0 || n > VMK_MAX_EVENTS)
+        return -EINVAL;
+    for (long i = 0; i < n; i++)
+        if (ops[i].guard)
+            ops[i].guard(&ops[i].ev, ops[i].arg);
+    for (long i = 0; i < n; i++)
+        evs[i] = ops[i].ev;
+    long arm = vmk_sync(evs, n);
+    if (arm < 0 || arm >= n)
+        return arm;
+    ops[arm].ev.result = evs[arm].result;
+    long v = evs[arm].result;
+    if (ops[arm].wrap)
+        v = ops[arm].wrap(v, ops[arm].arg);
+    if (value)
+        *value = v;
+    return arm;
+}
+
+/* ---- Messages: conveniences over sendmsg/recvmsg. */
+
+/* send() with a tag claim (0 = none; a claim that differs from a tagged channel's is -EINVAL). */
+static inline long vmk_send_tagged(long h, const void *buf, long len, long tag)
+{
+    struct vmk_msg m = {.buf = buf, .len = len, .tag = tag};
+    return vmk_sendmsg(h, &m);
+}
+
+/* Pass `handle` (a channel or condition) over channel h in an empty message (a
+ * channel of any size): the receiver gets a new handle of its own; move != 0:
+ * this container loses `handle` when the message is taken. */
+static inline long vmk_send_handle(long h, long handle, long move)
+{
+    int64_t hs[1] = {handle};
+    struct vmk_msg m = {.handles = hs, .nhandles = 1, .flags = move ? VMK_MSG_MOVE : 0};
+    return vmk_sendmsg(h, &m);
+}
+
+/* Receive one message on h and return the handle it carries (-EBADF if it
+ * carried none; its bytes are dropped). */
+static inline long vmk_recv_handle(long h)
+{
+    int64_t hs[1] = {-1};
+    struct vmk_msg m = {.handles = hs, .nhandles = 1};
+    long r = vmk_recvmsg(h, &m);
+    if (r < 0)
+        return r;
+    return m.nhandles == 1 ? hs[0] : -EBADF;
 }
 
 #endif /* VMK_H */

@@ -20,7 +20,17 @@ from unicorn.x86_const import (
     UC_X86_REG_RSP,
 )
 from vmk.boot.vmkimage import STACK_TOP, USER_BASE
-from vmk.kernel.syscall_table import EVENT_LAYOUT, EVENT_SIZE, SYSCALLS, Errno, EventKind
+from vmk.kernel.syscall_table import (
+    EVENT_LAYOUT,
+    EVENT_SIZE,
+    MAX_MSG_HANDLES,
+    MSG_LAYOUT,
+    MSG_SIZE,
+    SYSCALLS,
+    Errno,
+    EventKind,
+    MsgFlag,
+)
 from vmk.tools import guestapi
 
 HEADER = guestapi.INCLUDE_DIR / "vmk.h"
@@ -58,16 +68,21 @@ def _expected() -> dict[str, int]:
     out |= {e.name: int(e) for e in Errno}
     out |= {f"EV_{k.name}": int(k) for k in EventKind}
     out |= {"VMK_USER_BASE": USER_BASE, "VMK_STACK_TOP": STACK_TOP}
+    out |= {f"VMK_MSG_{m.name}": int(m) for m in MsgFlag} | {"VMK_MAX_MSG_HANDLES": MAX_MSG_HANDLES}
     return out
 
 
 def test_header_agrees_with_the_table() -> None:
     text = HEADER.read_text()
     defines = _defines(text)
-    assert defines == _expected() | {"VMK_EVENT_SIZE": EVENT_SIZE}
+    assert defines == _expected() | {"VMK_EVENT_SIZE": EVENT_SIZE, "VMK_MSG_SIZE": MSG_SIZE, "VMK_MAX_EVENTS": 64}
     fields = re.search(r"struct vmk_event \{\n(.*?)\n\};", text, re.S).group(1)
     ctype = {"I": "uint32_t", "q": "int64_t", "Q": "uint64_t"}
     assert [ln.strip() for ln in fields.splitlines()] == [f"{ctype[c]} {n};" for n, c in EVENT_LAYOUT]
+    fields = re.search(r"struct vmk_msg \{\n(.*?)\n\};", text, re.S).group(1)
+    ctype |= {"buf": "const void *", "handles": "int64_t *"}
+    assert [ln.strip() for ln in fields.splitlines()] == [
+        f"{ctype[n]}{n};" if n in ctype else f"{ctype[c]} {n};" for n, c in MSG_LAYOUT]
     for spec in SYSCALLS:
         params = ", ".join(spec.args) or "void"
         m = re.search(rf"^static inline .*\bvmk_{spec.name}\((.*)\)$", text, re.M)
@@ -79,8 +94,10 @@ def test_header_agrees_with_the_table() -> None:
 def test_inc_agrees_with_the_table() -> None:
     equates = _equates(INC.read_text())
     offsets = {"kind": 0, "flags": 4, "handle": 8, "arg0": 16, "arg1": 24, "result": 32}
+    msg = {"buf": 0, "len": 8, "tag": 16, "handles": 24, "nhandles": 32, "flags": 40}
     assert equates == _expected() | {f"ERR_{e.name}": -int(e) for e in Errno} | \
-        {f"EVENT_OFF_{n.upper()}": off for n, off in offsets.items()} | {"EVENT_SIZE": EVENT_SIZE}
+        {f"EVENT_OFF_{n.upper()}": off for n, off in offsets.items()} | {"EVENT_SIZE": EVENT_SIZE} | \
+        {f"MSG_OFF_{n.upper()}": off for n, off in msg.items()} | {"MSG_SIZE": MSG_SIZE}
 
 
 def test_inc_assembles_with_keystone() -> None:
@@ -107,6 +124,8 @@ def test_inc_assembles_with_gnu_as(tmp_path: Path) -> None:
 def test_header_compiles_cleanly(tmp_path: Path) -> None:
     src = tmp_path / "all.c"
     calls = "\n".join(f"long call_{s.name}(void) {{ return (long)&vmk_{s.name}; }}" for s in SYSCALLS)
+    calls += "\n" + "\n".join(f"long call_{n}(void) {{ return (long)&{n}; }}"
+                              for n in ("vmk_sync_ops", "vmk_send_tagged", "vmk_send_handle", "vmk_recv_handle"))
     src.write_text(f'#include "vmk.h"\n{calls}\n')
     for std in ("-std=c11", "-std=gnu17"):
         proc = subprocess.run(["gcc", "-ffreestanding", "-nostdlib", std, "-Wall", "-Wextra", "-Werror", "-pedantic",
