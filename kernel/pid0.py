@@ -82,7 +82,8 @@ from .events import NOT_READY, Condition, Failed, IrqSource, KernelError, OpStat
 from .fiber import Fiber, FiberKind, FiberState
 from .handles import HandleTable
 from .scheduler import Blocked, Scheduler
-from .syscall_table import EVENT_SIZE, MAX_MSG_HANDLES, MSG_SIZE, Errno, EventKind, MsgFlag, Syscall
+from .syscall_table import (CONSOLE_WRITE_MAX, EVENT_SIZE, MAX_MSG_HANDLES, MSG_SIZE, SPAWN_MAX_HANDLES,
+                            SPAWN_MAX_NAME, SYNC_MAX_EVENTS, Errno, EventKind, MsgFlag, Syscall)
 
 __all__ = ["VMKernel", "Container", "KernelClock"]
 
@@ -644,7 +645,7 @@ class VMKernel:
         return self._sync(f, ev.wrap(recv(ch), lambda msg: _deliver(c, buf, n, msg)))
 
     def sys_sync(self, f, c, events_ptr, count, *_):
-        if not 0 < count <= 64:
+        if not 0 < count <= SYNC_MAX_EVENTS:
             return -int(Errno.EINVAL)
         raw = c.aspace.read(events_ptr, count * EVENT_SIZE)
         descs = [struct.unpack_from("<IIqQQq", raw, i * EVENT_SIZE) for i in range(count)]
@@ -732,7 +733,7 @@ class VMKernel:
         return c.pid
 
     def sys_spawn(self, f, c, name_ptr, name_len, handles_ptr, nhandles, *_):
-        if not 0 < name_len <= 64 or not 0 <= nhandles <= 16:
+        if not 0 < name_len <= SPAWN_MAX_NAME or not 0 <= nhandles <= SPAWN_MAX_HANDLES:
             return -int(Errno.EINVAL)
         name = c.aspace.read(name_ptr, name_len).decode("latin-1")
         hs = struct.unpack(f"<{nhandles}q", c.aspace.read(handles_ptr, 8 * nhandles)) if nhandles else ()
@@ -756,7 +757,7 @@ class VMKernel:
         return self._sync(f, ev.wrap(ev.cond_wait(child.ended), lambda _v: child.exit_code))
 
     def sys_console_write(self, f, c, buf, n, *_):
-        if n < 0 or n > 65536:
+        if n < 0 or n > CONSOLE_WRITE_MAX:
             return -int(Errno.EINVAL)
         self.hal.console_write(c.aspace.read(buf, n))
         return n

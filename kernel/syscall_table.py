@@ -58,7 +58,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = ["Syscall", "SYSCALLS", "Errno", "EventKind", "EVENT_LAYOUT", "EVENT_SIZE", "MSG_LAYOUT", "MSG_SIZE",
-           "MsgFlag", "MAX_MSG_HANDLES", "SyscallSpec"]
+           "MsgFlag", "MAX_MSG_HANDLES", "SyscallSpec", "ERRORS", "EVENT_DOCS", "LIMITS", "SYNC_MAX_EVENTS",
+           "SPAWN_MAX_NAME", "SPAWN_MAX_HANDLES", "CONSOLE_WRITE_MAX"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,3 +187,95 @@ class MsgFlag(IntEnum):
     """``struct vmk_msg.flags`` (``VMK_MSG_*``)."""
     MOVE = 1          # send: the handles leave the sender at the commit
     CTRUNC = 2        # recv (written back): handles were dropped, the receiver's array was too small
+
+
+SYNC_MAX_EVENTS = 64
+"""Most descriptors (arms and markers) one ``sync`` takes."""
+SPAWN_MAX_NAME = 64
+"""Longest program name ``spawn`` takes."""
+SPAWN_MAX_HANDLES = 16
+"""Most handles ``spawn`` passes to the new container."""
+CONSOLE_WRITE_MAX = 65536
+"""Most bytes one ``console_write`` takes."""
+
+_E = Errno
+_CHAN = ((_E.EBADF, "the handle is not an open channel of this container"),)
+_BUF = ((_E.EFAULT, "the buffer is not (writable) memory of this container"),)
+_PIPE = ((_E.EPIPE, "the other side of the channel is gone: every other holder closed it or exited"),)
+_SENDTYPE = ((_E.EMSGSIZE, "the length differs from the channel's message size (or exceeds 4096 on an "
+              "unsized channel)"),
+             (_E.EINVAL, "a tag that differs from the channel's"))
+
+ERRORS: dict[str, tuple[tuple[Errno, str], ...]] = {
+    "fiber_spawn": ((_E.EAGAIN, "the container has its maximum number of live fibers"),
+                    (_E.ENOMEM, "stack_top = 0 and the heap has no room left for a kernel-chosen stack"),
+                    (_E.EFAULT, "stack_top is not writable memory of this container")),
+    "fiber_join": ((_E.ESRCH, "no live or ended fiber of this container has that id"),),
+    "chan_create": ((_E.EINVAL, "msg_size outside 0..4096 or tag outside 0..2^32-1"),
+                    (_E.ENFILE, "the global channel table is full"),
+                    (_E.EMFILE, "the container's handle table is full")),
+    "chan_close": ((_E.EBADF, "not an open handle of this container"),),
+    "send": _CHAN + _BUF + _SENDTYPE + _PIPE,
+    "recv": _CHAN + _BUF + _PIPE,
+    "sync": ((_E.EINVAL, "count outside 1..64, an unknown kind, or an EV_WITH_NACK scope that runs past "
+              "the array or its enclosing scope"),
+             (_E.EBADF, "a handle that is not an open channel / condition of the kind the event needs"),
+             (_E.EFAULT, "the array or an event's buffer is not memory of this container"),
+             (_E.ESRCH, "EV_JOIN on a fiber that is not of this container"),
+             (_E.EPERM, "EV_IRQ on a line not granted to this container"),
+             (_E.EMSGSIZE, "a send arm's message does not fit the channel")) + _PIPE,
+    "spawn": ((_E.EINVAL, "name_len outside 1..64 or nhandles outside 0..16"),
+              (_E.EFAULT, "the name or the handle array is not memory of this container"),
+              (_E.ESRCH, "the image has no container of that name"),
+              (_E.EBADF, "a handle to pass is not open"),
+              (_E.ENOMEM, "guest RAM cannot hold the new container")),
+    "wait": ((_E.ECHILD, "no container has that pid"),),
+    "console_write": ((_E.EINVAL, "len < 0 or len > 65536"),) + _BUF,
+    "handle_dup": ((_E.EBADF, "not an open handle of this container"),
+                   (_E.EMFILE, "the container's handle table is full")),
+    "cond_create": ((_E.EMFILE, "the container's handle table is full"),),
+    "cond_signal": ((_E.EBADF, "the handle is not an open condition"),),
+    "sendmsg": _CHAN + ((_E.EFAULT, "the struct, the bytes or the handle array is not memory of this container"),
+                        (_E.EINVAL, "flags other than VMK_MSG_MOVE, nhandles outside 0..16, a negative length, "
+                         "a tag outside 0..2^32-1 or one that differs from the channel's"),
+                        (_E.EBADF, "a handle to pass is not open"),
+                        (_E.EMSGSIZE, "the length does not fit the channel")) + _PIPE,
+    "recvmsg": _CHAN + ((_E.EFAULT, "the struct, the buffer or the handle array is not writable memory of "
+                         "this container"),
+                        (_E.EINVAL, "a negative length or nhandles outside 0..16")) + _PIPE,
+}
+"""The errors each call returns, and when (docs/abi.md; calls not listed return none)."""
+
+EVENT_DOCS: dict[EventKind, tuple[str, str]] = {
+    EventKind.SEND: ("handle = channel, arg0 = buf, arg1 = len", "0"),
+    EventKind.RECV: ("handle = channel, arg0 = buf, arg1 = capacity", "bytes received"),
+    EventKind.TIMEOUT: ("arg0 = signed ns after the sync (<= 0: ready at once)", "0"),
+    EventKind.AT_TIME: ("arg0 = signed absolute virtual ns (at or before now: ready at once)", "0"),
+    EventKind.IRQ: ("handle = IRQ line granted to the container in the image", "interrupts since the last consumer"),
+    EventKind.JOIN: ("handle = fiber id of this container", "the fiber's exit value"),
+    EventKind.COND: ("handle = condition", "0"),
+    EventKind.ALWAYS: ("arg0 = the value", "arg0"),
+    EventKind.NEVER: ("(none)", "(never commits)"),
+    EventKind.WITH_NACK: ("scope marker, not an arm: handle = condition, arg0 = k, the next k descriptors; "
+                          "the condition is signalled when the sync commits outside the scope or is aborted",
+                          "(never the returned index)"),
+    EventKind.SENDMSG: ("handle = channel, arg0 = struct vmk_msg * (bytes, tag, handles, flags)", "0"),
+    EventKind.RECVMSG: ("handle = channel, arg0 = struct vmk_msg * (capacities; len, tag, nhandles, flags "
+                        "written back)", "bytes received"),
+}
+"""What each event kind reads and what it writes to ``result`` (docs/abi.md)."""
+
+LIMITS: tuple[tuple[str, str, str], ...] = (
+    ("descriptors in one sync", str(SYNC_MAX_EVENTS), "fixed"),
+    ("handles in one message", str(MAX_MSG_HANDLES), "fixed"),
+    ("program name of spawn", f"{SPAWN_MAX_NAME} bytes", "fixed"),
+    ("handles passed by spawn", str(SPAWN_MAX_HANDLES), "fixed"),
+    ("bytes in one console_write", str(CONSOLE_WRITE_MAX), "fixed"),
+    ("channels in the whole system", "the image's [kernel] channels", "manifest (ENFILE beyond)"),
+    ("channel tag", "0..2^32-1 (0 = untyped)", "chan_create"),
+)
+"""The limits a guest meets that this table sets (docs/abi.md adds the channel and handle
+tables' own: kernel/channel.py ``MAX_MSG``, kernel/handles.py ``DEFAULT_HANDLES``)."""
+
+assert set(ERRORS) <= {s.name for s in SYSCALLS}, "ERRORS names a call that is not in the table"
+assert set(EVENT_DOCS) == set(EventKind), "every event kind needs its EVENT_DOCS line"
