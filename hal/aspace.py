@@ -14,6 +14,14 @@ Nothing of the kernel is mapped: pid 0 is Python, it needs no guest mapping,
 so a container cannot even name another container's memory or a page table.
 Switching containers is a CR3 write (which also flushes Unicorn's TLB).
 
+Pages carry the permissions of what they hold (W^X): program segments as
+their ELF flags say (text r-x, rodata r--, data rw-), the stack and the heap
+rw- and never executable.  Non-executable is the NX bit (63) of the PTE,
+which the CPU honours because the HAL sets EFER.NXE (``enter_user_mode``;
+Unicorn 2.1.4 enforces it on instruction fetch: #PF with error code
+P|U|I/D = 0x15, measured, tests/kernel/test_hardening_hw.py).  The kernel's
+own loading writes go around the permissions (``write(force=True)``).
+
 Every page a space maps is also kept in a dict (virtual page -> frame,
 writable), so the kernel checks a syscall's pointer arguments and copies
 message bytes without walking the tables: ``check``/``read``/``write`` raise
@@ -39,6 +47,7 @@ USER_LIMIT = 0x0000_8000_0000_0000           # first non-canonical address of th
 KERNEL_RESERVED = 0x0020_0000                # physical RAM below this is not handed out
 
 _P, _W, _U = 1, 2, 4
+_NX = 1 << 63                                # execute disable (SDM vol. 3 §4.5, with EFER.NXE)
 _ADDR = 0x000F_FFFF_FFFF_F000
 _PAGE_MASK = ~(PAGE - 1)
 
@@ -114,18 +123,18 @@ class AddressSpace:
         self.used += PAGE
         return frame
 
-    def map(self, va: int, size: int, writable: bool = True) -> None:
-        """Back [va, va+size) with fresh zeroed frames (user pages)."""
+    def map(self, va: int, size: int, writable: bool = True, executable: bool = False) -> None:
+        """Back [va, va+size) with fresh zeroed frames (user pages; only code is ``executable``)."""
         if va % PAGE or va < PAGE or va + size > USER_LIMIT:
             raise ValueError(f"cannot map {va:#x}+{size:#x}: outside the user half or unaligned")
         for page in range(va, va + size, PAGE):
             if page in self.pages:
                 continue
             frame = self._take_frame()
-            self._set_pte(page, frame, writable)
+            self._set_pte(page, frame, writable, executable)
             self.pages[page] = (frame, writable)
 
-    def _set_pte(self, va: int, frame: int, writable: bool) -> None:
+    def _set_pte(self, va: int, frame: int, writable: bool, executable: bool) -> None:
         buf = self.frames.ram.buf
         table = self.pml4
         for shift in (39, 30, 21):
@@ -138,10 +147,11 @@ class AddressSpace:
                 struct.pack_into("<Q", buf, slot, entry)
             table = entry & _ADDR
         slot = table + ((va >> 12) & 0x1FF) * 8
-        struct.pack_into("<Q", buf, slot, frame | _P | _U | (_W if writable else 0))
+        struct.pack_into("<Q", buf, slot, frame | _P | _U | (_W if writable else 0) | (0 if executable else _NX))
 
     def fault_in(self, va: int) -> bool:
-        """Map the page of ``va`` if it lies in the demand range (raises OutOfMemory at the limit)."""
+        """Map the page of ``va`` (rw-, never executable) if it lies in the demand range
+        (raises OutOfMemory at the limit)."""
         page = va & ~(PAGE - 1)
         if page in self.pages or not self.demand[0] <= page < self.demand[1]:
             return False

@@ -108,7 +108,7 @@ def enter_user_mode(machine: Machine) -> None:
     machine.write_physical(GDT_PHYS, struct.pack(f"<{len(_GDT)}Q", *_GDT))
     uc.reg_write(Reg.GDTR, (0, GDT_PHYS, 8 * len(_GDT) - 1, 0))
     uc.reg_write(Reg.CR4, (1 << 5) | (1 << 9))                  # PAE, OSFXSR
-    uc.msr_write(0xC000_0080, (1 << 8) | (1 << 10) | 1)         # EFER: LME, LMA, SCE
+    uc.msr_write(0xC000_0080, (1 << 8) | (1 << 10) | (1 << 11) | 1)   # EFER: LME, LMA, NXE (W^X), SCE
     uc.reg_write(Reg.CR0, 0x8001_0033)                          # PG, WP, NE, ET, MP, PE
     udata = (USER_SS, 0, 0xFFFF_FFFF, _UDATA_FLAGS)
     cpu.set_hidden_state(cpl=3, segs={

@@ -9,7 +9,8 @@ What it does
   port and MMIO buses the CPU uses (:meth:`outb`, :meth:`mmio_write`).
 * **Is the machine's interrupt sink**: vectors below 32 are CPU exceptions in
   the running container and go to the kernel (which ends that container);
-  others run the registered *top half* (drain the device, e.g. the UART RX
+  a software interrupt (INT n, INT3, INTO) from a container never reaches a
+  top half (see :meth:`Hal.deliver`); other vectors run the registered *top half* (drain the device, e.g. the UART RX
   FIFO into a bounded ring), EOI at once so more interrupts can come, and
   tell the kernel, which wakes the fibers waiting on the event.
 * **Is the syscall door**: the ``syscall`` hook reads the Linux-convention
@@ -34,6 +35,7 @@ from collections import deque
 from enum import IntEnum
 from typing import Callable, Protocol
 
+from vmk.machine.cpu import Reg
 from vmk.machine.pc import Machine
 
 from .aspace import KERNEL_RESERVED, FrameAllocator
@@ -264,6 +266,9 @@ class Hal:
     # ------------------------------------------------------------------ the interrupt sink
     def deliver(self, vector: int, *, error_code: int | None = None, software: bool = False,
                 external: bool = True, return_rip: int | None = None, cr2: int | None = None) -> None:
+        if software:
+            self._software_interrupt(vector, return_rip if return_rip is not None else self.cpu.rip)
+            return
         self.irq_counts[vector] = self.irq_counts.get(vector, 0) + 1
         if vector < 32:
             rip = return_rip if return_rip is not None else self.cpu.rip
@@ -277,6 +282,30 @@ class Hal:
         if self.idling:
             # No container context is loaded: stay halted until pid 0 resumes one.
             self.cpu.halted = True
+
+    # Discussion: INT n is the guest choosing a vector, so the CPU checks the
+    # gate's DPL against CPL (SDM vol. 3 §6.12.1.1) and a ring-3 INT through a
+    # DPL-0 gate is #GP with the IDT error code (n << 3) | 2, raised on the INT
+    # instruction (a fault: RIP is the INT's own address).  In VM mode the HAL
+    # is the IDT and it has DPL 3 gates only for #BP (3) and #OF (4), as Linux
+    # does: INT3 (CC), INT 3, INTO (CE) and INT 4 are the breakpoint/overflow
+    # traps, reported as such (RIP after the instruction).  Every other vector
+    # -- a device's (0x24), the timer's (0x20), a granted IRQ's (0x40 + line),
+    # 0x80 -- is #GP, and no top half runs: a container cannot fake another's
+    # interrupt.
+    USER_GATES = frozenset({3, 4})
+
+    def _software_interrupt(self, vector: int, next_rip: int) -> None:
+        if vector in self.USER_GATES:
+            self.irq_counts[vector] = self.irq_counts.get(vector, 0) + 1
+            self.kernel.fault(vector, None, 0, next_rip)
+            return
+        self.irq_counts[13] = self.irq_counts.get(13, 0) + 1
+        self.kernel.fault(13, (vector << 3) | 2, 0, self.machine.idt.int_insn_start(vector, next_rip))
+
+    def stack_pointer(self) -> int:
+        """RSP of the fiber on the CPU (the kernel's fault report tells a stack overflow by it)."""
+        return self.cpu.reg(Reg.RSP)
 
     def _timer_top_half(self) -> None:
         self._deadline = None            # the one-shot has fired

@@ -254,10 +254,14 @@ class VMKernel:
         layout = self.image.layout(spec)
         aspace = AddressSpace(self.hal.frames, spec.memory)
         try:
+            # W^X: each segment's pages get its ELF flags (segments never share a page:
+            # validate_image); the loading write goes around them.  Stack and heap: rw-.
+            from vmk.boot.vmkimage import SegFlag      # here: this change stays inside the function
             for seg in prog.segments:
                 start = seg.vaddr & ~(PAGE - 1)
                 end = (seg.vaddr + seg.memsz + PAGE - 1) & ~(PAGE - 1)
-                aspace.map(start, end - start, writable=True)
+                aspace.map(start, end - start, writable=bool(seg.flags & SegFlag.W),
+                           executable=bool(seg.flags & SegFlag.X))
                 aspace.write(seg.vaddr, bytes(seg.data), force=True)
             # The heap is mapped on first touch (page faults and kernel accesses).
             aspace.demand = (layout.heap_base, layout.heap_base + layout.heap_size)
@@ -497,19 +501,49 @@ class VMKernel:
         if f is None:
             self.machine.stop(KSTOP + "fault with no fiber")
             return
+        from vmk.machine.mmu import PFEC           # here: this change stays inside the function
+        ec_idt = 0x2                                # #GP error code bit: the selector is an IDT vector
         c = f.container
-        if vector == 14 and error_code is not None and not error_code & 1:
+        who = f"pid {c.pid} ({c.name}) killed:"
+        if vector == 14 and error_code is not None and not error_code & (PFEC.P | PFEC.I):
+            # A data access to a page that is not there: the heap's next page, or a
+            # container that ran past its memory (heap, stack, or the machine's RAM).
+            a = c.aspace
+            oom = f"{who} out of memory (limit {a.limit >> 10} KiB)"
             try:
-                if c.aspace.fault_in(cr2):
+                if a.fault_in(cr2):
                     return                      # demand-paged heap: the instruction runs again
             except OutOfMemory:
-                self._end_container(c, -int(Errno.ENOMEM), f"pid {c.pid} ({c.name}) killed: out of memory "
-                                    f"({c.aspace.limit >> 10} KiB) at address {cr2:#x}, RIP {rip:#x}")
+                why = "" if a.used + PAGE > a.limit else ", the machine's RAM is exhausted"
+                self._end_container(c, -int(Errno.ENOMEM), f"{oom}{why}: page fault at address {cr2:#x} "
+                                    f"in its heap, RIP {rip:#x}")
+                return
+            layout = self.image.layout(self.image.container(c.name))
+            stack = layout.stack_top - layout.stack_bottom
+            if cr2 < layout.stack_bottom and cr2 >= self.hal.stack_pointer() - PAGE:
+                # At or above RSP (less a push's reach), below the stack: the stack grew out of it.
+                self._end_container(c, -int(Errno.ENOMEM), f"{who} stack overflow (stack {stack >> 10} KiB): "
+                                    f"page fault at address {cr2:#x} below the stack at "
+                                    f"{layout.stack_bottom:#x}, RIP {rip:#x}")
+                return
+            if a.demand[1] <= cr2 < layout.stack_bottom:
+                self._end_container(c, -int(Errno.ENOMEM), f"{oom}: page fault at address {cr2:#x} beyond its "
+                                    f"heap ({a.demand[0]:#x}..{a.demand[1]:#x}), RIP {rip:#x}")
                 return
         what = EXCEPTION_NAMES.get(vector, f"exception {vector}")
-        extra = f" at address {cr2:#x}" if vector == 14 else ""
+        extra = ""
+        if vector == 14:
+            extra = f" at address {cr2:#x}"
+            # Say what a W^X or wild-jump fault was; a plain missing page needs no words.
+            ec_ = error_code or 0
+            if ec_ & PFEC.I:
+                extra += " (execute of a no-execute page)" if ec_ & PFEC.P else " (instruction fetch)"
+            elif ec_ & PFEC.P:
+                extra += " (write to a read-only page)" if ec_ & PFEC.W else " (protection)"
+        elif vector == 13 and error_code is not None and error_code & ec_idt:
+            extra = f" (INT {error_code >> 3:#x}: no gate for ring 3)"
         ec = f" error {error_code:#x}" if error_code is not None else ""
-        self._end_container(c, -128 - vector, f"pid {c.pid} ({c.name}) killed: {what}{ec} at RIP {rip:#x}{extra}")
+        self._end_container(c, -128 - vector, f"{who} {what}{ec} at RIP {rip:#x}{extra}")
 
     # ------------------------------------------------------------------ drivers (kernel fibers)
     def _uart_rx_driver(self):

@@ -455,6 +455,23 @@ class CPU:
     def _hook_intr(self, intno):
         self._sync_ctx()
         b = self._ctx_buf
+        if self.event is not None:
+            # Discussion: a fault raised while Unicorn *translates* the next
+            # instruction (an instruction fetch from a non-present, NX or
+            # non-canonical address, or an instruction that runs into such a
+            # page) comes before that instruction's count hook, so the budget
+            # cut below cannot stop it: Unicorn retries the fetch, faults again
+            # and calls this hook for ever inside emu_start (no timer, no
+            # --max-time: a wild `call` hung the machine).  A second event in
+            # one slice can only be that retry (after the first one the budget
+            # is cut, so no instruction runs): keep the first event, clear
+            # old_exception as below, and end the slice with emu_stop, which
+            # leaves the CPU loop before any further fetch.
+            struct.pack_into("<i", b, Ctx.OLD_EXCEPTION, -1)
+            struct.pack_into("<i", b, Ctx.EXCEPTION_IS_INT, 0)
+            self.uc.context_restore(self._ctx)
+            _lib.uc_emu_stop(self._uch)
+            return
         is_int = bool(_i32(b, Ctx.EXCEPTION_IS_INT))
         ec = _i32(b, Ctx.ERROR_CODE) & 0xFFFF_FFFF if (intno in ERROR_CODE_VECTORS and not is_int) else None
         rip = _u64(b, Ctx.RIP)

@@ -121,7 +121,7 @@ class IdtSink:
                 if sw and return_rip is not None:
                     # INT n itself faults (gate DPL, not present, ...): a fault, so the
                     # pushed RIP is the INT instruction's, not the one after it (SDM 6.12.1.1).
-                    return_rip = self._insn_start(v, return_rip)
+                    return_rip = self.int_insn_start(v, return_rip)
                 if (v in _CONTRIBUTORY and second in _CONTRIBUTORY) or \
                         (v == _PF and (second in _CONTRIBUTORY or second == _PF)):
                     # #PF detected on the way still loads CR2 (SDM 6.15, #PF), even as it becomes #DF.
@@ -129,7 +129,7 @@ class IdtSink:
                 else:
                     pending = (second, f.error_code, False, True, f.cr2)
 
-    def _insn_start(self, vector: int, next_rip: int) -> int:
+    def int_insn_start(self, vector: int, next_rip: int) -> int:
         """Where the INT3 / INTO / INT imm8 that raised ``vector`` starts, given the
         address after it (all Unicorn reports): INT3 (CC) and INTO (CE) are one byte,
         INT imm8 (CD ib) two.  The vector tells CC apart from an imm8 of 0xCC."""

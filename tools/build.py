@@ -718,6 +718,8 @@ def assemble(name: str, text: bytes | str, path: str, *, source: str | None = No
     if not code:
         raise BuildError(f"{path}: assembles to no code")
     entry = addresses.get("_start", base)
+    # One segment, rwx: keystone gives one blob with code and data interleaved as the
+    # source has them, so there is no honest text/data split (C programs get W^X from vmk.ld).
     segment = Segment(base, code, len(code), SegFlag.R | SegFlag.W | SegFlag.X)
     return Program(name, source or path, entry, (segment,), dict(sorted(addresses.items())))
 

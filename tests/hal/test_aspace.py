@@ -40,7 +40,7 @@ def vm():
 
 def load_program(aspace: AddressSpace, src: str) -> GuestContext:
     code = assemble(src, USER_CODE_BASE)
-    aspace.map(USER_CODE_BASE, (len(code) + PAGE - 1) & ~(PAGE - 1) or PAGE, writable=False)
+    aspace.map(USER_CODE_BASE, (len(code) + PAGE - 1) & ~(PAGE - 1) or PAGE, writable=False, executable=True)
     aspace.write(USER_CODE_BASE, code, force=True)
     aspace.map(USER_STACK_TOP - 4 * PAGE, 4 * PAGE)
     aspace.map(0x600000, PAGE)

@@ -49,7 +49,7 @@ def boot(src: str, ports=frozenset()):
     hal.granted_ports = frozenset(ports)
     a = AddressSpace(hal.frames, 1 << 20)
     code = assemble(src, USER_CODE_BASE)
-    a.map(USER_CODE_BASE, (len(code) + PAGE - 1) & ~(PAGE - 1), writable=False)
+    a.map(USER_CODE_BASE, (len(code) + PAGE - 1) & ~(PAGE - 1), writable=False, executable=True)
     a.write(USER_CODE_BASE, code, force=True)
     a.map(USER_STACK_TOP - 4 * PAGE, 4 * PAGE)
     a.map(0x600000, PAGE)
