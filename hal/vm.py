@@ -69,6 +69,7 @@ class LapicReg(IntEnum):
 LVT_MASKED = 1 << 16
 SVR_ENABLE = 1 << 8
 DIVIDE_BY_1 = 0xB
+COUNT_MAX = 0xFFFF_FFFF        # the LAPIC initial-count register is 32 bits
 
 
 class UartReg(IntEnum):
@@ -255,7 +256,8 @@ class Hal:
             return
         if now is None:
             now = self.machine.now
-        self.mmio_write(LAPIC + LapicReg.TIMER_INIT, max(1, at - now))
+        # The count register is 32 bits: a farther deadline fires early and is re-armed.
+        self.mmio_write(LAPIC + LapicReg.TIMER_INIT, min(max(1, at - now), COUNT_MAX))
 
     def stop_timer(self) -> None:
         """Disarm the one-shot now (``set_deadline(None)`` may leave it armed)."""
