@@ -300,7 +300,14 @@ class VMKernel:
         c.aspace.destroy()
         c.ended.signal()
         if self.current is not None and self.current.container is c:
+            # The fiber on the CPU ended with its container: nothing of it stays
+            # loaded, its fiber-timer deadline included (_unload, which clears it
+            # for every other stop, is not called for a fiber that is gone).  A
+            # deadline that outlived its fiber re-armed the idle CPU's LAPIC 1 ns
+            # ahead at each interrupt until something else became runnable.
             self.current = None
+            self._fiber_deadline = None
+            self._yielded = False
             self.machine.stop(KSTOP + "container ended")
 
     # ------------------------------------------------------------------ the loop
