@@ -183,7 +183,7 @@ class VMKernel:
     # Live fibers per container unless the image says otherwise (it does: [kernel]
     # max_fibers, a container's own max_fibers): a fiber bomb gets -EAGAIN, not
     # the kernel's memory.  A blocked fiber costs pid 0 its records only
-    # (about 1 KiB of Python objects) and the scheduler nothing.
+    # (about 1.5 KiB of Python objects) and the scheduler nothing.
     MAX_FIBERS = DEFAULT_MAX_FIBERS
     # A plain send/recv that blocks parks as a _Parked (False: as a generic
     # one-arm sync; the same behaviour, slower: tests compare the two).
