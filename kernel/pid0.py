@@ -303,6 +303,9 @@ class VMKernel:
             self.reports.append(report)
             self.hal.console_write((f"vmk: {report}\n").encode())
         self.sched.kill_container(c)
+        for f in c.fibers:                      # the kernel's records of its stacks go with it
+            self._fiber_stacks.pop(f.fid, None)
+        self._free_stacks.pop(c.pid, None)
         c.handles.close_all()
         c.aspace.destroy()
         c.ended.signal()

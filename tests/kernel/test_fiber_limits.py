@@ -257,6 +257,9 @@ memory = "48M"
     k.run(until=50_000_000)
     assert peek(k, 1, "spawned") == 10_000 and peek(k, 1, "spawn_err") == 0
     assert sum(f.state is FiberState.BLOCKED for f in k.containers[1].fibers) == 10_001
+    assert len(k._fiber_stacks) == 10_000
+    k._end_container(k.containers[1], 0)            # the kernel forgets the stacks with the container
+    assert not k._fiber_stacks and not k._free_stacks
 
 
 # -- the manifest and the image -------------------------------------------------------------------
