@@ -25,14 +25,24 @@ times in virtual ns)::
 
     {"kernel":     {"policy": "global" | "per-container", "channels": 256,
                     "fiber_preemption_ns": 0, "timeslice_ns": 1000000,
-                    "console_ring": 4096},
+                    "console_ring": 4096, "max_fibers": 16384, "fiber_stack": 16384},
      "programs":   [{"name", "source", "entry",
                      "segments": [{"vaddr", "memsz", "flags": "rx", "offset", "size"}],
                      "symbols": {"name": address}}],
      "channels":   [{"name", "msg_size", "tag"}],
      "containers": [{"name", "program", "memory", "stack", "priority",
                      "ports": [[first, last], ...], "irqs": [4], "autostart": true,
-                     "handles": ["console.rx", "console.tx", "jobs"]}]}
+                     "handles": ["console.rx", "console.tx", "jobs"],
+                     "max_fibers": 100, "fiber_stack": 8192}]}
+
+Two exceptions to "every field required", for images written before the
+fiber settings existed: a kernel without ``max_fibers`` / ``fiber_stack``
+reads as the defaults (:class:`KernelSettings`), and a container's
+``max_fibers`` / ``fiber_stack`` are written only when the manifest sets them
+(absent: the kernel's value).  ``max_fibers`` is how many fibers a container
+may have alive at once (main included; ``fiber_spawn`` beyond it: -EAGAIN);
+``fiber_stack`` the size of a stack the kernel chooses (``fiber_spawn`` with
+stack_top 0), taken from the top of the container's heap.
 
 The names of the kernel, channel and container fields are the manifest's keys
 (``tools/build.py`` maps an error's ``where`` back to a manifest line).
@@ -88,7 +98,7 @@ __all__ = [
     "MAGIC", "VERSION", "HEADER_SIZE", "PAGE_SIZE", "USER_BASE", "STACK_TOP", "MAX_MEMORY", "DEFAULT_STACK",
     "MAX_MSG_SIZE", "IRQ_LINES", "CONSOLE_RX", "CONSOLE_TX", "NAME_RE", "CHANNEL_NAME_RE",
     "ImageError", "ImageFormatError", "Policy", "SegFlag", "KernelSettings", "Segment", "Program",
-    "ChannelSpec", "ContainerSpec", "Layout", "Image",
+    "ChannelSpec", "ContainerSpec", "Layout", "Image", "DEFAULT_MAX_FIBERS", "DEFAULT_FIBER_STACK",
     "validate_image", "encode_image", "write_image", "read_image", "is_vmk_image",
 ]
 
@@ -108,6 +118,9 @@ MAX_TAG = 0xFFFF_FFFF
 MAX_CHANNELS = 65536
 MAX_PRIORITY = 255
 MIN_SLICE_NS = 1_000                        # shorter slices would be all switching
+DEFAULT_MAX_FIBERS = 16_384                 # per container, main fiber included
+MAX_MAX_FIBERS = 1 << 20                    # the most a manifest may allow one container
+DEFAULT_FIBER_STACK = 16 << 10              # a kernel-chosen fiber stack: as the default main stack
 CONSOLE_RING_RANGE = (16, 1 << 20)
 IRQ_LINES = 24                              # IO-APIC redirection entries
 IRQ_CASCADE = 2                             # the slave 8259 hangs on IRQ 2
@@ -166,6 +179,8 @@ class KernelSettings:
     fiber_preemption_ns: int = 0        # 0: fibers are cooperative inside a container
     timeslice_ns: int = 1_000_000       # container time slice (LAPIC timer)
     console_ring: int = 4096            # UART receive ring, bytes
+    max_fibers: int = DEFAULT_MAX_FIBERS    # live fibers per container (a container may say otherwise)
+    fiber_stack: int = DEFAULT_FIBER_STACK  # bytes of a kernel-chosen fiber stack (idem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +240,8 @@ class ContainerSpec:
     irqs: tuple[int, ...] = ()
     autostart: bool = True
     handles: tuple[str, ...] = ()       # handle i -> console.rx | console.tx | a channel name
+    max_fibers: int | None = None       # None: the kernel's max_fibers
+    fiber_stack: int | None = None      # None: the kernel's fiber_stack
 
     def allows_port(self, port: int) -> bool:
         return any(lo <= port <= hi for lo, hi in self.ports)
@@ -264,6 +281,14 @@ class Image:
             if ch.name == name:
                 return ch
         raise KeyError(name)
+
+    def max_fibers(self, container: ContainerSpec) -> int:
+        """How many fibers ``container`` may have alive at once."""
+        return self.kernel.max_fibers if container.max_fibers is None else container.max_fibers
+
+    def fiber_stack(self, container: ContainerSpec) -> int:
+        """The size of the fiber stacks the kernel chooses in ``container``."""
+        return self.kernel.fiber_stack if container.fiber_stack is None else container.fiber_stack
 
     def boot_order(self) -> tuple[ContainerSpec, ...]:
         """The autostart containers; the first gets pid 1."""
@@ -308,6 +333,7 @@ def validate_image(image: Image, path: str = "<image>") -> None:
     lo, hi = CONSOLE_RING_RANGE
     if not lo <= k.console_ring <= hi:
         fail(f"console_ring {k.console_ring} is out of range ({lo}..{hi} bytes)", "kernel", "console_ring")
+    _check_fiber_settings(k.max_fibers, k.fiber_stack, lambda what, *where: fail(what, "kernel", *where))
 
     programs: dict[str, Program] = {}
     for i, p in enumerate(image.programs):
@@ -362,6 +388,7 @@ def validate_image(image: Image, path: str = "<image>") -> None:
                   f"({STACK_TOP - c.stack:#x}..{STACK_TOP:#x})", "stack")
         if not 0 <= c.priority <= MAX_PRIORITY:
             cfail(f"priority {c.priority} is out of range (0..{MAX_PRIORITY})", "priority")
+        _check_fiber_settings(c.max_fibers, c.fiber_stack, cfail)
         for j, (first, last) in enumerate(c.ports):
             for port in (first, last):
                 if not 0 <= port <= MAX_PORT:
@@ -390,6 +417,14 @@ def validate_image(image: Image, path: str = "<image>") -> None:
             fail(f"channel {name!r} is declared but no container names it in its handles", "channels", i, "name")
     if not any(c.autostart for c in image.containers):
         fail("no container has autostart = true: nothing would run as pid 1", "containers")
+
+
+def _check_fiber_settings(max_fibers: int | None, fiber_stack: int | None, fail: Fail) -> None:
+    if max_fibers is not None and not 1 <= max_fibers <= MAX_MAX_FIBERS:
+        fail(f"max_fibers {max_fibers} is out of range (1..{MAX_MAX_FIBERS})", "max_fibers")
+    if fiber_stack is not None and not (0 < fiber_stack <= MAX_MEMORY and fiber_stack % PAGE_SIZE == 0):
+        fail(f"fiber_stack {fiber_stack} must be a positive multiple of the page size ({PAGE_SIZE})",
+             "fiber_stack")
 
 
 def _check_name(name: str, pattern: re.Pattern[str], kind: str, fail: Fail, where: Where) -> None:
@@ -445,12 +480,11 @@ def encode_image(image: Image) -> bytes:
     k = image.kernel
     meta = {
         "kernel": {"policy": k.policy.value, "channels": k.channels, "fiber_preemption_ns": k.fiber_preemption_ns,
-                   "timeslice_ns": k.timeslice_ns, "console_ring": k.console_ring},
+                   "timeslice_ns": k.timeslice_ns, "console_ring": k.console_ring,
+                   "max_fibers": k.max_fibers, "fiber_stack": k.fiber_stack},
         "programs": programs,
         "channels": [{"name": ch.name, "msg_size": ch.msg_size, "tag": ch.tag} for ch in image.channels],
-        "containers": [{"name": c.name, "program": c.program, "memory": c.memory, "stack": c.stack,
-                        "priority": c.priority, "ports": [list(r) for r in c.ports], "irqs": list(c.irqs),
-                        "autostart": c.autostart, "handles": list(c.handles)} for c in image.containers],
+        "containers": [_container_meta(c) for c in image.containers],
     }
     meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
     blob_offset = HEADER_SIZE + len(meta_bytes)
@@ -459,6 +493,17 @@ def encode_image(image: Image) -> bytes:
     header = _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, file_size, HEADER_SIZE, len(meta_bytes),
                           blob_offset, len(blob), zlib.crc32(meta_bytes), zlib.crc32(blob))
     return header + meta_bytes + bytes(blob_offset - HEADER_SIZE - len(meta_bytes)) + bytes(blob)
+
+
+def _container_meta(c: ContainerSpec) -> dict[str, Any]:
+    out = {"name": c.name, "program": c.program, "memory": c.memory, "stack": c.stack, "priority": c.priority,
+           "ports": [list(r) for r in c.ports], "irqs": list(c.irqs), "autostart": c.autostart,
+           "handles": list(c.handles)}
+    for key in ("max_fibers", "fiber_stack"):        # optional: absent means the kernel's
+        value = getattr(c, key)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def write_image(image: Image, path: str | os.PathLike[str]) -> None:
@@ -552,16 +597,23 @@ class _Reader:
         return image
 
     # -- structure: every field present, no other field, the right JSON type
-    def obj(self, value: Any, where: Where, fields: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    def obj(self, value: Any, where: Where, fields: dict[str, type | tuple[type, ...]],
+            optional: dict[str, type] | None = None) -> dict[str, Any]:
+        """``value`` as an object with every field of ``fields`` and perhaps some of
+        ``optional`` (fields newer than the format: older images lack them)."""
+        optional = optional or {}
         if not isinstance(value, dict):
             self.fail(f"expected an object, found {_json_type(value)}", *where)
         for key in value:
-            if key not in fields:
-                self.fail(f"unknown field {key!r} (known: {', '.join(fields)})", *where)
+            if key not in fields and key not in optional:
+                self.fail(f"unknown field {key!r} (known: {', '.join([*fields, *optional])})", *where)
         for key, typ in fields.items():
             if key not in value:
                 self.fail(f"missing field {key!r}", *where)
             self.check(value[key], typ, (*where, key))
+        for key, typ in optional.items():
+            if key in value:
+                self.check(value[key], typ, (*where, key))
         return value
 
     def check(self, value: Any, typ: type | tuple[type, ...], where: Where) -> None:
@@ -581,14 +633,15 @@ class _Reader:
     def image(self, meta: Any) -> Image:
         m = self.obj(meta, (), {"kernel": dict, "programs": list, "channels": list, "containers": list})
         k = self.obj(m["kernel"], ("kernel",), {"policy": str, "channels": int, "fiber_preemption_ns": int,
-                                                "timeslice_ns": int, "console_ring": int})
+                                                "timeslice_ns": int, "console_ring": int}, _FIBER_FIELDS)
         try:
             policy = Policy(k["policy"])
         except ValueError:
             self.fail(f"unknown scheduling policy {k['policy']!r} "
                       f"(use {' or '.join(repr(p.value) for p in Policy)})", "kernel", "policy")
         kernel = KernelSettings(policy, k["channels"], k["fiber_preemption_ns"], k["timeslice_ns"],
-                                k["console_ring"])
+                                k["console_ring"], k.get("max_fibers", DEFAULT_MAX_FIBERS),
+                                k.get("fiber_stack", DEFAULT_FIBER_STACK))
         programs = tuple(self.program(p, ("programs", i)) for i, p in enumerate(m["programs"]))
         channels = []
         for i, ch in enumerate(m["channels"]):
@@ -598,7 +651,7 @@ class _Reader:
         for i, c in enumerate(m["containers"]):
             w = ("containers", i)
             c = self.obj(c, w, {"name": str, "program": str, "memory": int, "stack": int, "priority": int,
-                                "ports": list, "irqs": list, "autostart": bool, "handles": list})
+                                "ports": list, "irqs": list, "autostart": bool, "handles": list}, _FIBER_FIELDS)
             ports = []
             for j, r in enumerate(c["ports"]):
                 if not (isinstance(r, list) and len(r) == 2):
@@ -608,7 +661,8 @@ class _Reader:
             containers.append(ContainerSpec(
                 c["name"], c["program"], c["memory"], c["stack"], c["priority"], tuple(ports),
                 tuple(self.list_of(c["irqs"], (*w, "irqs"), int)), c["autostart"],
-                tuple(self.list_of(c["handles"], (*w, "handles"), str))))
+                tuple(self.list_of(c["handles"], (*w, "handles"), str)),
+                c.get("max_fibers"), c.get("fiber_stack")))
         return Image(kernel, programs, tuple(containers), tuple(channels))
 
     def program(self, value: Any, where: Where) -> Program:
@@ -631,6 +685,9 @@ class _Reader:
         for name, addr in p["symbols"].items():
             self.check(addr, int, (*where, "symbols", name))
         return Program(p["name"], p["source"], p["entry"], tuple(segments), dict(p["symbols"]))
+
+
+_FIBER_FIELDS: dict[str, type] = {"max_fibers": int, "fiber_stack": int}   # optional in kernel and containers
 
 
 class _DuplicateKey(ValueError):

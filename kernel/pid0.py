@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vmk.boot.loader import ImageError
-from vmk.boot.vmkimage import Image
+from vmk.boot.vmkimage import DEFAULT_MAX_FIBERS, Image
 from vmk.hal.aspace import PAGE, AddressSpace, OutOfMemory, UserFault
 from vmk.hal.context import RAX_SLOT, GuestContext
 from vmk.hal.vm import Hal
@@ -165,8 +165,12 @@ class Container:
     ports: frozenset[int]
     exit_code: int | None = None
     ended: Condition = field(default_factory=Condition)
-    fibers: list = field(default_factory=list)
+    fibers: "_FiberSet" = field(default_factory=lambda: _FiberSet())
     stack_next: int = 0                 # where the next kernel-chosen fiber stack goes (grows down)
+    # The image's fiber settings for this container (boot/vmkimage.py: max_fibers,
+    # fiber_stack), read at its first fiber_spawn (0: not read yet).
+    max_fibers: int = 0
+    fiber_stack: int = 0
     heap_base: int = 0
     irqs: dict = field(default_factory=dict)     # IRQ line -> IrqSource, for the lines granted in the image
 
@@ -177,8 +181,11 @@ class Container:
 class VMKernel:
     """Boot a vmk image on a machine and run it."""
 
-    FIBER_STACK = 16 * PAGE
-    MAX_FIBERS = 256              # per container: a fiber bomb gets -EAGAIN, not the kernel's memory
+    # Live fibers per container unless the image says otherwise (it does: [kernel]
+    # max_fibers, a container's own max_fibers): a fiber bomb gets -EAGAIN, not
+    # the kernel's memory.  A blocked fiber costs pid 0 its records only
+    # (about 1.5 KiB of Python objects) and the scheduler nothing.
+    MAX_FIBERS = DEFAULT_MAX_FIBERS
     # A plain send/recv that blocks parks as a _Parked (False: as a generic
     # one-arm sync; the same behaviour, slower: tests compare the two).
     plain_park = True
@@ -301,11 +308,21 @@ class VMKernel:
             self.reports.append(report)
             self.hal.console_write((f"vmk: {report}\n").encode())
         self.sched.kill_container(c)
+        for f in c.fibers:                      # the kernel's records of its stacks go with it
+            self._fiber_stacks.pop(f.fid, None)
+        self._free_stacks.pop(c.pid, None)
         c.handles.close_all()
         c.aspace.destroy()
         c.ended.signal()
         if self.current is not None and self.current.container is c:
+            # The fiber on the CPU ended with its container: nothing of it stays
+            # loaded, its fiber-timer deadline included (_unload, which clears it
+            # for every other stop, is not called for a fiber that is gone).  A
+            # deadline that outlived its fiber re-armed the idle CPU's LAPIC 1 ns
+            # ahead at each interrupt until something else became runnable.
             self.current = None
+            self._fiber_deadline = None
+            self._yielded = False
             self.machine.stop(KSTOP + "container ended")
 
     # ------------------------------------------------------------------ the loop
@@ -601,18 +618,25 @@ class VMKernel:
         return 0
 
     def sys_fiber_spawn(self, f, c, entry, stack_top, arg, *_):
-        if len(c.fibers) >= self.MAX_FIBERS:
+        if not c.max_fibers:
+            spec = self.image.container(c.name)
+            c.max_fibers, c.fiber_stack = self.image.max_fibers(spec), self.image.fiber_stack(spec)
+        if len(c.fibers) >= c.max_fibers:
             return -int(Errno.EAGAIN)
         given = stack_top == 0
         if given:
+            # A kernel-chosen stack: fiber_stack bytes from the top of the heap
+            # (demand-paged: only the pages the fiber touches count against the
+            # container's memory), reused after its fiber exits; -ENOMEM when the
+            # heap has no room for another.
             free = self._free_stacks.setdefault(c.pid, [])
             if free:
                 stack_top = free.pop()
             else:
-                if c.stack_next - self.FIBER_STACK < c.heap_base:
+                if c.stack_next - c.fiber_stack < c.heap_base:
                     return -int(Errno.ENOMEM)
                 stack_top = c.stack_next
-                c.stack_next -= self.FIBER_STACK
+                c.stack_next -= c.fiber_stack
         c.aspace.check(stack_top - 8, 8, write=True)
         ctx = GuestContext.start(entry, stack_top & ~0xF, arg)
         nf = self.sched.spawn_guest(ctx, c, name=f"{c.name}.fiber", priority=c.priority)
@@ -819,6 +843,34 @@ _SYSCALLS: dict[int, Callable[..., int | None]] = {
     Syscall.COND_CREATE: VMKernel.sys_cond_create, Syscall.COND_SIGNAL: VMKernel.sys_cond_signal,
     Syscall.SENDMSG: VMKernel.sys_sendmsg, Syscall.RECVMSG: VMKernel.sys_recvmsg,
 }
+
+
+class _FiberSet:
+    """A container's live fibers, in spawn order: a dict used as an ordered set, so
+    that a fiber's exit is O(1) however many siblings it has (a list's remove was
+    a scan of them all)."""
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[Fiber, None] = {}
+
+    def append(self, f: Fiber) -> None:
+        self._d[f] = None
+
+    def remove(self, f: Fiber) -> None:
+        del self._d[f]
+
+    def __contains__(self, f: object) -> bool:
+        return f in self._d
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __iter__(self) -> Any:
+        return iter(self._d)
+
+    def __repr__(self) -> str:
+        return f"_FiberSet({list(self._d)!r})"
 
 
 class _Parked(Sync):

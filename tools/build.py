@@ -11,6 +11,10 @@ marked *required*; no other key is accepted::
     fiber_preemption_ns = 0      # 0 = cooperative fibers; else >= 1000 (or "1ms")
     timeslice_ns = 1_000_000     # container time slice, >= 1000 (or "1ms")
     console_ring = 4096          # UART receive ring, bytes (16..1M)
+    max_fibers = 16384           # live fibers a container may have (main included; 1..1048576);
+                                 #   fiber_spawn beyond it returns -EAGAIN
+    fiber_stack = "16K"          # a stack the kernel chooses (fiber_spawn with stack_top 0),
+                                 #   taken from the top of the container's heap (whole pages)
 
     [[program]]
     name = "shell"               # required; letters, digits, _ - . (64 at most)
@@ -32,6 +36,8 @@ marked *required*; no other key is accepted::
                                  #   an integer is bytes, a string needs a unit (K, M, G)
     stack = "16K"                # counted in memory (default 16K)
     priority = 1                 # 0..255, higher runs first
+    max_fibers = 100             # this container's own limit (default: [kernel] max_fibers)
+    fiber_stack = "4K"           # its kernel-chosen fiber stacks (default: [kernel] fiber_stack)
     ports = [0x3F8, "0x2F8-0x2FF"]   # I/O ports granted (single ports or "A-B" ranges)
     irqs = [4]                   # IRQ lines granted (0..23, not 2); one container per line
     autostart = true             # start at boot; pids 1, 2, ... in manifest order;
@@ -132,10 +138,12 @@ class BuildError(Exception):
 
 
 # ---------------------------------------------------------------------- the manifest
-_KERNEL_KEYS = ("policy", "channels", "fiber_preemption_ns", "timeslice_ns", "console_ring")
+_KERNEL_KEYS = ("policy", "channels", "fiber_preemption_ns", "timeslice_ns", "console_ring", "max_fibers",
+                "fiber_stack")
 _PROGRAM_KEYS = ("name", "source", "cflags")
 _CHANNEL_KEYS = ("name", "msg_size", "tag")
-_CONTAINER_KEYS = ("name", "program", "memory", "stack", "priority", "ports", "irqs", "autostart", "handles")
+_CONTAINER_KEYS = ("name", "program", "memory", "stack", "priority", "ports", "irqs", "autostart", "handles",
+                   "max_fibers", "fiber_stack")
 _TABLES = {"kernel": _KERNEL_KEYS, "program": _PROGRAM_KEYS, "channel": _CHANNEL_KEYS, "container": _CONTAINER_KEYS}
 _IMAGE_TABLE = {"programs": "program", "channels": "channel", "containers": "container"}
 
@@ -266,7 +274,7 @@ class _Manifest:
             self.fail(f"{key} must be a list of strings, not {_toml_repr(value)}", table, i, key)
         return value
 
-    def size(self, value: Any, table: str, i: int, key: str) -> int:
+    def size(self, value: Any, table: str, i: int | None, key: str) -> int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]+)\s*", value) if isinstance(value, str) else None
@@ -336,7 +344,9 @@ class _Manifest:
             self.integer(k.get("channels", d.channels), "kernel", None, "channels"),
             self.duration(k.get("fiber_preemption_ns", d.fiber_preemption_ns), "kernel", "fiber_preemption_ns"),
             self.duration(k.get("timeslice_ns", d.timeslice_ns), "kernel", "timeslice_ns"),
-            self.integer(k.get("console_ring", d.console_ring), "kernel", None, "console_ring"))
+            self.integer(k.get("console_ring", d.console_ring), "kernel", None, "console_ring"),
+            self.integer(k.get("max_fibers", d.max_fibers), "kernel", None, "max_fibers"),
+            self.size(k.get("fiber_stack", d.fiber_stack), "kernel", None, "fiber_stack"))
 
     def programs(self) -> list[_ProgramEntry]:
         out = []
@@ -391,7 +401,9 @@ class _Manifest:
                 self.ports(c.get("ports", []), i, name),
                 tuple(irqs),
                 autostart,
-                tuple(self.strings(c.get("handles", []), "container", i, "handles"))))
+                tuple(self.strings(c.get("handles", []), "container", i, "handles")),
+                None if "max_fibers" not in c else self.integer(c["max_fibers"], "container", i, "max_fibers"),
+                None if "fiber_stack" not in c else self.size(c["fiber_stack"], "container", i, "fiber_stack")))
         return out
 
     def image_error(self, e: ImageFormatError) -> BuildError:

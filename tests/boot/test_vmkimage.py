@@ -238,7 +238,7 @@ def test_unknown_container_field() -> None:
     meta, blob = meta_of(make_image())
     meta["containers"][1]["memroy"] = 4096
     assert refused(raw(meta, blob)) == "app.vmk: unknown field 'memroy' (known: name, program, memory, stack, " \
-        "priority, ports, irqs, autostart, handles) (containers[1])"
+        "priority, ports, irqs, autostart, handles, max_fibers, fiber_stack) (containers[1])"
 
 
 def test_missing_field() -> None:

@@ -394,3 +394,73 @@ def test_an_explicit_default_is_cooperative(tmp_path: Path, policy: str) -> None
     m, k, com1 = boot(tmp_path, policy, fiber_preemption_ns=0)
     k.run(until=6 * TIMESLICE)
     assert b"B" not in com1.data and b"d" in com1.data
+
+
+# Exits at once (its fiber deadline is far in the future when it does).
+QUICK_EXIT = """
+    mov rdi, 0
+    mov rax, SYS_EXIT
+    syscall
+"""
+
+# Sleeps SLEEP ns, prints, exits.
+SLEEPER = """
+    mov rdi, {sleep}
+    mov rax, SYS_SLEEP
+    syscall
+    lea rdi, [rip + msg]
+    mov rsi, 1
+    mov rax, SYS_CONSOLE_WRITE
+    syscall
+    mov rdi, 0
+    mov rax, SYS_EXIT
+    syscall
+msg:
+    .ascii "z"
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "fault"])
+def test_a_container_that_ends_on_the_cpu_leaves_no_fiber_deadline(tmp_path: Path, policy: str,
+                                                                   how: str) -> None:
+    """With the fiber timer on, a container ending while its fiber is on the CPU (exit,
+    or a fault) next to a sleeping one: the ended fiber's preemption deadline went
+    with it.  It used to outlive the container, and the idle CPU then re-armed the
+    LAPIC 1 ns ahead again and again until the sleeper woke (virtual time crawled)."""
+    sleep = 2_000_000
+    preempt = 500_000
+    (tmp_path / "first.s").write_text(QUICK_EXIT if how == "exit" else "    ud2\n")
+    (tmp_path / "sleeper.s").write_text(SLEEPER.format(sleep=sleep))
+    (tmp_path / "img.toml").write_text(f"""
+[kernel]
+policy = "{policy}"
+channels = 8
+fiber_preemption_ns = {preempt}
+[[program]]
+name = "sleeper"
+source = "sleeper.s"
+[[program]]
+name = "first"
+source = "first.s"
+[[container]]
+name = "sleeper"
+program = "sleeper"
+memory = "64K"
+[[container]]
+name = "first"
+program = "first"
+memory = "64K"
+""")
+    build(tmp_path / "img.toml", tmp_path / "img.img")
+    com1 = SerialCapture()
+    m = Machine(MachineConfig(serial=[com1]))
+    k = VMKernel(m, read_image(tmp_path / "img.img"))
+    r = k.run(until=10 * sleep, max_instructions=100_000)
+    assert r.message == "all containers ended", r
+    assert com1.data.endswith(b"z") and k.containers[2].exit_code is not None
+    assert (b"killed: #UD" in com1.data) == (how == "fault")
+    # The sleeper's wakeup, and a spare one (the lazy LAPIC may fire early once); the
+    # stale deadline made one interrupt per virtual ns from `preempt` to `sleep`.
+    assert k.hal.irq_counts.get(0x20, 0) <= 3, k.hal.irq_counts
+    # It ends when the sleeper's byte (and the fault's report before it) has left the UART.
+    assert sleep <= m.now <= sleep + (len(com1.data) + 1) * m.uarts[0]._char_ns

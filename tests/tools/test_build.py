@@ -323,9 +323,9 @@ M = "{m}"       # stands for the manifest path in the expected messages
 @pytest.mark.parametrize("old, new, needle, after, message", [
     # unknown keys and tables
     ('memory = 65536', 'memroy = 65536', "memroy", "", "unknown key 'memroy' in [[container]] (known: name, program, "
-     "memory, stack, priority, ports, irqs, autostart, handles)"),
+     "memory, stack, priority, ports, irqs, autostart, handles, max_fibers, fiber_stack)"),
     ('channels = 16', 'chanels = 16', "chanels", "", "unknown key 'chanels' in [kernel] (known: policy, channels, "
-     "fiber_preemption_ns, timeslice_ns, console_ring)"),
+     "fiber_preemption_ns, timeslice_ns, console_ring, max_fibers, fiber_stack)"),
     ('msg_size = 8', 'msg_size = 8\nsize = 3', "size = 3", "", "unknown key 'size' in [[channel]] (known: name, "
      "msg_size, tag)"),
     ('[kernel]', '[kernal]', "[kernal]", "", "unknown table or key 'kernal' (known: [kernel], [[program]], "
