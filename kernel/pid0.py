@@ -447,7 +447,10 @@ class VMKernel:
         sibling never runs in its place).  A fiber that blocked or ended is
         where the syscall put it; its CPU account starts again.  (The account
         is kept only while the fiber timer is on: a fiber deadline is set.)"""
-        self.hal.save(cur.ctx)
+        if cur.state is FiberState.DONE:
+            cur.ctx = None              # an ended fiber keeps its exit value for a join, not its registers
+        else:
+            self.hal.save(cur.ctx)
         deadline, self._fiber_deadline = self._fiber_deadline, None
         yielded, self._yielded = self._yielded, False
         self.current = None
@@ -649,7 +652,13 @@ class VMKernel:
         target = self.sched.fibers.get(fid)
         if target is None or target.container is not c:
             return -int(Errno.ESRCH)
-        return self._sync(f, ev.join(target))
+        return self._sync(f, self._join(target))
+
+    def _join(self, target):
+        """``join(target)`` that forgets the fiber once a join of it commits (pthread's
+        rule: a fiber is joined once; a later join of its id is ESRCH), so a container
+        that spawns and joins for ever does not grow pid 0."""
+        return ev.wrap(ev.join(target), lambda v: (self.sched.reap(target), v)[1])
 
     def sys_fiber_exit(self, f, c, value, *_):
         self.sched.exit(f, _signed(value))
@@ -743,7 +752,7 @@ class VMKernel:
             target = self.sched.fibers.get(handle)
             if target is None or target.container is not c:
                 raise KernelError(Errno.ESRCH, "no such fiber")
-            return ev.join(target)
+            return self._join(target)
         if kind == EventKind.COND:
             return ev.cond_wait(c.handles.get(handle, Condition))
         if kind == EventKind.IRQ:

@@ -138,7 +138,7 @@ static inline long vmk_fiber_spawn(void *entry, void *stack_top, long arg)
     return _ret;
 }
 
-/* Wait for a fiber of this container to end; returns its exit value. */
+/* Wait for a fiber of this container to end; returns its exit value.  A fiber is joined once: the first join (or EV_JOIN arm) that commits forgets it, and a later join of its id is -ESRCH. */
 static inline long vmk_fiber_join(long fid)
 {
     long _ret = SYS_FIBER_JOIN;

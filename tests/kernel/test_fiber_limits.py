@@ -326,3 +326,62 @@ def test_an_image_from_before_the_fiber_settings_reads_with_the_defaults(tmp_pat
     image = read_image(old)
     assert (image.kernel.max_fibers, image.kernel.fiber_stack) == (DEFAULT_MAX_FIBERS, DEFAULT_FIBER_STACK)
     assert image.container("a").max_fibers is None
+
+
+# ---------------------------------------------------------------------------- joined fibers are forgotten
+JOINER_C = r"""
+#include "vmk.h"
+long joined_sum = 0, second_join = 12345, ev_second = 12345, sync_idx = 12345, ev_value = 12345;
+static void quit(long arg)
+{
+    vmk_fiber_exit(arg);
+}
+int main(void)
+{
+    long last = -1;
+    for (long i = 0; i < 3000; i++) {            /* spawn and join for ever: pid 0 must not grow */
+        last = vmk_fiber_spawn((void *)quit, 0, i);
+        joined_sum += vmk_fiber_join(last);
+    }
+    second_join = vmk_fiber_join(last);           /* joined once already */
+    long f = vmk_fiber_spawn((void *)quit, 0, 77);
+    vmk_yield();                                  /* f has ended: a zombie until its join */
+    struct vmk_event e = {.kind = EV_JOIN, .handle = f};
+    sync_idx = vmk_sync(&e, 1);
+    ev_value = e.result;
+    ev_second = vmk_fiber_join(f);
+    vmk_console_write("done\n", 5);
+    for (;;) vmk_sleep(1000000000L);
+}
+"""
+
+JOINER_TOML = """
+[[program]]
+name = "joiner"
+source = "joiner.c"
+[[container]]
+name = "joiner"
+program = "joiner"
+memory = "256K"
+"""
+
+
+def test_a_joined_fiber_is_forgotten(tmp_path: Path) -> None:
+    (tmp_path / "joiner.c").write_text(JOINER_C)
+    (tmp_path / "m.toml").write_text(JOINER_TOML)
+    build(tmp_path / "m.toml", tmp_path / "m.img")
+    com1 = SerialCapture()
+    k = VMKernel(Machine(MachineConfig(serial=[com1])), read_image(tmp_path / "m.img"))
+    k.run(until=200_000_000)
+    assert b"done" in com1.data, k.reports
+    c = k.containers[1]
+    prog = k.image.program("joiner")
+
+    def peek(name: str) -> int:
+        return int.from_bytes(c.aspace.read(prog.symbols[name], 8), "little", signed=True)
+
+    assert peek("joined_sum") == sum(range(3000))
+    assert peek("second_join") == -int(Errno.ESRCH)
+    assert (peek("sync_idx"), peek("ev_value"), peek("ev_second")) == (0, 77, -int(Errno.ESRCH))
+    # only the main fiber is left in pid 0's books (and the two console drivers)
+    assert len([f for f in k.sched.fibers.values() if f.container is c]) == 1
