@@ -167,8 +167,7 @@ class Container:
     ended: Condition = field(default_factory=Condition)
     fibers: "_FiberSet" = field(default_factory=lambda: _FiberSet())
     stack_next: int = 0                 # where the next kernel-chosen fiber stack goes (grows down)
-    # The image's fiber settings for this container (boot/vmkimage.py: max_fibers,
-    # fiber_stack), read at its first fiber_spawn (0: not read yet).
+    # The image's fiber settings for this container (boot/vmkimage.py: max_fibers, fiber_stack).
     max_fibers: int = 0
     fiber_stack: int = 0
     heap_base: int = 0
@@ -280,6 +279,7 @@ class VMKernel:
         self._next_pid += 1
         c = Container(pid, name, aspace, HandleTable(None), spec.priority, frozenset(_ports(spec)))
         c.handles = HandleTable(c)
+        c.max_fibers, c.fiber_stack = self.image.max_fibers(spec), self.image.fiber_stack(spec)
         for h in spec.handles:
             ch = {"console.rx": self.console_rx, "console.tx": self.console_tx}.get(h) or self.named[h]
             c.handles.install(ch)
@@ -621,9 +621,6 @@ class VMKernel:
         return 0
 
     def sys_fiber_spawn(self, f, c, entry, stack_top, arg, *_):
-        if not c.max_fibers:
-            spec = self.image.container(c.name)
-            c.max_fibers, c.fiber_stack = self.image.max_fibers(spec), self.image.fiber_stack(spec)
         if len(c.fibers) >= c.max_fibers:
             return -int(Errno.EAGAIN)
         given = stack_top == 0

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from vmk.boot.vmkimage import STACK_TOP, USER_BASE
+from vmk.boot.vmkimage import DEFAULT_FIBER_STACK, DEFAULT_MAX_FIBERS, STACK_TOP, USER_BASE
 from vmk.kernel import syscall_table as table
 from vmk.kernel.channel import MAX_MSG
 from vmk.kernel.handles import DEFAULT_HANDLES
@@ -81,7 +81,11 @@ def generate() -> str:
     out += [f"| `{e.name}` | {int(e)} | {_cell(os.strerror(int(e)))} |" for e in table.Errno]
     limits = [*table.LIMITS,
               ("bytes in a message", f"{MAX_MSG} (or the channel's msg_size)", "chan_create / the manifest"),
-              ("open handles per container", str(DEFAULT_HANDLES), "fixed (EMFILE beyond)")]
+              ("open handles per container", str(DEFAULT_HANDLES), "fixed (EMFILE beyond)"),
+              ("live fibers per container (main included)", f"{DEFAULT_MAX_FIBERS:,}",
+               "manifest: [kernel] or [[container]] max_fibers (EAGAIN beyond)"),
+              ("a kernel-chosen fiber stack (fiber_spawn with stack_top 0)", f"{DEFAULT_FIBER_STACK >> 10} KiB",
+               "manifest: [kernel] or [[container]] fiber_stack (ENOMEM when the heap has no room)")]
     out += ["", "## Limits", "", "| limit | value | where it is set |", "|---|---|---|"]
     out += [f"| {_cell(what)} | {value} | {_cell(where)} |" for what, value, where in limits]
     out.append("")
