@@ -91,12 +91,12 @@ RENDEZVOUS_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(RENDEZVOUS_CASES))
-@pytest.mark.parametrize("b_first", [False, True])
+# "partner too late" only with A first: B first would meet A in time (order matters by design)
+@pytest.mark.parametrize("case, b_first", [(case, b_first) for case in sorted(RENDEZVOUS_CASES)
+                                           for b_first in (False, True)
+                                           if not (b_first and case == "partner too late, timeout wins")])
 def test_exactly_one_arm_commits_in_rendezvous(case: str, b_first: bool, policy: str) -> None:
     prog_a, prog_b, want_a, want_b = RENDEZVOUS_CASES[case]
-    if b_first and case == "partner too late, timeout wins":
-        pytest.skip("order matters by design in this case")
     sim = Sim(policy)
     table = ChannelTable(4)
     chans = [table.create(), table.create()]
