@@ -47,7 +47,7 @@ KNOWN_BUGS = int(os.environ.get("VMK_FUZZ_KNOWN_BUGS", "1"))
 PREEMPT = '"200us"' if KNOWN_BUGS else "0"
 BATCH = 2000                     # calls per fuzzer container before it exits by itself
 WITNESS_LINES = 200
-WITNESS_GAP_NS = 100_000
+WITNESS_GAP_NS = max(50_000, SYSCALLS * 30)    # the witness spans most of the run
 # virtual time: generous (the run ends by itself long before; only a hang meets it)
 LIMIT_NS = 2_000_000_000 + SYSCALLS * 200_000
 

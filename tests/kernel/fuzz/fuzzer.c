@@ -9,8 +9,9 @@
  *
  * A call may block for ever (recv on a channel nobody sends on, a sync of
  * NEVERs, a join of itself): the main fiber looks at the count of calls every
- * CHECK_NS; when it has not moved for two looks it starts another worker (the
- * blocked one may wake later and go on too).  It reports progress to the
+ * CHECK_NS; when it has not moved since the last look it closes the handles
+ * the workers made (a worker parked on one wakes with EPIPE) and starts
+ * another worker (the blocked one may wake later and go on too).  It reports progress to the
  * supervisor on handle 0 at every look, and exits when the budget is done or
  * after MAX_WORKERS workers.  A call that ends the container (exit, a fault
  * of a fiber it spawned, a raw faulting instruction) ends it early: the
@@ -30,7 +31,7 @@
 
 #define CTL 0
 #define CHECK_NS 100000L         /* the main fiber's look at the workers (virtual ns) */
-#define MAX_WORKERS 24
+#define MAX_WORKERS 48
 #define MAX_HANDLES 24
 #define MAX_FIDS 32
 #define MAX_PIDS 8
@@ -49,10 +50,12 @@ static int nfids;
 static long pids[MAX_PIDS];
 static int npids;
 
-/* Pointers into this arena are ours to corrupt: three pages, so that a
- * buffer can cross a page boundary (and the end of the arena: the page after
- * it is the next .bss or nothing). */
-static unsigned char arena[3 * 4096] __attribute__((aligned(4096)));
+/* Pointers into the first ARENA bytes of this arena are ours to corrupt:
+ * three pages, so that a buffer can cross a page boundary.  What a call
+ * writes there is at most a message (4096 bytes) or an event array, so the
+ * two pages after them keep it off the fuzzer's own state. */
+#define ARENA (3 * 4096)
+static unsigned char arena[ARENA + 2 * 4096] __attribute__((aligned(4096)));
 static struct vmk_event events[72];
 extern char _end[];
 
@@ -95,9 +98,9 @@ static u64 own_ptr(void)
     case 0: return (u64)arena;
     case 1: return (u64)arena + 4096 - below(17);          /* across the first page boundary */
     case 2: return (u64)arena + 2 * 4096 - below(33);
-    case 3: return (u64)arena + sizeof arena - below(9);   /* at the arena's end */
+    case 3: return (u64)arena + ARENA - below(9);
     case 4: return heap_ptr();
-    default: return (u64)arena + below(sizeof arena);      /* unaligned as it comes */
+    default: return (u64)arena + below(ARENA);      /* unaligned as it comes */
     }
 }
 
@@ -179,7 +182,7 @@ static void __attribute__((noinline)) child_fault(long arg)
 
 static u64 entry_val(void)
 {
-    if (below(64))
+    if (below(256))
         return (u64)child;
     if (below(2))
         return (u64)child_fault;
@@ -264,14 +267,14 @@ static void one_call(void)
         raw6(nr, a, b, c, d, e, f);
         return;
     }
-    if (pick == 40) {
+    if (pick == 40 && below(2)) {
         raw_instruction();
         return;
     }
     nr = below(20);
     switch (nr) {
     case SYS_EXIT:
-        if (below(50))                     /* rare: it ends the container */
+        if (below(100))                    /* rare: it ends the container */
             return;
         break;
     case SYS_FIBER_EXIT:
@@ -282,7 +285,7 @@ static void one_call(void)
         if (!FUZZ_KNOWN_BUGS || below(4))
             a = entry_val();
         if (below(4)) {
-            b = below(2) ? 0 : below(2) ? ((u64)arena + below(sizeof arena)) : val();
+            b = below(2) ? 0 : below(2) ? ((u64)arena + below(ARENA)) : val();
             c = next() & 0x13FFF;
         }
         break;
@@ -322,7 +325,7 @@ static void one_call(void)
             if (below(4) == 0) {           /* unaligned / page-crossing: copy into the arena */
                 unsigned char *p = arena + 4096 - below(40 * 3);
                 unsigned char *s = (unsigned char *)events;
-                for (int i = 0; i < n * 40 && p + i < arena + sizeof arena; i++)
+                for (int i = 0; i < n * 40 && p + i < arena + ARENA; i++)
                     p[i] = s[i];
                 a = (u64)p;
             }
@@ -392,6 +395,17 @@ static void start_worker(void)
         fids[nfids++] = fid;
 }
 
+/* Close every handle the workers made (a worker parked on one of them wakes
+ * with EPIPE when this was its last holder) and signal each (conditions). */
+static void unblock(void)
+{
+    for (int i = 3; i < nhandles; i++) {
+        vmk_cond_signal(handles[i]);
+        vmk_chan_close(handles[i]);
+    }
+    nhandles = 3;
+}
+
 static void report(void)
 {
     struct fuzz_msg m = {PROG_MAGIC, done, (u64)workers};
@@ -419,9 +433,10 @@ int main(void)
             return 0;
         still = now == last ? still + 1 : 0;
         last = now;
-        if (still >= 2) {
+        if (still >= 1) {
             if (workers >= MAX_WORKERS)
                 return 1;
+            unblock();
             start_worker();
             still = 0;
         }
