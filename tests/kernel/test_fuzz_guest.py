@@ -37,7 +37,7 @@ from vmk.tools.build import build
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="the guest programs are C (gcc needed)")
 
 FUZZ_DIR = Path(__file__).parent / "fuzz"
-SYSCALLS = int(os.environ.get("VMK_FUZZ_SYSCALLS", "6000"))
+SYSCALLS = int(os.environ.get("VMK_FUZZ_SYSCALLS", "50000"))    # ~10 s of host time per policy
 _seed = os.environ.get("VMK_FUZZ_SEED", "1")
 SEED = random.randrange(1, 2**32) if _seed == "random" else int(_seed, 0)
 KNOWN_BUGS = int(os.environ.get("VMK_FUZZ_KNOWN_BUGS", "1"))
