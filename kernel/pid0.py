@@ -185,6 +185,10 @@ class VMKernel:
     # the kernel's memory.  A blocked fiber costs pid 0 its records only
     # (about 1.5 KiB of Python objects) and the scheduler nothing.
     MAX_FIBERS = DEFAULT_MAX_FIBERS
+    # Bytes queued for the console UART (0.35 s at 115200 baud) beyond which writers
+    # (console_write, the console.tx driver) wait for it to drain: a container that
+    # floods the console holds itself back, not pid 0's memory and every other writer.
+    CONSOLE_HIGH = 4096
     # A plain send/recv that blocks parks as a _Parked (False: as a generic
     # one-arm sync; the same behaviour, slower: tests compare the two).
     plain_park = True
@@ -218,6 +222,7 @@ class VMKernel:
         # console: the UART driver speaks these two channels (Loko's ns8250 pattern)
         self.console_rx = self.channels.create(0, name="console.rx")
         self.console_tx = self.channels.create(0, name="console.tx")
+        self._console_room: Condition | None = None     # signalled when the console drains
         self.rx_irq = IrqSource(4, "console-rx")
         self.irq_sources: dict[int, IrqSource] = {}
         self.named = {c.name: self.channels.create(c.msg_size, c.tag, holder=IMAGE, name=c.name)
@@ -503,8 +508,12 @@ class VMKernel:
             self._reprogram_timer()
         elif source == "console-rx":
             self.rx_irq.fire()
-        elif source == "console-tx-done" and self._finished():
-            self.machine.stop(KSTOP + "finished")
+        elif source == "console-tx-done":
+            room, self._console_room = self._console_room, None
+            if room is not None:
+                room.signal()                   # writers held back by a full console go on
+            if self._finished():
+                self.machine.stop(KSTOP + "finished")
         if self.current is None:
             if self.sched.policy.runnable():
                 self.machine.stop(f"{KSTOP}wakeup ({source})")
@@ -582,7 +591,15 @@ class VMKernel:
                 msg = yield recv(self.console_tx)
             except KernelError:
                 return                  # every container that could write is gone (EPIPE)
+            if len(self.hal.tx_queue) >= self.CONSOLE_HIGH:
+                yield ev.cond_wait(self._console_drained())
             self.hal.console_write(bytes(msg))
+
+    def _console_drained(self) -> Condition:
+        """A condition signalled when the console's output queue next runs empty."""
+        if self._console_room is None:
+            self._console_room = Condition("console drained")
+        return self._console_room
 
     # ------------------------------------------------------------------ syscalls
     def syscall(self, nr: int, args: tuple[int, ...]) -> int | None:
@@ -823,8 +840,14 @@ class VMKernel:
     def sys_console_write(self, f, c, buf, n, *_):
         if n < 0 or n > CONSOLE_WRITE_MAX:
             return -int(Errno.EINVAL)
-        self.hal.console_write(c.aspace.read(buf, n))
-        return n
+        data = c.aspace.read(buf, n)
+        if len(self.hal.tx_queue) < self.CONSOLE_HIGH:
+            self.hal.console_write(data)
+            return n
+        # The console is behind: wait until it has sent what it holds (backpressure,
+        # as a blocking write to a tty); the bytes go out when the wait commits.
+        return self._sync(f, ev.wrap(ev.cond_wait(self._console_drained()),
+                                     lambda _: (self.hal.console_write(data), n)[1]))
 
     def sys_handle_dup(self, f, c, h, *_):
         return c.handles.dup(h)

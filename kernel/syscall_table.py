@@ -124,7 +124,8 @@ SYSCALLS: tuple[SyscallSpec, ...] = (
                 "Start a container from a program of the boot image, passing it copies of handles; returns its pid."),
     SyscallSpec(15, "wait", ("long pid",), "long", "Wait for a container to end; returns its exit code."),
     SyscallSpec(16, "console_write", ("const void *buf", "long len"), "long",
-                "Early-debug output straight to the console; returns len."),
+                "Early-debug output straight to the console; returns len.  Blocks while the console "
+                "is more than 4 KiB behind (the bytes go out in order, the writer waits)."),
     SyscallSpec(17, "handle_dup", ("long handle",), "long", "A second handle to the same channel."),
     SyscallSpec(18, "cond_create", (), "long", "A condition (a one-shot broadcast event); returns a handle."),
     SyscallSpec(19, "cond_signal", ("long handle",), "long", "Signal a condition: every waiter, now and later, wakes."),

@@ -262,7 +262,7 @@ static inline long vmk_wait(long pid)
     return _ret;
 }
 
-/* Early-debug output straight to the console; returns len. */
+/* Early-debug output straight to the console; returns len.  Blocks while the console is more than 4 KiB behind (the bytes go out in order, the writer waits). */
 static inline long vmk_console_write(const void *buf, long len)
 {
     long _ret = SYS_CONSOLE_WRITE;
