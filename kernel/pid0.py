@@ -69,10 +69,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vmk.boot.loader import ImageError
-from vmk.boot.vmkimage import DEFAULT_MAX_FIBERS, Image
+from vmk.boot.vmkimage import DEFAULT_MAX_FIBERS, Image, SegFlag
 from vmk.hal.aspace import PAGE, AddressSpace, OutOfMemory, UserFault
 from vmk.hal.context import RAX_SLOT, GuestContext
 from vmk.hal.vm import Hal
+from vmk.machine.mmu import PFEC
 from vmk.machine.pc import Machine, RunResult, Why
 
 from . import events as ev
@@ -267,7 +268,6 @@ class VMKernel:
         try:
             # W^X: each segment's pages get its ELF flags (segments never share a page:
             # validate_image); the loading write goes around them.  Stack and heap: rw-.
-            from vmk.boot.vmkimage import SegFlag      # here: this change stays inside the function
             for seg in prog.segments:
                 start = seg.vaddr & ~(PAGE - 1)
                 end = (seg.vaddr + seg.memsz + PAGE - 1) & ~(PAGE - 1)
@@ -530,7 +530,6 @@ class VMKernel:
         if f is None:
             self.machine.stop(KSTOP + "fault with no fiber")
             return
-        from vmk.machine.mmu import PFEC           # here: this change stays inside the function
         ec_idt = 0x2                                # #GP error code bit: the selector is an IDT vector
         c = f.container
         who = f"pid {c.pid} ({c.name}) killed:"
