@@ -38,14 +38,15 @@ from .devices.ioapic import IOAPIC
 from .devices.lapic import LocalAPIC
 from .devices.pic8259 import PICPair
 from .devices.pit8254 import PIT8254, SystemControlPortB
-from .devices.uart16550 import UART16550
+from .devices.uart16550 import UART16550, SerialTiming
 from .irq import IrqLine
 from .memory import RAM, MmioBus
 from .mmu import PageFault, Paging, translate
 from .ports import PortBus
 from .x86 import EXCEPTION_NAMES, IdtSink, TripleFault
 
-__all__ = ["Machine", "MachineConfig", "RunResult", "Why", "InterruptSink", "LAPIC_BASE", "IOAPIC_BASE"]
+__all__ = ["Machine", "MachineConfig", "RunResult", "Why", "InterruptSink", "SerialTiming", "LAPIC_BASE",
+           "IOAPIC_BASE"]
 
 LAPIC_BASE = 0xFEE0_0000
 IOAPIC_BASE = 0xFEC0_0000
@@ -83,6 +84,9 @@ class MachineConfig:
     # Idle time follows the host clock (QEMU's icount sleep=on): for people at
     # a terminal. Off, a halted CPU jumps straight to its next timer (tests).
     realtime_idle: bool = False
+    # COM1/COM2 transmit timing: "baud" (the PC16550D: bytes leave at the
+    # programmed rate) or "instant" (QEMU: at the THR write, IRQ not gated on OUT2).
+    serial_timing: SerialTiming | str = SerialTiming.BAUD
 
 
 class InterruptSink(Protocol):
@@ -133,8 +137,9 @@ class Machine:
         self.pit = PIT8254(self.clock, self.isa_irq[0], log=self._tagged("pit"))
         self.port61 = SystemControlPortB(self.pit, log=self._tagged("port61"))
         serial = list(cfg.serial) + [NullChar() for _ in range(2 - len(cfg.serial))]
+        timing = SerialTiming(cfg.serial_timing)       # ValueError for a bad name, before anything runs
         self.uarts = [UART16550(self.clock, self.isa_irq[irq], serial[i], log=self._tagged(f"com{i + 1}"),
-                                name=f"COM{i + 1}")
+                                name=f"COM{i + 1}", timing=timing)
                       for i, (base, irq) in enumerate(COM_PORTS)]
         self.debug_exit = DebugExit(self.exit)
         self.debugcon_dev = cfg.debugcon or NullChar()
@@ -360,7 +365,21 @@ class Machine:
 
     # ------------------------------------------------------------------ run loop
     def run(self, until: int | None = None, max_instructions: int | None = None) -> RunResult:
-        """Run until ``until`` (absolute virtual ns), an exit, a stop or an error."""
+        """Run until ``until`` (absolute virtual ns), an exit, a stop or an error.
+
+        When the run ends for good (isa-debug-exit, HLT with IF=0 or nothing
+        left to wake the CPU, a triple fault, an emulation error), every byte
+        the guest gave a UART reaches its back end before this returns, stamped
+        with the time it would have left the line.  A time limit, a stop or a
+        breakpoint can be resumed, so the transmitters are left as they are
+        (``vmk boot`` flushes them itself after ``--max-time``)."""
+        r = self._run(until, max_instructions)
+        if r.why in _FINAL:
+            for uart in self.uarts:
+                uart.flush_tx()
+        return r
+
+    def _run(self, until: int | None, max_instructions: int | None) -> RunResult:
         cpu = self.cpu
         clock = self.clock
         lapic = self.lapic
@@ -574,6 +593,7 @@ class Machine:
 
 
 _SHADOW = RunResult(Why.STOPPED, "interrupt shadow")
+_FINAL = frozenset((Why.EXIT, Why.DEAD, Why.TRIPLE_FAULT, Why.ERROR))     # runs that cannot go on
 _IF = int(EFLAGS.IF)
 _HALT = Stop.HALT
 _WINDOW_IF_CLEAR, _WINDOW_SHADOW, _WINDOW_OPEN = 0, 1, 2      # CPU.interrupt_window()

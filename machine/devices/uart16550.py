@@ -17,6 +17,20 @@ state is one set of registers plus three queues:
 * ``_rx_pending``: host input that :meth:`UART16550.receive` queued and that
   has not yet crossed the serial line.
 
+Two transmit timings (:class:`SerialTiming`, a constructor option):
+
+* ``BAUD`` (the default): the data sheet.  A byte written to THR leaves the
+  line one character time later (below); a guest that polls LSR.THRE sees
+  the FIFO drain at the programmed baud rate.
+* ``INSTANT``: QEMU's ``serial.c``.  A THR write hands the byte (and so the
+  whole FIFO) to the back end, or in loopback to the receiver, at once:
+  right after the write LSR reads THRE|TEMT and the THR-empty interrupt is
+  pending again (with IER.ETBEI), so every THR write raises it.  The IRQ
+  line is not gated by MCR.OUT2 (QEMU has no OUT2 wiring) unless the
+  caller asks for it.  The receiver, the character timeout and the modem
+  lines are the same in both modes (host input still crosses the line one
+  character time per byte).  Both modes are deterministic.
+
 Time is virtual.  One *character time* is the frame length (start bit, 5..8
 data bits, optional parity, 1/1.5/2 stop bits) times ``divisor * 16`` clocks
 of the 1.8432 MHz baud crystal, in integer ns rounded up
@@ -45,6 +59,8 @@ Invariants
 * ``_tsr is None`` iff ``_tx_done is None``; the TSR is only idle when the
   THR/FIFO is empty (a written byte moves into an idle TSR at once).
 * LSR.THRE == ``not _tx_fifo``; LSR.TEMT == THRE and the TSR is idle.
+* In ``INSTANT`` timing the transmitter is always idle between accesses:
+  ``_tx_fifo`` is empty and ``_tsr`` is None.
 * ``_rx_done is not None`` implies ``_rx_pending`` is non-empty (its head is
   the byte on the line).
 * ``_update_irq`` is the only place that drives the IRQ line.  The line is
@@ -53,7 +69,8 @@ Invariants
   inactive in loopback (PC16550D 8.8), which silences the IRQ; QEMU keeps
   RX/THRE interrupts working in loopback, guests' self-tests rely on that,
   and the QEMU comparison test checks it, so vmk gates on the MCR bit.
-  QEMU does not gate on OUT2 at all; ``out2_gates_irq=False`` selects that.
+  QEMU does not gate on OUT2 at all; ``out2_gates_irq=False`` selects that
+  (the default in ``INSTANT`` timing).
   Reset sets MCR = OUT2 as QEMU does, so a guest that never writes MCR still
   gets interrupts, as it would on QEMU.
 
@@ -90,7 +107,7 @@ asserted as on QEMU).
 from __future__ import annotations
 
 from collections import deque
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Protocol
 
 from vmk.machine.clock import NS_PER_SEC, Clock
@@ -114,6 +131,7 @@ __all__ = [
     "IntId",
     "Reg",
     "SerialBackend",
+    "SerialTiming",
     "character_time_ns",
 ]
 
@@ -125,6 +143,13 @@ BAUD_CLOCK_DIV = 16
 FIFO_SIZE = 16                # 1.0: 16-byte transmit and receive FIFOs
 TIMEOUT_CHARS = 4             # 8.10: character timeout after 4 character times
 RESET_DIVISOR = 12            # 9600 baud, QEMU's reset value
+
+
+class SerialTiming(Enum):
+    """When a byte written to THR leaves the transmitter (see the module docstring)."""
+
+    BAUD = "baud"         # PC16550D: one character time per byte at the programmed rate
+    INSTANT = "instant"   # QEMU: at the THR write; THRE never falls, OUT2 does not gate the IRQ
 
 
 class Reg(IntEnum):
@@ -278,7 +303,8 @@ class UART16550:
     """A 16550A UART with FIFOs, driving one IRQ line and one host back end.
 
     ``chardev`` receives every transmitted byte as ``write(bytes, time_ns)``
-    at the virtual time its stop bit ends.  If it has ``attach(sink)`` (every
+    at the virtual time its stop bit ends (``SerialTiming.BAUD``) or at the
+    time of the THR write (``SerialTiming.INSTANT``).  If it has ``attach(sink)`` (every
     :class:`~vmk.machine.chardev.CharDev` does), the UART attaches
     :meth:`receive` to it, so ``chardev.pump()`` delivers host input.
     """
@@ -291,13 +317,18 @@ class UART16550:
         log: Log = nolog,
         name: str = "COM1",
         *,
-        out2_gates_irq: bool = True,
+        timing: SerialTiming | str = SerialTiming.BAUD,
+        out2_gates_irq: bool | None = None,
     ) -> None:
         self._clock = clock
         self._irq = irq
         self._chardev = chardev
         self._log = log
         self.name = name
+        self.timing = SerialTiming(timing)
+        self._instant = self.timing is SerialTiming.INSTANT
+        if out2_gates_irq is None:
+            out2_gates_irq = not self._instant       # QEMU does not gate the line on OUT2
         self._out2_gates_irq = out2_gates_irq
         self._timer = clock.timer(self._on_timer, f"{name}.uart")
         # Host side state: survives a UART reset (the bytes are still on their way).
@@ -490,6 +521,11 @@ class UART16550:
         self._thr_ipending = False
         if self._tsr is None:
             self._tx_start(now)
+        if self._instant:
+            # QEMU's serial_xmit runs inside the THR write: the byte is on the
+            # wire and THRE (and the THR-empty interrupt) are back before the
+            # guest's next instruction.
+            self._tx_complete(now)
         self._update_irq()
         self._rearm()
 
