@@ -2,6 +2,7 @@
 
     vmk boot IMAGE [--serial SPEC] [--serial2 SPEC] [--mem SIZE] [--debugcon SPEC]
                    [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
+                   [--serial-timing baud|instant]
                    [--gdb [HOST]:PORT [--wait-gdb]]
     vmk build MANIFEST -o IMAGE [-v]
     vmk debug [HOST]:PORT [--batch FILE]
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--serial", default="stdio", metavar="SPEC",
                    help="COM1 back end: stdio|null|file:PATH|tcp:HOST:PORT|pty (default stdio)")
     b.add_argument("--serial2", default="null", metavar="SPEC", help="COM2 back end (default null)")
+    b.add_argument("--serial-timing", choices=("baud", "instant"), default="baud",
+                   help="UART transmit timing: bytes leave at the programmed baud rate as on a PC16550D (baud, "
+                        "default), or at the THR write with the IRQ not gated on MCR.OUT2, as QEMU (instant: "
+                        "for kernels that poll LSR.THRE)")
     b.add_argument("--debugcon", default=None, metavar="SPEC", help="port 0xE9 debug console back end")
     b.add_argument("--mem", type=_arg(parse_size), default=128 << 20, metavar="SIZE",
                    help="guest RAM: MiB, or with K/M/G suffix (default 128)")
@@ -172,7 +177,8 @@ def cmd_boot(args) -> int:
     log = (lambda msg: sys.stderr.write(f"vmk: {msg}\n")) if args.debug_log else None
     try:
         machine = Machine(MachineConfig(mem=args.mem, ns_per_insn=args.icount, serial=devs,
-                                        debugcon=debugcon, log=log, realtime_idle=args.idle == "realtime"))
+                                        debugcon=debugcon, log=log, realtime_idle=args.idle == "realtime",
+                                        serial_timing=args.serial_timing))
     except ValueError as e:
         return _fail(str(e))
     stub = None

@@ -519,12 +519,18 @@ class UART16550:
             self.tx_dropped += 1
         self._tx_fifo.append(value)
         self._thr_ipending = False
+        if self._instant:
+            # Discussion: QEMU's serial_xmit runs inside the THR write: the byte
+            # is on the wire and THRE (and the THR-empty interrupt) are back
+            # before the guest's next instruction.  The line still drops for the
+            # write first, as QEMU's does: without that low-high pulse an
+            # edge-triggered controller that missed the earlier edge (the line
+            # was held high by a source the handler did not acknowledge) would
+            # never see THRE again; the VM kernel's console driver hung so.
+            self._update_irq()
         if self._tsr is None:
             self._tx_start(now)
         if self._instant:
-            # QEMU's serial_xmit runs inside the THR write: the byte is on the
-            # wire and THRE (and the THR-empty interrupt) are back before the
-            # guest's next instruction.
             self._tx_complete(now)
         self._update_irq()
         self._rearm()

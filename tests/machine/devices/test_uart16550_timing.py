@@ -89,8 +89,11 @@ def test_instant_every_thr_write_raises_the_thre_interrupt() -> None:
     assert rig.rd(Reg.IIR_FCR) == FIFO_BITS | IIR_NONE
     rig.at(500)
     rig.wr(Reg.RBR_THR, ord("x"))
+    assert rig.irq.level
+    rig.at(600)
+    rig.wr(Reg.RBR_THR, ord("y"))                    # not acknowledged: the line pulses low, then high
     assert rig.irq.level and rig.rd(Reg.IIR_FCR) == FIFO_BITS | IIR_THR
-    assert rig.edges == [(0, True), (0, False), (500, True), (500, False)]
+    assert rig.edges == [(0, True), (0, False), (500, True), (600, False), (600, True), (600, False)]
 
 
 def test_baud_thre_interrupt_waits_for_the_fifo_to_drain() -> None:
