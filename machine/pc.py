@@ -413,6 +413,8 @@ class Machine:
                         return self._stopped()     # the sink stopped the machine
                     elif lapic.pending() and not (cpu.rflags & _IF):
                         cpu.arm_interrupt_window()    # held by IF=0: stop as soon as IF is set
+                    elif cpu.halted and lapic.pending():
+                        continue                   # the sink's handler raised another: take it before idling
                 now = clock._base
                 if until is not None and now >= until:
                     return RunResult(Why.TIME_LIMIT, f"virtual time limit reached at {now} ns")

@@ -266,3 +266,18 @@ def test_a_container_past_its_memory_is_ended_with_a_report(tmp_path: Path) -> N
     [report] = k.reports
     assert report.startswith("pid 1 (hog) killed:")
     assert k.containers[2].exit_code == 42 and out.count("tick\n") == 3
+
+
+def test_an_interrupt_raised_by_a_handler_is_taken_before_idling(tmp_path: Path) -> None:
+    """With instant serial timing the UART's THRE interrupt is raised by the HAL's own
+    top half (its THR writes): it must be taken at once, not after the next timer
+    (the console then stalled with the fault report half sent)."""
+    com1 = SerialCapture()
+    m = Machine(MachineConfig(serial=[com1], serial_timing="instant"))
+    k = VMKernel(m, read_image(make_image(tmp_path, {"ticker": TICKER, "wild": WILD_READ})))
+    r = k.run(until=100_000_000)
+    out = com1.data.decode()
+    assert r.why == Why.EXIT, (r.why, r.message)
+    assert out.count("tick\n") == 3
+    [report] = k.reports
+    assert report + "\n" in out
