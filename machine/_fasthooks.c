@@ -41,6 +41,7 @@
 #include <stdint.h>
 #include <stdbool.h>
 #include <string.h>
+#include <stdlib.h>
 
 typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*uc_reg_batch_fn)(void *uc, int *regs, void **vals, int count);
@@ -209,16 +210,134 @@ static void gw_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t val
     Py_XDECREF(r);
 }
 
+
+/* ---------------------------------------------------------------- block counting (prototype)
+ *
+ * Unicorn's count mode calls a helper before every instruction.  In block mode
+ * the CPU runs with count=0 and this UC_HOOK_BLOCK callback adds a whole
+ * block's instruction count when the block is entered; the count comes from
+ * a cache keyed by (address, size) and, on a miss, from decode(address, size)
+ * in Python (capstone).  A block that would pass `limit` is not entered: the
+ * hook calls emu_stop, which ends the run before the block (checked by
+ * tests/machine/test_block_count.py), and cpu.py runs the rest of the budget
+ * in count mode.  The layout is read and written by cpu.py through ctypes at
+ * the BC_* offsets it declares: keep them in step.
+ */
+#define BC_SLOTS 65536
+typedef struct { uint64_t pc; uint32_t size; uint32_t n; } bc_entry;
+typedef struct {
+    uint64_t counter;   /*  0: instructions of the blocks entered */
+    uint64_t limit;     /*  8: a block that would pass this is not entered */
+    int32_t active;     /* 16: 0 = the hook does nothing (count mode) */
+    int32_t hit;        /* 20: the limit ended the run */
+    uint64_t last_pc;   /* 24: the block entered last */
+    uint32_t last_size; /* 32 */
+    uint32_t last_n;    /* 36 */
+    uint64_t misses;    /* 40: decode calls */
+    PyObject *decode;
+    bc_entry table[BC_SLOTS];
+} blockcount;
+
+static blockcount *cur_bc;      /* the one CPU running in block mode (for the window hook) */
+
+static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
+{
+    blockcount *b = (blockcount *)ud;
+    if (!b->active)
+        return;
+    uint32_t h = (uint32_t)(((pc ^ (pc >> 16)) + ((uint64_t)size << 5)) * 0x9E3779B1u) >> 16;
+    bc_entry *e = &b->table[h];
+    uint32_t n;
+    if (e->pc == pc && e->size == size && e->n) {
+        n = e->n;
+    } else {
+        PyObject *a[2] = {PyLong_FromUnsignedLongLong(pc), PyLong_FromUnsignedLong(size)};
+        PyObject *r = call(uc, b->decode, a, 2);
+        drop(a, 2);
+        if (r == NULL)
+            return;
+        n = (uint32_t)PyLong_AsUnsignedLong(r);
+        Py_DECREF(r);
+        if (PyErr_Occurred()) {
+            hook_failed(uc);
+            return;
+        }
+        b->misses++;
+        e->pc = pc;
+        e->size = size;
+        e->n = n;
+    }
+    if (b->counter + n > b->limit) {
+        b->hit = 1;
+        b->last_n = 0;
+        p_emu_stop(uc);
+        return;
+    }
+    b->counter += n;
+    b->last_pc = pc;
+    b->last_size = size;
+    b->last_n = n;
+}
+
+static PyObject *bc_new(PyObject *self, PyObject *decode)
+{
+    (void)self;
+    blockcount *b = (blockcount *)calloc(1, sizeof(blockcount));
+    if (b == NULL)
+        return PyErr_NoMemory();
+    Py_INCREF(decode);
+    b->decode = decode;
+    return PyLong_FromVoidPtr(b);
+}
+
+static PyObject *bc_clear(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    blockcount *b = (blockcount *)PyLong_AsVoidPtr(arg);
+    if (b == NULL)
+        return NULL;
+    memset(b->table, 0, sizeof(b->table));
+    Py_RETURN_NONE;
+}
+
+static PyObject *bc_select(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    cur_bc = (blockcount *)PyLong_AsVoidPtr(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *bc_free(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    blockcount *b = (blockcount *)PyLong_AsVoidPtr(arg);
+    if (b == NULL)
+        return NULL;
+    if (cur_bc == b)
+        cur_bc = NULL;
+    Py_XDECREF(b->decode);
+    free(b);
+    Py_RETURN_NONE;
+}
+
 /* user_data points at the CPU's window, an int32[2] owned by Python: [0] armed, [1] fired. */
 static void window_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     volatile int32_t *window = (volatile int32_t *)user_data;
-    (void)address; (void)size;
+    (void)size;
     if (!window[0])
         return;
     uint64_t rflags = 0;
     p_reg_read(uc, rflags_id, &rflags);
     if (rflags & 0x200) {
+        /* Block mode: the count hook runs first and has counted this block,
+           which will not run now. */
+        if (cur_bc != NULL && cur_bc->active && cur_bc->last_n && cur_bc->last_pc == address) {
+            cur_bc->counter -= cur_bc->last_n;
+            cur_bc->last_n = 0;
+        }
         window[0] = 0;
         window[1] = 1;
         p_emu_stop(uc);
@@ -595,7 +714,8 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
     p_emu_stop = (uc_emu_stop_fn)(uintptr_t)es;
     p_emu_start = (uc_emu_start_fn)(uintptr_t)est;
     p_context_save = (uc_context_save_fn)(uintptr_t)cs;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+                         "blockcount", (unsigned long long)(uintptr_t)&block_count_hook,
                          "syscall", (unsigned long long)(uintptr_t)&gw_syscall,
                          "in", (unsigned long long)(uintptr_t)&gw_in,
                          "out", (unsigned long long)(uintptr_t)&gw_out,
@@ -624,6 +744,10 @@ static PyMethodDef methods[] = {
     {"deliver64", deliver64, METH_VARARGS,
      "deliver64(uc, ctx, ram, ram_size, vector, ec, has_ec, fresh) -> 0 delivered / 1 take the general path"},
     {"window", window, METH_VARARGS, "window(uc, ctx) -> 0 IF=0 / 1 shadow / 2 open (saves the context)"},
+    {"bc_new", bc_new, METH_O, "bc_new(decode) -> address of a block counter (decode(pc, size) -> count)"},
+    {"bc_clear", bc_clear, METH_O, "bc_clear(address): forget every cached block count"},
+    {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter the window hook corrects"},
+    {"bc_free", bc_free, METH_O, "bc_free(address)"},
     {NULL, NULL, 0, NULL},
 };
 
