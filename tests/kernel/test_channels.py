@@ -400,7 +400,7 @@ def test_the_image_hold_keeps_a_channel_alive_but_is_no_side_of_it(sim: Sim) -> 
     hc: HandleTable = c.handles              # type: ignore[attr-defined]
     h_a = ha.install(ch)
     assert not ch.connected and not ch.broken_for(a)      # alone with the image: waits for a partner
-    h_b = hb.install(ch)
+    hb.install(ch)
     assert ch.connected and not ch.broken_for(a) and not ch.broken_for(b)
     got: list[Any] = []
 
