@@ -665,16 +665,7 @@ class CPU:
             self._budget = count
             self._running = True
         try:
-            status, self.rflags_after = _run(self._uch, count, _END)
-            if status:
-                raise UcError(status)
-            if uc._hook_exception is not None:
-                raise uc._hook_exception
-        except UcError as e:
-            if self.error is None:
-                self.error = f"{e} at RIP {self._rip.read()[0]:#x}"
-            self._stop_reason = Stop.ERROR
-            self.rflags_after = self._rflags.read()[0]
+            self._emu_start(count)
         finally:
             self._running = False
             self._ctx_valid = False          # hooks may have synced mid-slice; the CPU ran on
@@ -704,6 +695,21 @@ class CPU:
                 self.halted = True
         return executed, reason
 
+    def _emu_start(self, count: int) -> None:
+        """One ``emu_start`` of ``count`` instructions (0: no count limit); an
+        emulation error becomes ``Stop.ERROR`` with ``self.error`` set."""
+        try:
+            status, self.rflags_after = _run(self._uch, count, _END)
+            if status:
+                raise UcError(status)
+            if self.uc._hook_exception is not None:
+                raise self.uc._hook_exception
+        except UcError as e:
+            if self.error is None:
+                self.error = f"{e} at RIP {self._rip.read()[0]:#x}"
+            self._stop_reason = Stop.ERROR
+            self.rflags_after = self._rflags.read()[0]
+
     def _run_blocks(self, count: int) -> tuple[tuple[int, Stop] | None, int]:
         """Block mode, phase 1: run with count=0 under the block counter.
         Returns (the slice's result, 0) when it ended here, or (None, the
@@ -719,16 +725,7 @@ class CPU:
         self._tb_count_mode = False
         uc = self.uc
         try:
-            status, self.rflags_after = _run(self._uch, 0, _END)
-            if status:
-                raise UcError(status)
-            if uc._hook_exception is not None:
-                raise uc._hook_exception
-        except UcError as e:
-            if self.error is None:
-                self.error = f"{e} at RIP {self._rip.read()[0]:#x}"
-            self._stop_reason = Stop.ERROR
-            self.rflags_after = self._rflags.read()[0]
+            self._emu_start(0)
         finally:
             self._phase1 = False
             self._bc_active.value = 0

@@ -18,7 +18,6 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,6 +28,7 @@ from vmk.kernel.pid0 import VMKernel
 from vmk.kernel.syscall_table import Errno
 from vmk.machine.pc import Machine, MachineConfig
 from vmk.testing.harness import SerialCapture
+from vmk.testing.vmimage import peek
 from vmk.tools.build import BuildError, build, build_image
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="the guest programs are C (gcc needed)")
@@ -121,13 +121,6 @@ def boot(tmp: Path, manifest: str, files: dict[str, str]) -> tuple[Machine, VMKe
     build(tmp / "img.toml", tmp / "img.img")
     m = Machine(MachineConfig(mem=64 << 20, serial=[SerialCapture()]))
     return m, VMKernel(m, read_image(tmp / "img.img"))
-
-
-def peek(k: VMKernel, pid: int, symbol: str, count: int = 1) -> Any:
-    c = k.containers[pid]
-    raw = c.aspace.read(k.image.program(k.image.container(c.name).program).symbols[symbol], 8 * count)
-    got = [int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, len(raw), 8)]
-    return got[0] if count == 1 else got
 
 
 def crowd(tmp: Path, n: int, rounds: int, kernel: str = "", container: str = "") -> tuple[Machine, VMKernel]:
@@ -375,13 +368,8 @@ def test_a_joined_fiber_is_forgotten(tmp_path: Path) -> None:
     k.run(until=200_000_000)
     assert b"done" in com1.data, k.reports
     c = k.containers[1]
-    prog = k.image.program("joiner")
-
-    def peek(name: str) -> int:
-        return int.from_bytes(c.aspace.read(prog.symbols[name], 8), "little", signed=True)
-
-    assert peek("joined_sum") == sum(range(3000))
-    assert peek("second_join") == -int(Errno.ESRCH)
-    assert (peek("sync_idx"), peek("ev_value"), peek("ev_second")) == (0, 77, -int(Errno.ESRCH))
+    assert peek(k, 1, "joined_sum") == sum(range(3000))
+    assert peek(k, 1, "second_join") == -int(Errno.ESRCH)
+    assert [peek(k, 1, n) for n in ("sync_idx", "ev_value", "ev_second")] == [0, 77, -int(Errno.ESRCH)]
     # only the main fiber is left in pid 0's books (and the two console drivers)
     assert len([f for f in k.sched.fibers.values() if f.container is c]) == 1

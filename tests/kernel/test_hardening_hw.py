@@ -11,62 +11,24 @@ import shutil
 from pathlib import Path
 
 import pytest
-from vmk.boot.vmkimage import SegFlag, read_image
+from vmk.boot.vmkimage import SegFlag
 from vmk.hal.aspace import KERNEL_RESERVED
 from vmk.kernel.pid0 import VMKernel
-from vmk.machine.pc import Machine, MachineConfig, Why
-from vmk.testing.harness import SerialCapture
-from vmk.tools.build import build
+from vmk.machine.pc import Why
+from vmk.testing.vmimage import TICKER_S, boot, build_programs
 
 MS = 1_000_000
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="a C guest (gcc needed)")
 
-# Prints "tick" three times, 1 ms apart, and exits 42: the container that must go on.
-TICKER = """
-    mov r12, 3
-again:
-    mov rax, SYS_SLEEP
-    mov rdi, 1000000
-    syscall
-    lea rsi, [rip + msg]
-    mov rdi, 1
-    mov rdx, 5
-    mov rax, SYS_SEND
-    syscall
-    dec r12
-    jnz again
-    mov rdi, 42
-    mov rax, SYS_EXIT
-    syscall
-msg:
-    .ascii "tick\\n"
-"""
+TICKER = TICKER_S
 
 
 def _image(tmp: Path, programs: dict[str, str], memory: str = "128K", extra: dict[str, str] | None = None) -> Path:
-    """One container per program (in order), each with the console; ``extra``: more manifest lines."""
-    lines = ["[kernel]", "channels = 16", ""]
-    for name, src in programs.items():
-        suffix = "c" if "#include" in src else "s"
-        (tmp / f"{name}.{suffix}").write_text(src)
-        lines += ["[[program]]", f'name = "{name}"', f'source = "{name}.{suffix}"', ""]
-    for name in programs:
-        lines += ["[[container]]", f'name = "{name}"', f'program = "{name}"', f'memory = "{memory}"',
-                  'handles = ["console.rx", "console.tx"]']
-        if extra and name in extra:
-            lines.append(extra[name])
-        lines.append("")
-    (tmp / "image.toml").write_text("\n".join(lines))
-    build(tmp / "image.toml", tmp / "image.img")
-    return tmp / "image.img"
+    return build_programs(tmp, programs, memory=memory, extra=extra)
 
 
 def _run(image: Path, until: int = 100 * MS, mem: int | None = None):
-    com1 = SerialCapture()
-    m = Machine(MachineConfig(serial=[com1], **({"mem": mem} if mem else {})))
-    k = VMKernel(m, read_image(image))
-    r = k.run(until=until)
-    return r, k, com1.data.decode()
+    return boot(image, until, **({"mem": mem} if mem else {}))
 
 
 def _one_report(k: VMKernel, out: str) -> str:

@@ -9,27 +9,10 @@ from vmk.boot.vmkimage import read_image
 from vmk.kernel.pid0 import VMKernel
 from vmk.machine.pc import Machine, MachineConfig, Why
 from vmk.testing.harness import SerialCapture
+from vmk.testing.vmimage import TICKER_S, boot, build_programs
 from vmk.tools.build import build
 
-TICKER = """
-    mov r12, 3
-again:
-    mov rax, SYS_SLEEP
-    mov rdi, 1000000
-    syscall
-    lea rsi, [rip + msg]
-    mov rdi, 1
-    mov rdx, 5
-    mov rax, SYS_SEND
-    syscall
-    dec r12
-    jnz again
-    mov rdi, 42
-    mov rax, SYS_EXIT
-    syscall
-msg:
-    .ascii "tick\\n"
-"""
+TICKER = TICKER_S
 
 WILD_READ = """
     mov rbx, 0x900000000
@@ -72,27 +55,11 @@ BAD_SYSCALLS = """
 
 
 def make_image(tmp: Path, programs: dict[str, str], ports: dict[str, list[int]] | None = None) -> Path:
-    lines = ["[kernel]", "channels = 16", ""]
-    for name, src in programs.items():
-        (tmp / f"{name}.s").write_text(src)
-        lines += ["[[program]]", f'name = "{name}"', f'source = "{name}.s"', ""]
-    for name in programs:
-        lines += ["[[container]]", f'name = "{name}"', f'program = "{name}"', 'memory = "128K"',
-                  'handles = ["console.rx", "console.tx"]']
-        if ports and name in ports:
-            lines.append(f"ports = {ports[name]}")
-        lines.append("")
-    (tmp / "image.toml").write_text("\n".join(lines))
-    build(tmp / "image.toml", tmp / "image.img")
-    return tmp / "image.img"
+    return build_programs(tmp, programs, extra={n: f"ports = {p}" for n, p in (ports or {}).items()})
 
 
 def run(image: Path, until: int = 100_000_000):
-    com1 = SerialCapture()
-    m = Machine(MachineConfig(serial=[com1]))
-    k = VMKernel(m, read_image(image))
-    r = k.run(until=until)
-    return r, k, com1.data.decode()
+    return boot(image, until)
 
 
 def test_faulting_container_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
@@ -272,11 +239,7 @@ def test_an_interrupt_raised_by_a_handler_is_taken_before_idling(tmp_path: Path)
     """With instant serial timing the UART's THRE interrupt is raised by the HAL's own
     top half (its THR writes): it must be taken at once, not after the next timer
     (the console then stalled with the fault report half sent)."""
-    com1 = SerialCapture()
-    m = Machine(MachineConfig(serial=[com1], serial_timing="instant"))
-    k = VMKernel(m, read_image(make_image(tmp_path, {"ticker": TICKER, "wild": WILD_READ})))
-    r = k.run(until=100_000_000)
-    out = com1.data.decode()
+    r, k, out = boot(make_image(tmp_path, {"ticker": TICKER, "wild": WILD_READ}), serial_timing="instant")
     assert r.why == Why.EXIT, (r.why, r.message)
     assert out.count("tick\n") == 3
     [report] = k.reports

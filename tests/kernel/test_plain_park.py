@@ -27,6 +27,7 @@ from vmk.kernel.scheduler import POLICIES
 from vmk.kernel.syscall_table import Errno
 from vmk.machine.pc import Machine, MachineConfig, Why
 from vmk.testing.harness import SerialCapture
+from vmk.testing.vmimage import peek
 from vmk.tools.build import build
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="the guest programs are C (gcc needed)")
@@ -364,14 +365,7 @@ def _run(k: VMKernel, until: int) -> None:
     assert k.machine.now >= until
 
 
-def _peek(k: VMKernel, pid: int, symbol: str, count: int = 1) -> Any:
-    """``count`` longs at a global of container ``pid``'s program (one long: an int)."""
-    c = k.containers[pid]
-    assert c.exit_code is None, f"{c!r} ended ({c.exit_code}): its memory is gone"
-    prog = k.image.program(k.image.container(c.name).program)
-    raw = c.aspace.read(prog.symbols[symbol], 8 * count)
-    out = [int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, 8 * count, 8)]
-    return out[0] if count == 1 else out
+_peek = peek
 
 
 def _channel(k: VMKernel, pid: int, handle: int) -> Any:
