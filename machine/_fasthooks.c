@@ -126,9 +126,16 @@ static uc_reg_read_batch_fn p_reg_read_batch;
 typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
 static uc_reg_write_fn p_reg_write;
 
+/* last_n of the block counter running now (block mode), see bc_select: a
+   syscall ends its block, and the door may switch to another context whose
+   RIP lies in the same block; with last_n = 0 the time is the counter's. */
+static uint32_t *cur_last_n;
+
 static void gw_syscall(void *uc, void *ud)
 {
     uint64_t v[7];
+    if (cur_last_n != NULL)
+        *cur_last_n = 0;
     void *ptrs[7];
     for (int i = 0; i < 7; i++)
         ptrs[i] = &v[i];
@@ -187,6 +194,14 @@ static bool gw_mem(void *uc, int type, uint64_t address, int size, int64_t value
     return v > 0;
 }
 
+/* A UC_HOOK_MEM_READ/WRITE that does nothing: while one exists, Unicorn syncs
+   RIP before every memory access, so an MMIO callback sees the instruction's
+   own RIP (block mode needs it for the exact time; see CPU.map_mmio). */
+static void gw_mem_noop(void *uc, int type, uint64_t address, int size, int64_t value, void *ud)
+{
+    (void)uc; (void)type; (void)address; (void)size; (void)value; (void)ud;
+}
+
 static uint64_t gw_mmio_read(void *uc, uint64_t offset, unsigned size, void *ud)
 {
     PyObject *a[2] = {PyLong_FromUnsignedLongLong(offset), PyLong_FromUnsignedLong(size)};
@@ -224,16 +239,19 @@ static void gw_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t val
  * the BC_* offsets it declares: keep them in step.
  */
 #define BC_SLOTS 65536
-typedef struct { uint64_t pc; uint32_t size; uint32_t n; } bc_entry;
+#define BC_PRECISE 0x80000000u    /* decode's flag: run this block in count mode */
+typedef struct { uint64_t pc; uint64_t cr3; uint32_t size; uint32_t n; } bc_entry;
 typedef struct {
     uint64_t counter;   /*  0: instructions of the blocks entered */
     uint64_t limit;     /*  8: a block that would pass this is not entered */
     int32_t active;     /* 16: 0 = the hook does nothing (count mode) */
-    int32_t hit;        /* 20: the limit ended the run */
+    int32_t hit;        /* 20: 1 the limit ended the run, 2 a BC_PRECISE block did */
     uint64_t last_pc;   /* 24: the block entered last */
     uint32_t last_size; /* 32 */
     uint32_t last_n;    /* 36 */
     uint64_t misses;    /* 40: decode calls */
+    uint64_t last_cr3;  /* 48: CR3 when the last block was entered */
+    const volatile uint64_t *cr3p;  /* 56: the live env->cr[3] (NULL: key without it) */
     PyObject *decode;
     bc_entry table[BC_SLOTS];
 } blockcount;
@@ -245,15 +263,18 @@ static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
     blockcount *b = (blockcount *)ud;
     if (!b->active)
         return;
-    uint32_t h = (uint32_t)(((pc ^ (pc >> 16)) + ((uint64_t)size << 5)) * 0x9E3779B1u) >> 16;
+    uint64_t cr3 = b->cr3p ? *b->cr3p : 0;
+    uint64_t k = pc ^ (pc >> 16) ^ (cr3 >> 12) ^ (cr3 >> 28);
+    uint32_t h = (uint32_t)((k + ((uint64_t)size << 5)) * 0x9E3779B1u) >> 16;
     bc_entry *e = &b->table[h];
     uint32_t n;
-    if (e->pc == pc && e->size == size && e->n) {
+    if (e->pc == pc && e->size == size && e->cr3 == cr3 && e->n) {
         n = e->n;
     } else {
-        PyObject *a[2] = {PyLong_FromUnsignedLongLong(pc), PyLong_FromUnsignedLong(size)};
-        PyObject *r = call(uc, b->decode, a, 2);
-        drop(a, 2);
+        PyObject *a[3] = {PyLong_FromUnsignedLongLong(pc), PyLong_FromUnsignedLong(size),
+                          PyLong_FromUnsignedLongLong(cr3)};
+        PyObject *r = call(uc, b->decode, a, 3);
+        drop(a, 3);
         if (r == NULL)
             return;
         n = (uint32_t)PyLong_AsUnsignedLong(r);
@@ -264,8 +285,18 @@ static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
         }
         b->misses++;
         e->pc = pc;
+        e->cr3 = cr3;
         e->size = size;
         e->n = n;
+    }
+    if (n & BC_PRECISE) {
+        /* The block does port I/O: its hooks may need to stop right after
+           their instruction (a #GP, an interrupt), which only count mode
+           can do; end the block-mode run before it. */
+        b->hit = 2;
+        b->last_n = 0;
+        p_emu_stop(uc);
+        return;
     }
     if (b->counter + n > b->limit) {
         b->hit = 1;
@@ -275,18 +306,24 @@ static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
     }
     b->counter += n;
     b->last_pc = pc;
+    b->last_cr3 = cr3;
     b->last_size = size;
     b->last_n = n;
 }
 
-static PyObject *bc_new(PyObject *self, PyObject *decode)
+static PyObject *bc_new(PyObject *self, PyObject *args)
 {
+    PyObject *decode;
+    unsigned long long cr3a;
     (void)self;
+    if (!PyArg_ParseTuple(args, "OK", &decode, &cr3a))
+        return NULL;
     blockcount *b = (blockcount *)calloc(1, sizeof(blockcount));
     if (b == NULL)
         return PyErr_NoMemory();
     Py_INCREF(decode);
     b->decode = decode;
+    b->cr3p = (const volatile uint64_t *)(uintptr_t)cr3a;
     return PyLong_FromVoidPtr(b);
 }
 
@@ -306,6 +343,7 @@ static PyObject *bc_select(PyObject *self, PyObject *arg)
     cur_bc = (blockcount *)PyLong_AsVoidPtr(arg);
     if (PyErr_Occurred())
         return NULL;
+    cur_last_n = cur_bc != NULL ? &cur_bc->last_n : NULL;
     Py_RETURN_NONE;
 }
 
@@ -315,8 +353,10 @@ static PyObject *bc_free(PyObject *self, PyObject *arg)
     blockcount *b = (blockcount *)PyLong_AsVoidPtr(arg);
     if (b == NULL)
         return NULL;
-    if (cur_bc == b)
+    if (cur_bc == b) {
         cur_bc = NULL;
+        cur_last_n = NULL;
+    }
     Py_XDECREF(b->decode);
     free(b);
     Py_RETURN_NONE;
@@ -714,7 +754,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
     p_emu_stop = (uc_emu_stop_fn)(uintptr_t)es;
     p_emu_start = (uc_emu_start_fn)(uintptr_t)est;
     p_context_save = (uc_context_save_fn)(uintptr_t)cs;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "blockcount", (unsigned long long)(uintptr_t)&block_count_hook,
                          "syscall", (unsigned long long)(uintptr_t)&gw_syscall,
                          "in", (unsigned long long)(uintptr_t)&gw_in,
@@ -724,6 +764,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
                          "bool", (unsigned long long)(uintptr_t)&gw_bool,
                          "intr", (unsigned long long)(uintptr_t)&gw_intr,
                          "mem", (unsigned long long)(uintptr_t)&gw_mem,
+                         "mem_noop", (unsigned long long)(uintptr_t)&gw_mem_noop,
                          "mmio_read", (unsigned long long)(uintptr_t)&gw_mmio_read,
                          "mmio_write", (unsigned long long)(uintptr_t)&gw_mmio_write,
                          "window", (unsigned long long)(uintptr_t)&window_hook);
@@ -744,7 +785,7 @@ static PyMethodDef methods[] = {
     {"deliver64", deliver64, METH_VARARGS,
      "deliver64(uc, ctx, ram, ram_size, vector, ec, has_ec, fresh) -> 0 delivered / 1 take the general path"},
     {"window", window, METH_VARARGS, "window(uc, ctx) -> 0 IF=0 / 1 shadow / 2 open (saves the context)"},
-    {"bc_new", bc_new, METH_O, "bc_new(decode) -> address of a block counter (decode(pc, size) -> count)"},
+    {"bc_new", bc_new, METH_VARARGS, "bc_new(decode, cr3_address or 0) -> address of a block counter (decode(pc, size, cr3) -> count)"},
     {"bc_clear", bc_clear, METH_O, "bc_clear(address): forget every cached block count"},
     {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter the window hook corrects"},
     {"bc_free", bc_free, METH_O, "bc_free(address)"},

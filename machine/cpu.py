@@ -42,6 +42,7 @@ hook them, so IA32_APIC_BASE reads 0), CR8, AVX (Unicorn has none).
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import struct
 from enum import IntEnum
@@ -54,6 +55,8 @@ from unicorn import (
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_UNMAPPED,
+    UC_HOOK_MEM_READ,
+    UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_READ_UNMAPPED,
     UC_HOOK_MEM_WRITE_UNMAPPED,
     UC_MODE_64,
@@ -229,6 +232,17 @@ ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 # (followed by `emu_count`).  Measured by scanning the struct after a known
 # count; tests/machine/test_cpu.py re-checks it.
 _EMU_COUNTER_OFF = 1368
+# Where the live CPUX86State is: `uc->cpu` (a CPUState *) at this offset in
+# `struct uc_struct`, and the X86CPU's env this far into the CPUState (after
+# its 32 KiB tb_jmp_cache).  Measured the same way; CPU._find_env re-checks
+# both against a register write and block mode keys its counts without CR3
+# if the check fails.
+_UC_CPU_OFF = 440
+_CPU_ENV_OFF = 35408
+_CTX_HEADER = 40             # uc_context's header before its copy of CPUX86State
+# Block mode: a block with one of these runs in count mode (_fasthooks BC_PRECISE).
+_PORT_IO = frozenset({"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"})
+_BC_PRECISE = 0x8000_0000
 
 _lib = _ucmod.uclib
 
@@ -333,6 +347,12 @@ class CPU:
         self._block_mode = False
         self._bc: int | None = None           # the C block counter (block mode), see block_mode
         self._phase1 = False                  # a block-mode run (count=0) is in progress
+        self._tb_count_mode = True            # the cached translations carry Unicorn's count hook
+        # > 0 while something needs every stop exact to the instruction (the
+        # debugger's watchpoints and code-hook breakpoints): no block mode then.
+        self.precise = 0
+        self._mmio_writing = False            # inside a device's MMIO write callback
+        self._skip_to: int | None = None      # block mode: resume past an aborted MMIO store
         if self.BLOCK_MODE_DEFAULT:
             self.block_mode = True
         # Quirk: with a plain `until` address Unicorn probes that address's
@@ -379,10 +399,28 @@ class CPU:
     def map_mmio(self, base: int, size: int, read: Callable[[int, int], int],
                  write: Callable[[int, int, int], None]) -> None:
         """Map a device window; Unicorn calls ``read(offset, size)`` / ``write(offset, size, value)``."""
-        self._gateway_refs += [read, write]
+        def write_(offset: int, size: int, value: int, write=write) -> None:
+            self._mmio_writing = True
+            try:
+                write(offset, size, value)
+            finally:
+                self._mmio_writing = False
+        self._gateway_refs += [read, write_]
+        write = write_
         status = _lib.uc_mmio_map(self.uc._uch, ctypes.c_uint64(base), ctypes.c_uint64(size),
                                   ctypes.c_void_p(_GATEWAYS["mmio_read"]), ctypes.c_void_p(id(read)),
                                   ctypes.c_void_p(_GATEWAYS["mmio_write"]), ctypes.c_void_p(id(write)))
+        if status != 0:
+            raise UcError(status)
+        # Quirk: Unicorn syncs RIP before a memory access only while a memory
+        # hook exists; without one an MMIO callback in the middle of a block
+        # reads a stale RIP and block mode could not tell which instruction
+        # made the access (its exact time).  This empty C hook is called for
+        # the window's accesses only; its cost is a few % on load-heavy code.
+        h = ctypes.c_size_t()
+        status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
+                                  ctypes.c_void_p(_GATEWAYS["mem_noop"]), None,
+                                  ctypes.c_uint64(base), ctypes.c_uint64(base + size - 1))
         if status != 0:
             raise UcError(status)
 
@@ -534,7 +572,7 @@ class CPU:
     # (virtual address, size), so code changed in place or another address
     # space with different code at the same address reuses a stale count.
     BLOCK_MIN = 4096
-    BLOCK_MODE_DEFAULT = False           # not exact for every guest yet: see the discussion above
+    BLOCK_MODE_DEFAULT = True           # not exact for every guest yet: see the discussion above
 
     @property
     def block_mode(self) -> bool:
@@ -545,7 +583,8 @@ class CPU:
         if on and self._bc is None:
             from capstone import CS_ARCH_X86, CS_MODE_64, Cs
             self._cs = Cs(CS_ARCH_X86, CS_MODE_64)
-            self._bc = _fasthooks.bc_new(self._decode_block)
+            self._bc = _fasthooks.bc_new(self._decode_block, self._find_env_cr3())
+            self._block_insns: dict[tuple[int, int, int], tuple[int, ...]] = {}
             self._bc_counter = ctypes.c_uint64.from_address(self._bc)
             self._bc_limit = ctypes.c_uint64.from_address(self._bc + 8)
             self._bc_active = ctypes.c_int32.from_address(self._bc + 16)
@@ -554,6 +593,7 @@ class CPU:
             self._bc_last_size = ctypes.c_uint32.from_address(self._bc + 32)
             self._bc_last_n = ctypes.c_uint32.from_address(self._bc + 36)
             self._bc_misses = ctypes.c_uint64.from_address(self._bc + 40)
+            self._bc_last_cr3 = ctypes.c_uint64.from_address(self._bc + 48)
             self._gateway_refs.append(self._decode_block)
             h = ctypes.c_size_t()
             status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_BLOCK,
@@ -570,23 +610,78 @@ class CPU:
             return b""
         return buf.raw
 
-    def _decode_block(self, pc: int, size: int) -> int:
-        """Instructions in the translated block [pc, pc+size) (at least 1)."""
-        n = 0
-        for _ in self._cs.disasm_lite(self._block_bytes(pc, size), pc):
-            n += 1
-        return n if n else 1
+    def _find_env_cr3(self) -> int:
+        """Address of the live env->cr[3] (0 if Unicorn's layout is not the one measured)."""
+        try:
+            cpu = ctypes.c_uint64.from_address(self._uch + _UC_CPU_OFF).value
+            if not cpu:
+                return 0
+            env = cpu + _CPU_ENV_OFF
+            uc = self.uc
+            saved = uc.reg_read(X.UC_X86_REG_CR3), uc.reg_read(X.UC_X86_REG_RAX)
+            ok = True
+            for probe in (0x5A5A_5000, 0x1234_5000):
+                uc.reg_write(X.UC_X86_REG_CR3, probe)
+                uc.reg_write(X.UC_X86_REG_RAX, probe ^ 0xA5A5)
+                if (ctypes.c_uint64.from_address(env + Ctx.CR3 - _CTX_HEADER).value != probe
+                        or ctypes.c_uint64.from_address(env + Ctx.REGS - _CTX_HEADER).value != probe ^ 0xA5A5):
+                    ok = False
+            uc.reg_write(X.UC_X86_REG_CR3, saved[0])
+            uc.reg_write(X.UC_X86_REG_RAX, saved[1])
+            return env + Ctx.CR3 - _CTX_HEADER if ok else 0
+        except (ValueError, OverflowError):
+            return 0
+
+    BLOCK_INSNS_MAX = 1 << 18            # decoded blocks kept for the in-block index
+
+    def _decode_block(self, pc: int, size: int, cr3: int) -> int:
+        """Instructions in the translated block [pc, pc+size) (at least 1); keeps
+        their addresses for :meth:`_block_index`."""
+        addrs = []
+        precise = 0
+        for a, _, mnemonic, _ in self._cs.disasm_lite(self._block_bytes(pc, size), pc):
+            addrs.append(a)
+            if mnemonic.rpartition(" ")[2] in _PORT_IO:
+                precise = _BC_PRECISE
+        if len(self._block_insns) >= self.BLOCK_INSNS_MAX:
+            self._block_insns.clear()
+        self._block_insns[(pc, size, cr3)] = tuple(addrs)
+        return (len(addrs) or 1) | precise
 
     def _block_index(self, pc: int, size: int, rip: int) -> int | None:
-        """How many instructions of block pc start before ``rip`` (None: rip is not in it)."""
+        """How many instructions of the block entered last (at pc) start before
+        ``rip`` (None: rip is not in it)."""
         if not pc <= rip < pc + size:
             return None
-        n = 0
-        for addr, _, _, _ in self._cs.disasm_lite(self._block_bytes(pc, size), pc):
-            if addr >= rip:
-                break
-            n += 1
-        return n
+        cr3 = self._bc_last_cr3.value
+        addrs = self._block_insns.get((pc, size, cr3))
+        if addrs is None:
+            self._decode_block(pc, size, cr3)
+            addrs = self._block_insns[(pc, size, cr3)]
+        return bisect.bisect_left(addrs, rip)
+
+    def _stop_after_store(self) -> bool:
+        """Block mode, from an MMIO write that asks to stop: end the slice right
+        after the storing instruction, as count mode does.  Quirk (measured):
+        ``emu_stop`` inside an MMIO write aborts the instruction after the
+        device has taken the write and leaves RIP on it, so it would store
+        again on resume; a plain ``mov`` store has no other effect, so the run
+        resumes past it (``_skip_to``).  False for any other instruction: the
+        stop then takes effect at the end of the block."""
+        rip = self._rip.read()[0]
+        last, size, n = self._bc_last.value, self._bc_last_size.value, self._bc_last_n.value
+        idx = self._block_index(last, size, rip) if n else None
+        if idx is None:
+            return False
+        for _, length, mnemonic, ops in self._cs.disasm_lite(self._block_bytes(rip, min(15, last + size - rip)), rip, 1):
+            if mnemonic != "mov" or "ptr [" not in ops.partition(",")[0]:
+                return False
+            self._bc_counter.value -= n - (idx + 1)
+            self._bc_last_n.value = 0
+            self._skip_to = rip + length
+            _lib.uc_emu_stop(self._uch)
+            return True
+        return False
 
     # ------------------------------------------------------------------ running
     def _stop(self, reason: Stop) -> None:
@@ -606,8 +701,10 @@ class CPU:
         Unicorn's own count hook stop before the next one, exactly."""
         if self._running and self._stop_reason == Stop.COUNT:
             if self._phase1:
-                self._bc_limit.value = self._bc_counter.value     # stop before the next block
                 self._stop_reason = reason
+                if self._mmio_writing and self._skip_to is None and self._stop_after_store():
+                    return
+                self._bc_limit.value = self._bc_counter.value     # stop before the next block
                 return
             c = self._counter.value
             self._budget = c
@@ -635,6 +732,14 @@ class CPU:
     def retired_in_slice(self) -> int:
         """Instructions retired so far in the running slice (exact, from Unicorn's counter)."""
         if self._phase1:
+            # The block was counted whole on entry; the hook that asks runs in
+            # the instruction at RIP (IN/OUT/CPUID/RDTSC and MMIO sync it), so
+            # count up to and including that one, as count mode does.
+            n = self._bc_last_n.value
+            if n > 1:
+                idx = self._block_index(self._bc_last.value, self._bc_last_size.value, self._rip.read()[0])
+                if idx is not None:
+                    return self._bc_counter.value - n + idx + 1
             return self._bc_counter.value
         c = self._counter.value
         b = self._budget
@@ -657,13 +762,18 @@ class CPU:
         uc = self.uc
         uc._hook_exception = None                 # the binding's hooks (debugger) report through it
         self._phase1_done = 0
-        if self._block_mode and count >= self.BLOCK_MIN:
+        if self._block_mode and count >= self.BLOCK_MIN and not self.precise:
             done, count = self._run_blocks(count)
             if done is not None:
                 return done
             self._phase1_done = self._budget - count
             self._budget = count
             self._running = True
+        if not self._tb_count_mode:
+            # Quirk: blocks translated for a count=0 run have no count hook
+            # and would ignore the budget (the guest runs on past deadlines).
+            uc.ctl_flush_tb()
+            self._tb_count_mode = True
         try:
             self._emu_start(count)
         finally:
@@ -732,6 +842,9 @@ class CPU:
             _fasthooks.bc_select(0)
             self._running = False
             self._ctx_valid = False
+        if self._skip_to is not None:
+            self._rip.write((self._skip_to,))
+            self._skip_to = None
         executed = self._bc_counter.value
         reason = self._stop_reason
         w = self._window
@@ -743,9 +856,8 @@ class CPU:
         if reason is _COUNT and self._bc_hit.value:
             if executed == count:
                 return (executed, reason), 0
-            # The budget stopped us before a block: finish it exactly in count mode.
-            # Quirk: blocks translated with count=0 have no count hook.
-            uc.ctl_flush_tb()
+            # The budget stopped us before a block: finish it exactly in count
+            # mode (run() flushes the count=0 translations first).
             self._running = True
             return None, count - executed
         if reason is _COUNT:

@@ -317,6 +317,7 @@ class Debug:
     def _arm(self, bp: _Exit) -> None:
         if self._needs_hook(bp.addr):
             bp.hook = self.uc.hook_add(UC_HOOK_CODE, self._on_code_hook, None, bp.addr, bp.addr)
+            self.cpu.precise += 1                # its stop is exact in count mode only
         self._sync_exits()
         self._drop_translations(bp.addr)
 
@@ -324,6 +325,7 @@ class Debug:
         if bp.hook is not None:
             self.uc.hook_del(bp.hook)
             bp.hook = None
+            self.cpu.precise -= 1
         self._sync_exits()
         self._drop_translations(bp.addr)
 
@@ -368,6 +370,7 @@ class Debug:
                 hi = piece.phys + piece.length - 1
                 w.hooks.append(self.uc.hook_add(t, self._on_mem_hook, piece, lo, hi))
         self._watches[key] = w
+        self.cpu.precise += 1                    # a hit stops right after its instruction: count mode
 
     def _physical_pieces(self, w: _Watch) -> list[_WatchPiece]:
         m = self.machine
@@ -393,6 +396,7 @@ class Debug:
             for h in w.hooks:
                 self.uc.hook_del(h)
             del self._watches[key]
+            self.cpu.precise -= 1
         return True
 
     def watchpoints(self) -> list[tuple[int, int, WatchKind]]:
@@ -416,6 +420,7 @@ class Debug:
         for w in self._watches.values():
             for h in w.hooks:
                 self.uc.hook_del(h)
+            self.cpu.precise -= 1
         self._watches.clear()
 
     # ------------------------------------------------------------------ running
