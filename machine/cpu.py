@@ -229,6 +229,14 @@ ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 # (followed by `emu_count`).  Measured by scanning the struct after a known
 # count; tests/machine/test_cpu.py re-checks it.
 _EMU_COUNTER_OFF = 1368
+# Offsets to Unicorn 2.1.4's live vCPU, measured like the one above (scan for a
+# register pattern, then for the field a HLT sets): `CPUState *cpu` in `struct
+# uc_struct`, `uint32_t halted` in CPUState (do_hlt sets it, resume_all_vcpus
+# clears it at the next emu_start) and CPUX86State env inside X86CPU.  The CPU
+# checks the env offset against its saved context when it starts.
+_UC_CPU_OFF = 440
+_CPUSTATE_HALTED_OFF = 33176
+_CPUSTATE_ENV_OFF = 35408
 
 _lib = _ucmod.uclib
 
@@ -300,6 +308,9 @@ class CPU:
         addr = ctypes.cast(uc._uch, ctypes.c_void_p).value
         self._counter = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF)
         self._emu_count = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF + 8)
+        # Slices Unicorn ended with nothing of ours stopping them and no HLT (see run()).
+        self.early_returns = 0
+        self.last_early_return_rip = 0
         # One reusable saved-context buffer: context_update/context_restore copy
         # the whole CPUX86State (5.6 KB, ~0.5 us each way); fields are patched
         # in between at the Ctx offsets.
@@ -307,6 +318,12 @@ class CPU:
         self._ctx_addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         self._ctx_buf = (ctypes.c_char * self._ctx.size).from_address(self._ctx_addr)
         self._ctx_valid = False
+        # The live vCPU (Unicorn creates it lazily; context_save above did).
+        vcpu = ctypes.c_uint64.from_address(addr + _UC_CPU_OFF).value
+        self._vcpu_halted = ctypes.c_uint32.from_address(vcpu + _CPUSTATE_HALTED_OFF)
+        self._vcpu_env = vcpu + _CPUSTATE_ENV_OFF
+        if ctypes.string_at(self._vcpu_env, 16 * 8) != bytes(self._ctx_buf[Ctx.REGS:Ctx.REGS + 16 * 8]):
+            raise RuntimeError("the vCPU offsets in machine/cpu.py do not match this unicorn build")
         # Unicorn exit addresses (debugger breakpoints): a slice that ends early
         # at one of them is a breakpoint stop, not a HLT.
         self.exit_addresses: frozenset[int] = frozenset()
@@ -687,13 +704,39 @@ class CPU:
             if self._window_quiet > self.WINDOW_LINGER:
                 self._remove_window_hook()
         if reason is _COUNT and raw <= count:
-            # Nothing of ours stopped the slice: HLT retired, or a debugger exit address was reached.
-            if self.exit_addresses and self._rip.read()[0] in self.exit_addresses:
-                reason = Stop.REQUEST
-            else:
-                reason = _HALT
-                self.halted = True
+            # Nothing of ours stopped the slice: HLT retired, a debugger exit
+            # address was reached, or Unicorn returned for a reason of its own.
+            reason = self._early_stop_reason(executed)
         return executed, reason
+
+    def _halt_retired(self) -> bool:
+        """Did the slice that just ended stop on a retired HLT?  From the vCPU's
+        own flag (CPUState.halted: HLT's helper sets it, the next emu_start
+        clears it), not from "nothing of ours stopped the slice"."""
+        return bool(self._vcpu_halted.value)
+
+    def _early_stop_reason(self, executed: int) -> Stop:
+        """Why a slice ended before its budget with no stop of ours recorded.
+
+        Discussion: this used to be taken as HLT.  Any other early return of
+        emu_start (a uc_emu_stop that did not come through request_stop, or a
+        Unicorn exit of its own) then parked a running CPU until the next
+        interrupt: it advanced one slice per timer tick and Linux reported a
+        soft lockup in clear_user.  Now only a retired HLT halts; anything
+        else ends the slice as a plain stop and the machine runs on.  A return
+        that retired nothing would loop for ever, so it is an error."""
+        if self.exit_addresses and self._rip.read()[0] in self.exit_addresses:
+            return Stop.REQUEST
+        if self._halt_retired():
+            self.halted = True
+            return _HALT
+        rip = self._rip.read()[0]
+        self.early_returns += 1
+        self.last_early_return_rip = rip
+        if executed == 0:
+            self.error = f"Unicorn returned without running an instruction at RIP {rip:#x}"
+            return Stop.ERROR
+        return Stop.REQUEST
 
     def _emu_start(self, count: int) -> None:
         """One ``emu_start`` of ``count`` instructions (0: no count limit); an
