@@ -144,6 +144,10 @@ MSR_STAR = 0xC000_0081
 MSR_LSTAR = 0xC000_0082
 MSR_CSTAR = 0xC000_0083
 MSR_FMASK = 0xC000_0084
+FCW_RESET = 0x037F          # x87 control word after FNINIT: all exceptions masked, 64-bit precision, nearest
+FTW_ALL_EMPTY = 0xFFFF      # x87 tag word: every register empty (tag 11b)
+MXCSR_RESET = 0x1F80        # SSE: all exceptions masked, round to nearest
+
 EFER_SCE = 1 << 0
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
@@ -304,6 +308,16 @@ class CPU:
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.uc = uc
         self._uch = ctypes.cast(uc._uch, ctypes.c_void_p).value
+        # Quirk: Unicorn leaves the x87/SSE control state zeroed (FCW 0: every x87
+        # exception unmasked, 24-bit precision; MXCSR 0: every SSE exception
+        # unmasked), so the first inexact result faults.  Load what a kernel finds
+        # after reset and firmware, as on QEMU (x86_cpu_reset) and a PC whose BIOS
+        # ran FNINIT: FCW 0x037F, FSW 0, all tags empty, MXCSR 0x1F80 (SDM vol. 3
+        # §9.1.1, Table 9-1; the table's power-up FCW 0x0040 is replaced by FNINIT's).
+        uc.reg_write(X.UC_X86_REG_FPCW, FCW_RESET)
+        uc.reg_write(X.UC_X86_REG_FPSW, 0)
+        uc.reg_write(X.UC_X86_REG_FPTAG, FTW_ALL_EMPTY)
+        uc.reg_write(X.UC_X86_REG_MXCSR, MXCSR_RESET)
         self._ram = (0, 0)                      # attach_ram: no RAM, the fast path always declines
         addr = ctypes.cast(uc._uch, ctypes.c_void_p).value
         self._counter = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF)

@@ -6,11 +6,13 @@ platform, what QEMU 7.2 TCG does).  Each says how it failed before the fix.
 """
 from __future__ import annotations
 
+import struct
+
 import pytest
 from vmk.machine.cpu import Stop
 from vmk.machine.pc import Why
 
-from test_cpu import LIMIT, machine  # noqa: I001 - the shared guest helpers of tests/machine
+from test_cpu import LIMIT, REC, machine  # noqa: I001 - the shared guest helpers of tests/machine
 
 
 # -- 1. only a retired HLT halts ---------------------------------------------------------------------------------
@@ -63,3 +65,31 @@ def test_hlt_is_read_from_the_vcpu_halted_flag() -> None:
     cpu.halted = False
     assert cpu.run(2) == (2, Stop.COUNT) and not cpu._halt_retired()
     assert cpu.early_returns == 0
+
+
+# -- 5. x87 and SSE state at reset ----------------------------------------------------------------------------------
+
+def test_x87_and_sse_control_state_at_reset() -> None:
+    # Before: fnstcw stored 0 (every x87 exception unmasked) and MXCSR was 0.
+    src = f"""
+        mov rbx, {REC:#x}
+        fnstcw [rbx]
+        fnstsw [rbx + 2]
+        stmxcsr [rbx + 4]
+        fnstenv [rbx + 16]
+        fld1
+        fldz
+        fdivp st(1), st(0)
+        fnstsw [rbx + 8]
+        hlt
+    """
+    h = machine(src)
+    h.run_to_end(LIMIT)
+    m = h.machine.read_physical(REC, 48)
+    fcw, fsw, mxcsr = struct.unpack_from("<HHI", m, 0)
+    assert (fcw, fsw, mxcsr) == (0x037F, 0x0000, 0x1F80)
+    env_fcw, env_fsw, env_ftw = struct.unpack_from("<HxxHxxHxx", m, 16)
+    assert (env_fcw, env_fsw, env_ftw) == (0x037F, 0x0000, 0xFFFF)
+    # 1/0 with #Z masked: no fault, ZE (bit 2) set, the result pushed (TOP 7)
+    assert struct.unpack_from("<H", m, 8)[0] == 0x3804
+    assert h.machine.idt.delivered == {}
