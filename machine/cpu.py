@@ -24,7 +24,7 @@ Everything Unicorn does not do architecturally is done here or in
   performs the architectural SYSCALL in :meth:`_architectural_syscall`.
 * ``reg_write(CS/SS)`` does not change the CPL in 64-bit mode: segment loads
   that change privilege patch the saved context (``load_segment``).
-* ``rdtsc`` returns the host TSC: hooked through the binding's private
+* ``rdtsc``/``rdtscp`` return the host TSC: hooked through the binding's private
   ``__do_hook_add`` to return virtual time.
 * A translation block compiled without the count hook ignores ``count``: the
   CPU never runs with ``count=0``.
@@ -144,6 +144,7 @@ MSR_STAR = 0xC000_0081
 MSR_LSTAR = 0xC000_0082
 MSR_CSTAR = 0xC000_0083
 MSR_FMASK = 0xC000_0084
+MSR_TSC_AUX = 0xC000_0103
 FCW_RESET = 0x037F          # x87 control word after FNINIT: all exceptions masked, 64-bit precision, nearest
 FTW_ALL_EMPTY = 0xFFFF      # x87 tag word: every register empty (tag 11b)
 MXCSR_RESET = 0x1F80        # SSE: all exceptions masked, round to nearest
@@ -358,6 +359,7 @@ class CPU:
         self._rflags = RegBatch(uc, [X.UC_X86_REG_RFLAGS])
         self._abcd = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX])
         self._ad = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RDX])
+        self._acd = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX])
         self._frame_regs = RegBatch(uc, [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS])
         self._cs_rflags = RegBatch(uc, [X.UC_X86_REG_CS, X.UC_X86_REG_RFLAGS])
         self._install_hooks()
@@ -388,6 +390,8 @@ class CPU:
         # Quirk: the binding refuses UC_HOOK_INSN for RDTSC (UC_ERR_ARG) though
         # libunicorn supports it; uc_hook_add takes it (callback shaped as CPUID's).
         self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_rdtsc, X.UC_X86_INS_RDTSC)
+        # RDTSCP too (it also returned the host TSC): the same time, ECX = IA32_TSC_AUX.
+        self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_rdtscp, X.UC_X86_INS_RDTSCP)
         self._add_hook(UC_HOOK_INTR, gw["intr"], self._hook_intr)
         self._add_hook(UC_HOOK_INSN_INVALID, gw["bool"], self._hook_invalid)
         self._add_hook(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
@@ -460,6 +464,12 @@ class CPU:
     def _hook_rdtsc(self):
         t = self.rdtsc()
         self._ad.write((t & 0xFFFF_FFFF, t >> 32))
+        return 1
+
+    def _hook_rdtscp(self):
+        t = self.rdtsc()
+        aux = self.uc.msr_read(MSR_TSC_AUX) & 0xFFFF_FFFF
+        self._acd.write((t & 0xFFFF_FFFF, aux, t >> 32))
         return 1
 
     def _hook_cpuid(self):

@@ -93,3 +93,26 @@ def test_x87_and_sse_control_state_at_reset() -> None:
     # 1/0 with #Z masked: no fault, ZE (bit 2) set, the result pushed (TOP 7)
     assert struct.unpack_from("<H", m, 8)[0] == 0x3804
     assert h.machine.idt.delivered == {}
+
+
+# -- 3. RDTSCP reads the virtual TSC -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("icount", [1, 3])
+def test_rdtscp_returns_the_virtual_tsc_and_tsc_aux(icount: int) -> None:
+    # Before: RDTSCP returned the host TSC (a different value on every run).
+    src = """
+        mov ecx, 0xc0000103
+        mov eax, 0x1234567
+        xor edx, edx
+        wrmsr
+        rdtscp
+        mov r8, rax
+        mov r9, rdx
+        mov r10, rcx
+        rdtsc
+        hlt
+    """
+    h = machine(src, icount=icount)
+    h.run_to_end(LIMIT)
+    assert (h.regs.r8, h.regs.r9, h.regs.r10) == (5 * icount, 0, 0x1234567)    # the 5th instruction
+    assert h.regs.rax == 9 * icount                                           # rdtsc: the same clock
