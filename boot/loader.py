@@ -191,10 +191,29 @@ def _load_elf(machine: Machine, elf: ELFFile, data: bytes, path: str, kind: str)
             machine.write_physical(paddr + filesz, bytes(memsz - filesz))
         lo = paddr if lo is None else min(lo, paddr)
         hi = max(hi, paddr + memsz)
-    entry = elf["e_entry"]
+    entry = _physical_entry(elf["e_entry"], segments)
     if kind == "multiboot":
         entry &= 0xFFFF_FFFF
     return BootInfo(path, kind, entry, 0, lo or 0, hi, _symbols(elf))
+
+
+PF_X = 1
+
+
+def _physical_entry(entry: int, segments) -> int:
+    """e_entry is a virtual address; the CPU starts with paging off.  A kernel
+    linked for the higher half with AT() (xv6: entry 0x8010000c in a segment of
+    vaddr 0x80100000, paddr 0x100000) starts at the physical address of its
+    entry: inside an executable PT_LOAD segment's file image whose p_vaddr and
+    p_paddr differ, entry - p_vaddr + p_paddr.  This is what QEMU's ELF loader
+    does for -kernel (include/hw/elf_ops.h, load_elf: the same four
+    conditions, the last matching segment wins); elsewhere the entry stays."""
+    for seg in segments:
+        vaddr, paddr = seg["p_vaddr"], seg["p_paddr"]
+        if (vaddr != paddr and vaddr <= entry < vaddr + seg["p_filesz"]
+                and seg["p_flags"] & PF_X):
+            entry = entry - vaddr + paddr
+    return entry
 
 
 def _symbols(elf: ELFFile) -> dict[str, int]:

@@ -24,7 +24,7 @@ Everything Unicorn does not do architecturally is done here or in
   performs the architectural SYSCALL in :meth:`_architectural_syscall`.
 * ``reg_write(CS/SS)`` does not change the CPL in 64-bit mode: segment loads
   that change privilege patch the saved context (``load_segment``).
-* ``rdtsc`` returns the host TSC: hooked through the binding's private
+* ``rdtsc``/``rdtscp`` return the host TSC: hooked through the binding's private
   ``__do_hook_add`` to return virtual time.
 * A translation block compiled without the count hook ignores ``count``: the
   CPU never runs with ``count=0``.
@@ -147,6 +147,11 @@ MSR_STAR = 0xC000_0081
 MSR_LSTAR = 0xC000_0082
 MSR_CSTAR = 0xC000_0083
 MSR_FMASK = 0xC000_0084
+MSR_TSC_AUX = 0xC000_0103
+FCW_RESET = 0x037F          # x87 control word after FNINIT: all exceptions masked, 64-bit precision, nearest
+FTW_ALL_EMPTY = 0xFFFF      # x87 tag word: every register empty (tag 11b)
+MXCSR_RESET = 0x1F80        # SSE: all exceptions masked, round to nearest
+
 EFER_SCE = 1 << 0
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
@@ -232,14 +237,15 @@ ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 # (followed by `emu_count`).  Measured by scanning the struct after a known
 # count; tests/machine/test_cpu.py re-checks it.
 _EMU_COUNTER_OFF = 1368
-# Where the live CPUX86State is: `uc->cpu` (a CPUState *) at this offset in
-# `struct uc_struct`, and the X86CPU's env this far into the CPUState (after
-# its 32 KiB tb_jmp_cache).  Measured the same way; CPU._find_env re-checks
-# both against a register write and block mode keys its counts without CR3
-# if the check fails.
+# Offsets to Unicorn 2.1.4's live vCPU, measured like the one above (scan for a
+# register pattern, then for the field a HLT sets): `CPUState *cpu` in `struct
+# uc_struct`, `uint32_t halted` in CPUState (do_hlt sets it, resume_all_vcpus
+# clears it at the next emu_start) and CPUX86State env inside X86CPU (after
+# its 32 KiB tb_jmp_cache).  The CPU checks the env offset against its saved
+# context when it starts.
 _UC_CPU_OFF = 440
-_CPU_ENV_OFF = 35408
-_CTX_HEADER = 40             # uc_context's header before its copy of CPUX86State
+_CPUSTATE_HALTED_OFF = 33176
+_CPUSTATE_ENV_OFF = 35408
 # Block mode: a block with one of these runs in count mode (_fasthooks BC_PRECISE).
 _PORT_IO = frozenset({"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"})
 _BC_PRECISE = 0x8000_0000
@@ -310,10 +316,23 @@ class CPU:
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.uc = uc
         self._uch = ctypes.cast(uc._uch, ctypes.c_void_p).value
+        # Quirk: Unicorn leaves the x87/SSE control state zeroed (FCW 0: every x87
+        # exception unmasked, 24-bit precision; MXCSR 0: every SSE exception
+        # unmasked), so the first inexact result faults.  Load what a kernel finds
+        # after reset and firmware, as on QEMU (x86_cpu_reset) and a PC whose BIOS
+        # ran FNINIT: FCW 0x037F, FSW 0, all tags empty, MXCSR 0x1F80 (SDM vol. 3
+        # §9.1.1, Table 9-1; the table's power-up FCW 0x0040 is replaced by FNINIT's).
+        uc.reg_write(X.UC_X86_REG_FPCW, FCW_RESET)
+        uc.reg_write(X.UC_X86_REG_FPSW, 0)
+        uc.reg_write(X.UC_X86_REG_FPTAG, FTW_ALL_EMPTY)
+        uc.reg_write(X.UC_X86_REG_MXCSR, MXCSR_RESET)
         self._ram = (0, 0)                      # attach_ram: no RAM, the fast path always declines
         addr = ctypes.cast(uc._uch, ctypes.c_void_p).value
         self._counter = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF)
         self._emu_count = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF + 8)
+        # Slices Unicorn ended with nothing of ours stopping them and no HLT (see run()).
+        self.early_returns = 0
+        self.last_early_return_rip = 0
         # One reusable saved-context buffer: context_update/context_restore copy
         # the whole CPUX86State (5.6 KB, ~0.5 us each way); fields are patched
         # in between at the Ctx offsets.
@@ -321,6 +340,12 @@ class CPU:
         self._ctx_addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         self._ctx_buf = (ctypes.c_char * self._ctx.size).from_address(self._ctx_addr)
         self._ctx_valid = False
+        # The live vCPU (Unicorn creates it lazily; context_save above did).
+        vcpu = ctypes.c_uint64.from_address(addr + _UC_CPU_OFF).value
+        self._vcpu_halted = ctypes.c_uint32.from_address(vcpu + _CPUSTATE_HALTED_OFF)
+        self._vcpu_env = vcpu + _CPUSTATE_ENV_OFF
+        if ctypes.string_at(self._vcpu_env, 16 * 8) != bytes(self._ctx_buf[Ctx.REGS:Ctx.REGS + 16 * 8]):
+            raise RuntimeError("the vCPU offsets in machine/cpu.py do not match this unicorn build")
         # Unicorn exit addresses (debugger breakpoints): a slice that ends early
         # at one of them is a breakpoint stop, not a HLT.
         self.exit_addresses: frozenset[int] = frozenset()
@@ -336,11 +361,14 @@ class CPU:
         self.port_out: Callable[[int, int, int], None] = lambda port, size, value: None
         self._syscall_door: Callable[..., int | None] | None = None
         self.rdtsc: Callable[[], int] = lambda: 0
+        # fetch_fault(rip) -> the #PF error code of fetching there, or None (the machine's page walk)
+        self.fetch_fault: Callable[[int], int | None] = lambda rip: None
         self.cpuid: Callable[[int, int], tuple[int, int, int, int] | None] = lambda leaf, sub: None
         self._rip = RegBatch(uc, [X.UC_X86_REG_RIP])
         self._rflags = RegBatch(uc, [X.UC_X86_REG_RFLAGS])
         self._abcd = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX])
         self._ad = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RDX])
+        self._acd = RegBatch(uc, [X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX])
         self._frame_regs = RegBatch(uc, [X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS])
         self._cs_rflags = RegBatch(uc, [X.UC_X86_REG_CS, X.UC_X86_REG_RFLAGS])
         self._install_hooks()
@@ -377,6 +405,8 @@ class CPU:
         # Quirk: the binding refuses UC_HOOK_INSN for RDTSC (UC_ERR_ARG) though
         # libunicorn supports it; uc_hook_add takes it (callback shaped as CPUID's).
         self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_rdtsc, X.UC_X86_INS_RDTSC)
+        # RDTSCP too (it also returned the host TSC): the same time, ECX = IA32_TSC_AUX.
+        self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_rdtscp, X.UC_X86_INS_RDTSCP)
         self._add_hook(UC_HOOK_INTR, gw["intr"], self._hook_intr)
         self._add_hook(UC_HOOK_INSN_INVALID, gw["bool"], self._hook_invalid)
         self._add_hook(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
@@ -467,6 +497,12 @@ class CPU:
     def _hook_rdtsc(self):
         t = self.rdtsc()
         self._ad.write((t & 0xFFFF_FFFF, t >> 32))
+        return 1
+
+    def _hook_rdtscp(self):
+        t = self.rdtsc()
+        aux = self.uc.msr_read(MSR_TSC_AUX) & 0xFFFF_FFFF
+        self._acd.write((t & 0xFFFF_FFFF, aux, t >> 32))
         return 1
 
     def _hook_cpuid(self):
@@ -583,7 +619,7 @@ class CPU:
         if on and self._bc is None:
             from capstone import CS_ARCH_X86, CS_MODE_64, Cs
             self._cs = Cs(CS_ARCH_X86, CS_MODE_64)
-            self._bc = _fasthooks.bc_new(self._decode_block, self._find_env_cr3())
+            self._bc = _fasthooks.bc_new(self._decode_block, self._env_cr3_address())
             self._block_insns: dict[tuple[int, int, int], tuple[int, ...]] = {}
             self._bc_counter = ctypes.c_uint64.from_address(self._bc)
             self._bc_limit = ctypes.c_uint64.from_address(self._bc + 8)
@@ -610,27 +646,9 @@ class CPU:
             return b""
         return buf.raw
 
-    def _find_env_cr3(self) -> int:
-        """Address of the live env->cr[3] (0 if Unicorn's layout is not the one measured)."""
-        try:
-            cpu = ctypes.c_uint64.from_address(self._uch + _UC_CPU_OFF).value
-            if not cpu:
-                return 0
-            env = cpu + _CPU_ENV_OFF
-            uc = self.uc
-            saved = uc.reg_read(X.UC_X86_REG_CR3), uc.reg_read(X.UC_X86_REG_RAX)
-            ok = True
-            for probe in (0x5A5A_5000, 0x1234_5000):
-                uc.reg_write(X.UC_X86_REG_CR3, probe)
-                uc.reg_write(X.UC_X86_REG_RAX, probe ^ 0xA5A5)
-                if (ctypes.c_uint64.from_address(env + Ctx.CR3 - _CTX_HEADER).value != probe
-                        or ctypes.c_uint64.from_address(env + Ctx.REGS - _CTX_HEADER).value != probe ^ 0xA5A5):
-                    ok = False
-            uc.reg_write(X.UC_X86_REG_CR3, saved[0])
-            uc.reg_write(X.UC_X86_REG_RAX, saved[1])
-            return env + Ctx.CR3 - _CTX_HEADER if ok else 0
-        except (ValueError, OverflowError):
-            return 0
+    def _env_cr3_address(self) -> int:
+        """Address of the live env->cr[3] (the env offset is checked at start)."""
+        return self._vcpu_env + Ctx.CR3 - Ctx.REGS
 
     BLOCK_INSNS_MAX = 1 << 18            # decoded blocks kept for the in-block index
 
@@ -797,13 +815,50 @@ class CPU:
             if self._window_quiet > self.WINDOW_LINGER:
                 self._remove_window_hook()
         if reason is _COUNT and raw <= count:
-            # Nothing of ours stopped the slice: HLT retired, or a debugger exit address was reached.
-            if self.exit_addresses and self._rip.read()[0] in self.exit_addresses:
-                reason = Stop.REQUEST
-            else:
-                reason = _HALT
-                self.halted = True
+            # Nothing of ours stopped the slice: HLT retired, a debugger exit
+            # address was reached, or Unicorn returned for a reason of its own.
+            reason = self._early_stop_reason(executed)
         return executed, reason
+
+    def _halt_retired(self) -> bool:
+        """Did the slice that just ended stop on a retired HLT?  From the vCPU's
+        own flag (CPUState.halted: HLT's helper sets it, the next emu_start
+        clears it), not from "nothing of ours stopped the slice"."""
+        return bool(self._vcpu_halted.value)
+
+    def _early_stop_reason(self, executed: int) -> Stop:
+        """Why a slice ended before its budget with no stop of ours recorded.
+
+        Discussion: this used to be taken as HLT.  Any other early return of
+        emu_start (a uc_emu_stop that did not come through request_stop, or a
+        Unicorn exit of its own) then parked a running CPU until the next
+        interrupt: it advanced one slice per timer tick and Linux reported a
+        soft lockup in clear_user.  Now only a retired HLT halts; anything
+        else ends the slice as a plain stop and the machine runs on.  A return
+        that retired nothing would loop for ever, so it is an error."""
+        if self.exit_addresses and self._rip.read()[0] in self.exit_addresses:
+            return Stop.REQUEST
+        if self._halt_retired():
+            self.halted = True
+            return _HALT
+        rip = self._rip.read()[0]
+        self.early_returns += 1
+        self.last_early_return_rip = rip
+        # Quirk (measured, block mode, ring 3): an instruction fetch from an
+        # NX page can leave emu_start without calling the interrupt hook
+        # (Unicorn went on to a #DF it never delivered: old_exception 8); the
+        # machine's page walk says whether the fetch at RIP faults.
+        ec = self.fetch_fault(rip)
+        if ec is not None:
+            self._sync_ctx()
+            struct.pack_into("<i", self._ctx_buf, Ctx.OLD_EXCEPTION, -1)
+            self.uc.context_restore(self._ctx)
+            self.event = CpuEvent(14, ec, False, rip, rip, rip)
+            return Stop.EVENT
+        if executed == 0:
+            self.error = f"Unicorn returned without running an instruction at RIP {rip:#x}"
+            return Stop.ERROR
+        return Stop.REQUEST
 
     def _emu_start(self, count: int) -> None:
         """One ``emu_start`` of ``count`` instructions (0: no count limit); an
@@ -860,12 +915,14 @@ class CPU:
             # mode (run() flushes the count=0 translations first).
             self._running = True
             return None, count - executed
+        if reason is _COUNT and executed == 0 and not self._halt_retired() and self.event is None:
+            # Unicorn left the count=0 run before any block (measured: a user
+            # jump to an unmapped page, whose fetch fault is raised while
+            # translating): count mode runs the slice and reports it exactly.
+            self._running = True
+            return None, count
         if reason is _COUNT:
-            if self.exit_addresses and self._rip.read()[0] in self.exit_addresses:
-                reason = Stop.REQUEST
-            else:
-                reason = _HALT
-                self.halted = True
+            reason = self._early_stop_reason(executed)
         return (executed, reason), 0
 
     # ------------------------------------------------------------------ registers

@@ -66,18 +66,18 @@ class Paging:
 
 
 def translate(buf, ram_size: int, pg: Paging, linear: int, write: bool = False, user: bool = False,
-              set_ad: bool = True) -> int:
+              set_ad: bool = True, fetch: bool = False) -> int:
     """Translate ``linear`` to a physical address or raise :class:`PageFault`.
 
     ``buf`` is the RAM buffer (page tables outside RAM read as not present).
     """
-    if pg.lma and not user:
+    if pg.lma and not user and not fetch:
         pa = _fast_long_mode(buf, ram_size, pg, linear, write, set_ad)
         if pa >= 0:
             return pa
     if not (pg.cr0 & CR0_PG):
         return linear & 0xFFFF_FFFF if not pg.lma else linear
-    ec_base = (PFEC.W if write else 0) | (PFEC.U if user else 0)
+    ec_base = (PFEC.W if write else 0) | (PFEC.U if user else 0) | (PFEC.I if fetch else 0)
     wp = bool(pg.cr0 & CR0_WP)
     if pg.lma:
         levels = ((39, 0x1FF), (30, 0x1FF), (21, 0x1FF), (12, 0x1FF))
@@ -102,6 +102,7 @@ def translate(buf, ram_size: int, pg: Paging, linear: int, write: bool = False, 
 
     writable = True
     usr = True
+    nx = False                 # XD (bit 63) on the path: only set where EFER.NXE allows it
     touched: list[int] = []
     last = len(levels) - 1
     for depth, (shift, mask) in enumerate(levels):
@@ -111,6 +112,7 @@ def translate(buf, ram_size: int, pg: Paging, linear: int, write: bool = False, 
             raise PageFault(linear, ec_base)
         writable = writable and bool(e & PTE_W)
         usr = usr and bool(e & PTE_U)
+        nx = nx or (entry_size == 8 and bool(e >> 63))
         touched.append(addr)
         large = False
         if depth < last and e & PTE_PS:
@@ -124,6 +126,8 @@ def translate(buf, ram_size: int, pg: Paging, linear: int, write: bool = False, 
             if user and not usr:
                 raise PageFault(linear, ec_base | PFEC.P)
             if write and not writable and (user or wp):
+                raise PageFault(linear, ec_base | PFEC.P)
+            if fetch and nx:
                 raise PageFault(linear, ec_base | PFEC.P)
             if entry_size == 4 and large:
                 frame = (e & 0xFFC0_0000) | ((e >> 13) & 0xFF) << 32

@@ -166,6 +166,7 @@ class Machine:
         cpu.port_out = self._port_out
         cpu.rdtsc = lambda: self.clock.now
         cpu.cpuid = self._cpuid
+        cpu.fetch_fault = self._fetch_fault
         self.idt = IdtSink(cpu, self.ram.buf, self.ram.size, self._tagged("cpu"))
         self.sink: InterruptSink = self.idt
         self.port_allowed: Callable[[int, int], bool] = self._port_allowed_iopl
@@ -284,6 +285,15 @@ class Machine:
         return None
 
     # ------------------------------------------------------------------ memory by linear address
+    def _fetch_fault(self, rip: int) -> int | None:
+        """The #PF error code an instruction fetch at ``rip`` raises now, or None."""
+        user = (self.cpu.cs_and_rflags()[0] & 3) == 3
+        try:
+            translate(self.ram.buf, self.ram.size, self.paging(), rip, user=user, set_ad=False, fetch=True)
+        except PageFault as e:
+            return e.error_code
+        return None
+
     def paging(self) -> Paging:
         b = self.cpu.ctx_read()
         hf = struct.unpack_from("<I", b, Ctx.HFLAGS)[0]
