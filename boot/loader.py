@@ -16,7 +16,8 @@ Two kinds of bare-metal kernel boot, as users know them from QEMU:
   ``kmain(uint32_t magic, uint32_t info)`` works directly.
 
 Before the entry, the interrupt controllers, PIT and COM1 are left as a PC
-BIOS leaves them (``firmware.py``), as on QEMU.
+BIOS leaves them, with its data area, MP and ACPI tables in memory and the
+memory map it reports (``firmware.py``), as on QEMU.
 
 Where vmk puts its own boot data (low memory, below the kernel):
 GDT 0x8000, multiboot info 0x9000 (command line, memory map and names follow
@@ -39,7 +40,7 @@ from vmk.machine.cpu import EFER_LMA, EFER_LME, HF, MSR_EFER, Reg, Seg
 from vmk.machine.mmu import CR0_PE, CR0_PG, CR0_WP, CR4_PAE
 from vmk.machine.pc import Machine
 
-from .firmware import bios_state
+from .firmware import E820_RAM, bios_state, memory_map
 
 __all__ = ["ImageError", "BootInfo", "load_kernel", "load_kernel_bytes", "enter_protected_mode", "enter_long_mode", "MULTIBOOT_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC"]
 
@@ -260,14 +261,8 @@ def _load_aout_kludge(machine: Machine, data: bytes, path: str, off: int) -> Boo
 
 # ---------------------------------------------------------------------- boot data
 def _write_multiboot_info(machine: Machine, cmdline: str, loader_path: str) -> int:
-    ram = machine.ram.size
-    mmap = [
-        (0, LOW_MEM_END, 1),
-        (LOW_MEM_END, 0xA0000 - LOW_MEM_END, 2),
-        (0xF0000, 0x10000, 2),
-        (0x100000, ram - 0x100000, 1),
-        (0xFFFC0000, 0x40000, 2),
-    ]
+    mmap = memory_map(machine.ram.size)
+    upper = next(length for base, length, kind in mmap if base == KERNEL_MIN and kind == E820_RAM)
     mmap_bytes = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in mmap)
     cmd = cmdline.encode() + b"\0"
     name = b"vmk\0"
@@ -278,7 +273,7 @@ def _write_multiboot_info(machine: Machine, cmdline: str, loader_path: str) -> i
         raise ImageError("kernel command line is too long (max about 20 KiB)")
     flags = MBI_MEM | MBI_CMDLINE | MBI_MMAP | MBI_LOADER_NAME
     mbi = bytearray(0x80)
-    struct.pack_into("<III", mbi, 0, flags, LOW_MEM_END >> 10, (ram - 0x100000) >> 10)
+    struct.pack_into("<III", mbi, 0, flags, LOW_MEM_END >> 10, upper >> 10)
     struct.pack_into("<I", mbi, 16, cmd_addr)
     struct.pack_into("<II", mbi, 44, len(mmap_bytes), mmap_addr)
     struct.pack_into("<I", mbi, 64, name_addr)

@@ -33,6 +33,7 @@ from typing import Callable, Protocol
 from .chardev import CharDev, NullChar
 from .clock import Clock
 from .cpu import CPU, EFLAGS, HF, CpuEvent, Ctx, Reg, Stop
+from .devices.acpipm import PM_IO_SIZE, AcpiPm
 from .devices.debugport import DebugCon, DebugExit
 from .devices.ioapic import IOAPIC
 from .devices.lapic import LocalAPIC
@@ -46,12 +47,14 @@ from .ports import PortBus
 from .x86 import EXCEPTION_NAMES, IdtSink, TripleFault
 
 __all__ = ["Machine", "MachineConfig", "RunResult", "Why", "InterruptSink", "SerialTiming", "LAPIC_BASE",
-           "IOAPIC_BASE"]
+           "IOAPIC_BASE", "IOAPIC_PIN_OF_ISA_IRQ0", "ACPI_PM_BASE", "ACPI_SCI_IRQ"]
 
 LAPIC_BASE = 0xFEE0_0000
 IOAPIC_BASE = 0xFEC0_0000
 COM_PORTS = ((0x3F8, 4), (0x2F8, 3))       # (base, ISA IRQ)
 IOAPIC_PIN_OF_ISA_IRQ0 = 2
+ACPI_PM_BASE = 0x600                       # PIIX4 PMBA as SeaBIOS sets it on QEMU
+ACPI_SCI_IRQ = 9
 
 
 class Why(Enum):
@@ -87,6 +90,8 @@ class MachineConfig:
     # COM1/COM2 transmit timing: "baud" (the PC16550D: bytes leave at the
     # programmed rate) or "instant" (QEMU: at the THR write, IRQ not gated on OUT2).
     serial_timing: SerialTiming | str = SerialTiming.BAUD
+    # CPUs the firmware tables describe (MP table, MADT); the machine runs one for now.
+    cpus: int = 1
 
 
 class InterruptSink(Protocol):
@@ -157,6 +162,11 @@ class Machine:
         ports.map(0xF4, 4, self.debug_exit, "isa-debug-exit")
         ports.map(0xE9, 1, self.debugcon, "debugcon")
         ports.map(0x80, 1, _PostCode(), "post")
+        # ACPI PM1a/PM timer at the PIIX4 PM base SeaBIOS gives it; SCI on ISA IRQ 9;
+        # an S5 request powers off (exit status 0, as QEMU).
+        self.acpi_pm = AcpiPm(self.clock, self.isa_irq[ACPI_SCI_IRQ], lambda: self.exit(0),
+                              log=self._tagged("acpi"))
+        ports.map(ACPI_PM_BASE, PM_IO_SIZE, self.acpi_pm, "acpi-pm")
         self.mmio.map(LAPIC_BASE, 0x1000, self.lapic, "lapic")
         self.mmio.map(IOAPIC_BASE, 0x1000, self.ioapic, "ioapic")
 
@@ -601,6 +611,7 @@ class Machine:
         # Restore order matters: sources first (they drive lines on restore),
         # then the controllers, whose own saved state wins.
         return {"pit": self.pit, "port61": self.port61, "com1": self.uarts[0], "com2": self.uarts[1],
+                "acpi_pm": self.acpi_pm,
                 "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic}
 
 
