@@ -435,6 +435,9 @@ class RTC:
 
     # -- registers ---------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
+        return int(self._read(offset))
+
+    def _read(self, offset: int) -> int:
         if offset != Port.DATA:
             return 0xFF                  # port 0x70 is write-only on the PC (QEMU reads 0xFF)
         now = self._clock.now
