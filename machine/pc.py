@@ -35,10 +35,15 @@ from .clock import Clock
 from .cpu import CPU, EFLAGS, HF, CpuEvent, Ctx, Reg, Stop
 from .devices.acpipm import PM_IO_SIZE, AcpiPm
 from .devices.debugport import DebugCon, DebugExit
+from .devices.hpet import HPET, HPET_BASE
+from .devices.i8042 import I8042
 from .devices.ioapic import IOAPIC
 from .devices.lapic import LocalAPIC
 from .devices.pic8259 import PICPair
+from .devices.pci_host import PciHost
 from .devices.pit8254 import PIT8254, SystemControlPortB
+from .devices.port92 import Port92
+from .devices.rtc_cmos import DEFAULT_BASE, RTC, bios_cmos_bytes
 from .devices.uart16550 import UART16550, SerialTiming
 from .irq import IrqLine
 from .memory import RAM, MmioBus
@@ -47,7 +52,7 @@ from .ports import PortBus
 from .x86 import EXCEPTION_NAMES, IdtSink, TripleFault
 
 __all__ = ["Machine", "MachineConfig", "RunResult", "Why", "InterruptSink", "SerialTiming", "LAPIC_BASE",
-           "IOAPIC_BASE", "IOAPIC_PIN_OF_ISA_IRQ0", "ACPI_PM_BASE", "ACPI_SCI_IRQ"]
+           "IOAPIC_BASE", "IOAPIC_PIN_OF_ISA_IRQ0", "ACPI_PM_BASE", "ACPI_SCI_IRQ", "HPET_BASE"]
 
 LAPIC_BASE = 0xFEE0_0000
 IOAPIC_BASE = 0xFEC0_0000
@@ -55,6 +60,8 @@ COM_PORTS = ((0x3F8, 4), (0x2F8, 3))       # (base, ISA IRQ)
 IOAPIC_PIN_OF_ISA_IRQ0 = 2
 ACPI_PM_BASE = 0x600                       # PIIX4 PMBA as SeaBIOS sets it on QEMU
 ACPI_SCI_IRQ = 9
+RTC_IRQ = 8
+KBD_IRQ, AUX_IRQ = 1, 12
 
 
 class Why(Enum):
@@ -67,6 +74,7 @@ class Why(Enum):
     TRIPLE_FAULT = "triple-fault"
     ERROR = "error"                 # emulation error (unmapped memory, ...)
     INTERRUPTED = "interrupted"     # Ctrl-C on the host
+    RESET = "reset"                 # the guest reset the machine (0xCF9, i8042 0xFE, port 0x92)
 
 
 @dataclass(slots=True)
@@ -92,6 +100,10 @@ class MachineConfig:
     serial_timing: SerialTiming | str = SerialTiming.BAUD
     # CPUs the firmware tables describe (MP table, MADT); the machine runs one for now.
     cpus: int = 1
+    # The RTC's date at virtual time 0 (seconds since 1970, UTC; default 2000-01-01T00:00:00),
+    # and the 128 CMOS bytes to start with (a reboot keeps them; None: what SeaBIOS leaves).
+    rtc_base: int = DEFAULT_BASE
+    cmos: bytes | None = None
 
 
 class InterruptSink(Protocol):
@@ -121,6 +133,7 @@ class Machine:
         self.instructions = 0
         self._exit_status: int | None = None
         self._stop_requested: str | None = None
+        self._reset_source = ""
         self._dev_log = self.log
 
         # --- interrupt controllers
@@ -136,10 +149,31 @@ class Machine:
         for n, line in enumerate(self.isa_irq):
             line.connect(lambda level, n=n: self.pic.set_irq(n, level))
             pin = IOAPIC_PIN_OF_ISA_IRQ0 if n == 0 else n
-            line.connect(lambda level, pin=pin: self.ioapic.set_irq(pin, level))
+            line.connect(lambda level, pin=pin: self.ioapic.set_irq(pin, level or self._hpet_level_at(pin)))
 
         # --- devices
-        self.pit = PIT8254(self.clock, self.isa_irq[0], log=self._tagged("pit"))
+        # --- PC chipset (issue 12): RTC/CMOS, PCI configuration, i8042, port 0x92, HPET.
+        # IRQ0 and IRQ8 come from the PIT and the RTC, or from HPET timers 0 and 1 in legacy
+        # replacement mode (HPET spec 1.0a, 2.3.2); an HPET timer routed to an IO-APIC pin is
+        # ORed with the ISA line on that pin.
+        self.pit_irq, self.rtc_irq = IrqLine("pit"), IrqLine("rtc")
+        hpet_legacy = (IrqLine("hpet0"), IrqLine("hpet1"))
+        self.hpet_gsi = {IOAPIC_PIN_OF_ISA_IRQ0: IrqLine("hpet-gsi2")}
+        self._hpet_legacy = False
+        for src, hpet_line, irq in ((self.pit_irq, hpet_legacy[0], 0), (self.rtc_irq, hpet_legacy[1], RTC_IRQ)):
+            src.connect(lambda level, irq=irq: None if self._hpet_legacy else self.isa_irq[irq].set(level))
+            hpet_line.connect(lambda level, irq=irq: self.isa_irq[irq].set(level) if self._hpet_legacy else None)
+        for pin, line in self.hpet_gsi.items():
+            line.connect(lambda level, pin=pin: self.ioapic.set_irq(pin, level or self._isa_level_at(pin)))
+        self.rtc = RTC(self.clock, self.rtc_irq, base=cfg.rtc_base, log=self._tagged("rtc"),
+                       cmos=cfg.cmos if cfg.cmos is not None else bios_cmos_bytes(cfg.mem))
+        self.pci = PciHost(self.request_reset, log=self._tagged("pci"))
+        self.i8042 = I8042(self.isa_irq[KBD_IRQ], self.isa_irq[AUX_IRQ], self.request_reset,
+                           log=self._tagged("i8042"))
+        self.port92 = Port92(self.request_reset, log=self._tagged("port92"))
+        self.hpet = HPET(self.clock, hpet_legacy, self.hpet_gsi, on_legacy=self._set_hpet_legacy,
+                         log=self._tagged("hpet"))
+        self.pit = PIT8254(self.clock, self.pit_irq, log=self._tagged("pit"))
         self.port61 = SystemControlPortB(self.pit, log=self._tagged("port61"))
         serial = list(cfg.serial) + [NullChar() for _ in range(2 - len(cfg.serial))]
         timing = SerialTiming(cfg.serial_timing)       # ValueError for a bad name, before anything runs
@@ -169,6 +203,12 @@ class Machine:
         ports.map(ACPI_PM_BASE, PM_IO_SIZE, self.acpi_pm, "acpi-pm")
         self.mmio.map(LAPIC_BASE, 0x1000, self.lapic, "lapic")
         self.mmio.map(IOAPIC_BASE, 0x1000, self.ioapic, "ioapic")
+        ports.map(0x70, 2, self.rtc, "rtc")
+        ports.map(0xCF8, 8, self.pci, "pci-config")
+        ports.map(0x60, 1, _Offset(self.i8042, 0), "i8042-data")
+        ports.map(0x64, 1, _Offset(self.i8042, 4), "i8042-status")
+        ports.map(0x92, 1, self.port92, "port92")
+        self.mmio.map(HPET_BASE, 0x1000, self.hpet, "hpet")
 
         # --- CPU wiring
         cpu = self.cpu
@@ -225,6 +265,27 @@ class Machine:
         if self._stop_requested is None:
             self._stop_requested = reason
         self.cpu.request_stop()
+
+    def request_reset(self, source: str) -> None:
+        """A device pulled the reset line: the run ends with Why.RESET (``vmk boot`` reboots)."""
+        if self._stop_requested is None:
+            self._reset_source = source
+        self.stop(_RESET)
+
+    def _set_hpet_legacy(self, on: bool) -> None:
+        """HPET legacy replacement: IRQ0 and IRQ8 follow HPET timers 0 and 1 instead of the PIT and RTC."""
+        self._hpet_legacy = on
+        for irq, src in ((0, self.pit_irq), (RTC_IRQ, self.rtc_irq)):
+            self.isa_irq[irq].set(False if on else src.level)
+
+    def _isa_level_at(self, pin: int) -> bool:
+        if pin == IOAPIC_PIN_OF_ISA_IRQ0:
+            return self.isa_irq[0].level or self.isa_irq[2].level
+        return 0 < pin < len(self.isa_irq) and self.isa_irq[pin].level
+
+    def _hpet_level_at(self, pin: int) -> bool:
+        line = self.hpet_gsi.get(pin)
+        return line is not None and line.level
 
     def _interrupt_became_pending(self) -> None:
         """LAPIC: an interrupt may be deliverable. Stop the slice now if IF=1;
@@ -506,6 +567,8 @@ class Machine:
             return RunResult(Why.EXIT, f"guest exit with status {self._exit_status}", self._exit_status)
         if reason == "breakpoint":
             return RunResult(Why.BREAKPOINT, "breakpoint")
+        if reason == _RESET:
+            return RunResult(Why.RESET, f"machine reset by {self._reset_source}, t={self.clock.now} ns")
         return RunResult(Why.STOPPED, reason or "stopped")
 
     def _idle(self, deadline: int | None, until: int | None) -> RunResult | None:
@@ -612,15 +675,31 @@ class Machine:
         # then the controllers, whose own saved state wins.
         return {"pit": self.pit, "port61": self.port61, "com1": self.uarts[0], "com2": self.uarts[1],
                 "acpi_pm": self.acpi_pm,
+                "rtc": self.rtc, "pci": self.pci, "i8042": self.i8042, "port92": self.port92, "hpet": self.hpet,
                 "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic}
 
 
 _SHADOW = RunResult(Why.STOPPED, "interrupt shadow")
-_FINAL = frozenset((Why.EXIT, Why.DEAD, Why.TRIPLE_FAULT, Why.ERROR))     # runs that cannot go on
+_FINAL = frozenset((Why.EXIT, Why.DEAD, Why.TRIPLE_FAULT, Why.ERROR, Why.RESET))     # runs that cannot go on
 _IF = int(EFLAGS.IF)
 _HALT = Stop.HALT
 _WINDOW_IF_CLEAR, _WINDOW_SHADOW, _WINDOW_OPEN = 0, 1, 2      # CPU.interrupt_window()
 _EXIT = "\0debug-exit"        # not a reason anyone passes to stop()
+_RESET = "\0reset"
+
+
+class _Offset:
+    """A one-port window of a device whose registers sit at other offsets (i8042: 0x60 and 0x64)."""
+
+    def __init__(self, device, offset: int) -> None:
+        self._device = device
+        self._offset = offset
+
+    def read(self, offset: int, size: int) -> int:
+        return self._device.read(self._offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._device.write(self._offset, size, value)
 
 
 class _PostCode:

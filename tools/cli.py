@@ -2,7 +2,7 @@
 
     vmk boot IMAGE [--serial SPEC] [--serial2 SPEC] [--mem SIZE] [--debugcon SPEC]
                    [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
-                   [--serial-timing baud|instant]
+                   [--serial-timing baud|instant] [--no-reboot] [--rtc-base DATE]
                    [--gdb [HOST]:PORT [--wait-gdb]]
     vmk build MANIFEST -o IMAGE [-v]
     vmk debug [HOST]:PORT [--batch FILE]
@@ -12,10 +12,15 @@
 Exit status of ``vmk boot``: the guest's isa-debug-exit status
 (``(value << 1) | 1``, as QEMU); 0 when the guest halts the CPU for good;
 124 when ``--max-time`` runs out (like ``timeout(1)``); 2 for a usage error or
-an image that cannot be booted; 3 for a triple fault or an emulation error;
+an image that cannot be booted; 3 for an emulation error (or more than 100
+reboots in a row);
 130 after Ctrl-C; 70 (sysexits' EX_SOFTWARE) when vmk itself fails (a bug in vmk,
 never the guest's doing): the guest's output so far is flushed first, and one
 line names what was running and the file the traceback was written to.
+A reset of the machine (0xCF9, the keyboard controller's 0xFE, port 0x92) or a
+triple fault reboots it, as QEMU: the same image starts again from scratch, with
+the RTC's time and CMOS bytes kept; with ``--no-reboot`` (QEMU's ``-no-reboot``)
+``vmk boot`` ends with status 0 instead.  A triple fault is reported on stderr either way.
 Every user error is one line on stderr, never a traceback.
 With ``--gdb``, a kill from the debugger ends ``vmk boot`` with status 0 (as
 QEMU).  ``vmk debug`` exits 0, or 1 when a ``--batch`` command failed.
@@ -33,6 +38,8 @@ from vmk.machine.chardev import parse_chardev
 from vmk.machine.pc import Machine, MachineConfig, Why
 
 from .units import format_ns, parse_duration, parse_size
+
+MAX_REBOOTS = 100
 
 __all__ = ["main", "EXIT_USAGE", "EXIT_TIME_LIMIT", "EXIT_FAULT", "EXIT_INTERRUPTED", "EXIT_BUG"]
 
@@ -83,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--idle", choices=("realtime", "skip"), default="realtime",
                    help="while the CPU is halted, let virtual time follow the host clock (realtime, "
                         "default: QEMU's icount sleep=on) or jump to the next timer at once (skip, as tests do)")
+    b.add_argument("--no-reboot", "-no-reboot", action="store_true",
+                   help="a reset or triple fault ends vmk with status 0 instead of rebooting (QEMU's -no-reboot)")
+    b.add_argument("--rtc-base", default=None, metavar="DATE",
+                   help="the RTC's date at boot, YYYY-MM-DDTHH:MM:SS UTC (default 2000-01-01T00:00:00), "
+                        "or utc / localtime for the host's clock")
+    b.add_argument("-rtc", dest="rtc_qemu", default=None, metavar="base=DATE",
+                   help="QEMU's spelling: -rtc base=DATE (other -rtc options are accepted and ignored)")
     b.add_argument("-d", "--debug-log", action="store_true",
                    help="print device logs (guest errors, unmodelled features) on stderr")
     b.add_argument("--gdb", default=None, metavar="[HOST]:PORT",
@@ -159,6 +173,10 @@ def cmd_boot(args) -> int:
             gdb_addr = parse_listen_address(args.gdb)
         except ValueError as e:
             return _fail(str(e))
+    try:
+        rtc_base = _rtc_base(args)
+    except ValueError as e:
+        return _fail(str(e))
     devs = []
     opt = "--serial"
     try:
@@ -175,22 +193,77 @@ def cmd_boot(args) -> int:
         if path and type(dev).__name__ == "PtyChar":
             sys.stderr.write(f"vmk: serial on {path}\n")
     log = (lambda msg: sys.stderr.write(f"vmk: {msg}\n")) if args.debug_log else None
-    try:
-        machine = Machine(MachineConfig(mem=args.mem, ns_per_insn=args.icount, serial=devs,
-                                        debugcon=debugcon, log=log, realtime_idle=args.idle == "realtime",
-                                        serial_timing=args.serial_timing))
-    except ValueError as e:
-        return _fail(str(e))
+    cmos = None
+    elapsed = 0                      # virtual time of the boots before this one (--max-time counts them all)
+    for _boot in range(MAX_REBOOTS + 1):
+        try:
+            machine = Machine(MachineConfig(mem=args.mem, ns_per_insn=args.icount, serial=devs,
+                                            debugcon=debugcon, log=log, realtime_idle=args.idle == "realtime",
+                                            serial_timing=args.serial_timing, rtc_base=rtc_base, cmos=cmos))
+        except ValueError as e:
+            _close_all(devs, debugcon)
+            return _fail(str(e))
+        until = None if args.max_time is None else max(args.max_time - elapsed, 0)
+        status, result, stub = _boot_once(args, machine, devs, debugcon, gdb_addr, until)
+        if status is not None:
+            _close_all(devs, debugcon)
+            return status
+        if result.why not in (Why.RESET, Why.TRIPLE_FAULT):
+            break
+        if result.why == Why.TRIPLE_FAULT:
+            sys.stderr.write(f"vmk: {result.message}\n")
+        if args.no_reboot or stub is not None:       # under --gdb a reset ends the session
+            if result.why == Why.RESET:
+                sys.stderr.write(f"vmk: {result.message} (--no-reboot: exit)\n")
+            _close_all(devs, debugcon)
+            return 0
+        # Reboot, as QEMU: a new machine, the same image; the RTC keeps its time and CMOS bytes.
+        elapsed += machine.now
+        rtc_base, cmos = machine.rtc.seconds(), machine.rtc.nvram()
+    else:
+        _close_all(devs, debugcon)
+        return _fail(f"{MAX_REBOOTS} reboots in a row: the guest resets itself for ever (last: {result.message})",
+                     EXIT_FAULT)
+    _close_all(devs, debugcon)
+    return _boot_status(result, machine, stub)
+
+
+def _rtc_base(args) -> int:
+    """--rtc-base DATE or QEMU's -rtc base=DATE[,...] (utc, localtime: the host's clock now)."""
+    import time
+    from vmk.machine.devices.rtc_cmos import DEFAULT_BASE, parse_rtc_base
+    text = args.rtc_base
+    if args.rtc_qemu is not None:
+        for part in args.rtc_qemu.split(","):
+            if part.startswith("base="):
+                text = part[len("base="):]
+    if text is None:
+        return DEFAULT_BASE
+    if text == "utc":
+        return int(time.time())
+    if text == "localtime":
+        return int(time.time()) + time.localtime().tm_gmtoff
+    return parse_rtc_base(text)
+
+
+def _close_all(devs, debugcon) -> None:
+    for dev in devs + ([debugcon] if debugcon else []):
+        dev.close()
+
+
+def _boot_once(args, machine, devs, debugcon, gdb_addr, until):
+    """Load the image into ``machine`` and run it: (exit status if it is already decided, result, stub)."""
     stub = None
+    result = None
     try:
         vm = None
         try:
             vm = _load_vm_image(machine, args.image)
             boot_info = None if vm is not None else load_kernel(machine, args.image, args.append)
         except ImageError as e:
-            return _fail(str(e))
+            return _fail(str(e)), None, None
         if vm is not None and gdb_addr is None:
-            result = vm.run(until=args.max_time)
+            result = vm.run(until=until)
         elif gdb_addr is not None:
             from .gdbstub import GdbStub
             from .kernelview import view_for
@@ -206,21 +279,25 @@ def cmd_boot(args) -> int:
             try:
                 host, port = stub.listen()
             except OSError as e:
-                return _fail(f"--gdb {args.gdb}: cannot listen on {gdb_addr[0]}:{gdb_addr[1]}: {e.strerror}")
+                return (_fail(f"--gdb {args.gdb}: cannot listen on {gdb_addr[0]}:{gdb_addr[1]}: {e.strerror}"),
+                        None, None)
             sys.stderr.write(f"vmk: gdb stub listening on {host}:{port}\n")
             sys.stderr.flush()
-            result = stub.run(until=args.max_time)
+            result = stub.run(until=until)
         else:
-            result = machine.run(until=args.max_time)
+            result = machine.run(until=until)
         for uart in machine.uarts:
             uart.flush_tx()          # bytes still in the transmitter reach the back end
     except Exception as e:           # a vmk bug (user errors are handled above)
-        return _internal_error(e, machine, vm)
+        return _internal_error(e, machine, vm), None, None
     finally:
         if stub is not None:
             stub.close()
-        for dev in devs + ([debugcon] if debugcon else []):
-            dev.close()
+    return None, result, stub
+
+
+def _boot_status(result, machine, stub) -> int:
+    """The exit status of ``vmk boot`` for the final run."""
     t = format_ns(machine.now)
     if result.why == Why.EXIT:
         return result.exit_status or 0

@@ -815,8 +815,8 @@ class _Buggy:
 @pytest.mark.parametrize("src, where", [
     ("mov dx, 0x510\nout dx, al", "write"),
     ("mov dx, 0x510\nin al, dx", "read"),
-    ("mov rbx, 0xfed00000\nmov dword ptr [rbx], 0", "write"),
-    ("mov rbx, 0xfed00000\nmov eax, [rbx]", "read"),
+    ("mov rbx, 0xfeb00000\nmov dword ptr [rbx], 0", "write"),
+    ("mov rbx, 0xfeb00000\nmov eax, [rbx]", "read"),
 ])
 def test_an_exception_in_a_device_callback_reaches_the_caller_and_the_machine_goes_on(src: str, where: str) -> None:
     """A device model that raises inside a Unicorn hook (port or MMIO): the
@@ -825,7 +825,7 @@ def test_an_exception_in_a_device_callback_reaches_the_caller_and_the_machine_go
     h = Harness.from_asm(f"{src}\nmov r15, 7\nhlt")
     dev = _Buggy()
     h.machine.ports.map(0x510, 1, dev, "buggy")
-    h.machine.mmio.map(0xFED0_0000, 0x1000, dev, "buggy")
+    h.machine.mmio.map(0xFEB0_0000, 0x1000, dev, "buggy")
     with pytest.raises(_DeviceBug, match=where):
         h.run_for(1_000)
     assert dev.calls == 1
