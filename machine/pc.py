@@ -33,12 +33,15 @@ from typing import Callable, Protocol
 from .chardev import CharDev, NullChar
 from .clock import Clock
 from .cpu import CPU, EFLAGS, HF, CpuEvent, Ctx, Reg, Stop
+from .blockdev import DiskImage
 from .devices.debugport import DebugCon, DebugExit
+from .devices.ide import PRIMARY, SECONDARY, IDEChannel
 from .devices.ioapic import IOAPIC
 from .devices.lapic import LocalAPIC
 from .devices.pic8259 import PICPair
 from .devices.pit8254 import PIT8254, SystemControlPortB
 from .devices.uart16550 import UART16550, SerialTiming
+from .devices.vga import TEXT_BASE, TEXT_WINDOW, VGA, VGA_PORT_BASE, VGA_PORT_COUNT
 from .irq import IrqLine
 from .memory import RAM, MmioBus
 from .mmu import PageFault, Paging, translate
@@ -87,6 +90,8 @@ class MachineConfig:
     # COM1/COM2 transmit timing: "baud" (the PC16550D: bytes leave at the
     # programmed rate) or "instant" (QEMU: at the THR write, IRQ not gated on OUT2).
     serial_timing: SerialTiming | str = SerialTiming.BAUD
+    # IDE disks by QEMU index: 0/1 primary master/slave, 2/3 secondary master/slave (None: absent).
+    drives: list[DiskImage | None] = field(default_factory=list)
 
 
 class InterruptSink(Protocol):
@@ -158,6 +163,19 @@ class Machine:
         ports.map(0xE9, 1, self.debugcon, "debugcon")
         ports.map(0x80, 1, _PostCode(), "post")
         self.mmio.map(LAPIC_BASE, 0x1000, self.lapic, "lapic")
+
+        # --- IDE (PIIX legacy ports) and VGA text mode
+        drives = list(cfg.drives) + [None] * (4 - len(cfg.drives))
+        self.ide = [IDEChannel(self.isa_irq[irq], (drives[2 * i], drives[2 * i + 1]), log=self._tagged(f"ide{i}"),
+                               name=f"ide{i}") for i, (_, _, irq) in enumerate((PRIMARY, SECONDARY))]
+        for i, (cmd_base, ctl_port, _) in enumerate((PRIMARY, SECONDARY)):
+            ports.map(cmd_base, 8, self.ide[i], f"ide{i}")
+            ports.map(ctl_port, 1, self.ide[i].control, f"ide{i}-control")
+        ram_buf = self.ram.buf
+        vram = (lambda off, n: ram_buf[TEXT_BASE + off:TEXT_BASE + off + n]) \
+            if self.ram.size >= TEXT_BASE + TEXT_WINDOW else None
+        self.vga = VGA(self.clock, vram, log=self._tagged("vga"))
+        ports.map(VGA_PORT_BASE, VGA_PORT_COUNT, self.vga, "vga")
         self.mmio.map(IOAPIC_BASE, 0x1000, self.ioapic, "ioapic")
 
         # --- CPU wiring
@@ -591,7 +609,8 @@ class Machine:
         # Restore order matters: sources first (they drive lines on restore),
         # then the controllers, whose own saved state wins.
         return {"pit": self.pit, "port61": self.port61, "com1": self.uarts[0], "com2": self.uarts[1],
-                "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic}
+                "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic,
+                "ide0": self.ide[0], "ide1": self.ide[1], "vga": self.vga}
 
 
 _SHADOW = RunResult(Why.STOPPED, "interrupt shadow")
