@@ -326,7 +326,8 @@ class ScreenLog:
     last call, recognising a scroll by matching the rows already written
     against the new screen shifted up by k rows (the smallest k that fits;
     a cleared screen matches with every old row gone).  :meth:`finish` also
-    writes the cursor's own row if it holds text (a prompt).  Blank rows
+    writes the cursor's own row if it holds text (a prompt), and every row
+    down to the last one with text (a guest that never moves the cursor).  Blank rows
     before the first text are not written (a blank screen with the cursor
     somewhere is not output)."""
 
@@ -346,7 +347,8 @@ class ScreenLog:
         rows = self.vga.text_rows()
         row, _ = self.vga.cursor()
         row = max(0, min(row, ROWS - 1))
-        self._emit(rows, row + 1 if rows[row] else row)
+        last = max((i + 1 for i, r in enumerate(rows) if r), default=0)   # text below the cursor too
+        self._emit(rows, max(row + 1 if rows[row] else row, last))
 
     def _emit(self, rows: list[str], complete: int) -> None:
         done = self._done

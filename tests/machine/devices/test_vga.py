@@ -119,3 +119,14 @@ def test_screen_log_lines_once_across_scrolls_and_clears() -> None:
     cursor(vga, 2)
     log.finish()
     assert "".join(out) == "one\ntwo\nthree\n$\n"
+
+
+def test_screen_log_without_cursor_moves_shows_the_last_screen() -> None:
+    vga, mem, _ = make()
+    out: list[str] = []
+    log = ScreenLog(vga, out.append)
+    vga.on_cursor = log.update
+    put(mem, 0, "hello")
+    put(mem, 2, "world")
+    log.finish()
+    assert "".join(out) == "hello\n\nworld\n"
