@@ -33,10 +33,12 @@ from typing import Callable, Protocol
 from .chardev import CharDev, NullChar
 from .clock import Clock
 from .cpu import CPU, EFLAGS, HF, CpuEvent, Ctx, Reg, Stop
+from .blockdev import DiskImage
 from .devices.acpipm import PM_IO_SIZE, AcpiPm
 from .devices.debugport import DebugCon, DebugExit
 from .devices.hpet import HPET, HPET_BASE
 from .devices.i8042 import I8042
+from .devices.ide import PRIMARY, SECONDARY, IDEChannel
 from .devices.ioapic import IOAPIC
 from .devices.lapic import LocalAPIC
 from .devices.pic8259 import PICPair
@@ -45,6 +47,7 @@ from .devices.pit8254 import PIT8254, SystemControlPortB
 from .devices.port92 import Port92
 from .devices.rtc_cmos import DEFAULT_BASE, RTC, bios_cmos_bytes
 from .devices.uart16550 import UART16550, SerialTiming
+from .devices.vga import TEXT_BASE, TEXT_WINDOW, VGA, VGA_PORT_BASE, VGA_PORT_COUNT
 from .irq import IrqLine
 from .memory import RAM, MmioBus
 from .mmu import PageFault, Paging, translate
@@ -104,6 +107,8 @@ class MachineConfig:
     # and the 128 CMOS bytes to start with (a reboot keeps them; None: what SeaBIOS leaves).
     rtc_base: int = DEFAULT_BASE
     cmos: bytes | None = None
+    # IDE disks by QEMU index: 0/1 primary master/slave, 2/3 secondary master/slave (None: absent).
+    drives: list[DiskImage | None] = field(default_factory=list)
 
 
 class InterruptSink(Protocol):
@@ -202,6 +207,19 @@ class Machine:
                               log=self._tagged("acpi"))
         ports.map(ACPI_PM_BASE, PM_IO_SIZE, self.acpi_pm, "acpi-pm")
         self.mmio.map(LAPIC_BASE, 0x1000, self.lapic, "lapic")
+
+        # --- IDE (PIIX legacy ports) and VGA text mode
+        drives = list(cfg.drives) + [None] * (4 - len(cfg.drives))
+        self.ide = [IDEChannel(self.isa_irq[irq], (drives[2 * i], drives[2 * i + 1]), log=self._tagged(f"ide{i}"),
+                               name=f"ide{i}") for i, (_, _, irq) in enumerate((PRIMARY, SECONDARY))]
+        for i, (cmd_base, ctl_port, _) in enumerate((PRIMARY, SECONDARY)):
+            ports.map(cmd_base, 8, self.ide[i], f"ide{i}")
+            ports.map(ctl_port, 1, self.ide[i].control, f"ide{i}-control")
+        ram_buf = self.ram.buf
+        vram = (lambda off, n: ram_buf[TEXT_BASE + off:TEXT_BASE + off + n]) \
+            if self.ram.size >= TEXT_BASE + TEXT_WINDOW else None
+        self.vga = VGA(self.clock, vram, log=self._tagged("vga"))
+        ports.map(VGA_PORT_BASE, VGA_PORT_COUNT, self.vga, "vga")
         self.mmio.map(IOAPIC_BASE, 0x1000, self.ioapic, "ioapic")
         ports.map(0x70, 2, self.rtc, "rtc")
         ports.map(0xCF8, 8, self.pci, "pci-config")
@@ -676,7 +694,8 @@ class Machine:
         return {"pit": self.pit, "port61": self.port61, "com1": self.uarts[0], "com2": self.uarts[1],
                 "acpi_pm": self.acpi_pm,
                 "rtc": self.rtc, "pci": self.pci, "i8042": self.i8042, "port92": self.port92, "hpet": self.hpet,
-                "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic}
+                "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic,
+                "ide0": self.ide[0], "ide1": self.ide[1], "vga": self.vga}
 
 
 _SHADOW = RunResult(Why.STOPPED, "interrupt shadow")

@@ -3,6 +3,8 @@
     vmk boot IMAGE [--serial SPEC] [--serial2 SPEC] [--mem SIZE] [--debugcon SPEC]
                    [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
                    [--serial-timing baud|instant] [--no-reboot] [--rtc-base DATE]
+                   [--drive file=IMG[,index=N][,format=raw][,media=disk][,snapshot=on]]... [-hda IMG] [-hdb IMG]
+                   [--snapshot] [--vga FILE|-]
                    [--gdb [HOST]:PORT [--wait-gdb]]
     vmk build MANIFEST -o IMAGE [-v]
     vmk debug [HOST]:PORT [--batch FILE]
@@ -103,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GDB remote stub on HOST:PORT (host 127.0.0.1 unless given; port 0 picks a free one)")
     b.add_argument("--wait-gdb", action="store_true",
                    help="do not start the CPU until a debugger attaches and continues (QEMU's -S)")
+    b.add_argument("--drive", "-drive", action="append", default=[], metavar="file=IMG[,index=N][,...]",
+                   help="an IDE disk, as QEMU's -drive: file=IMG, index=0..3 (primary master, primary slave, "
+                        "secondary master, secondary slave; default: the first free), format=raw, media=disk, "
+                        "if=ide, snapshot=on|off")
+    for n, letter in enumerate("abcd"):
+        b.add_argument(f"-hd{letter}", dest=f"hd{letter}", default=None, metavar="IMG",
+                       help=f"the same as --drive file=IMG,index={n}")
+    b.add_argument("--snapshot", "-snapshot", action="store_true",
+                   help="disk writes stay in memory; the image files are not changed (QEMU's -snapshot)")
+    b.add_argument("--vga", default=None, metavar="FILE|-",
+                   help="write the VGA text screen to FILE (- for stdout): each line once, when the cursor "
+                        "leaves it, and the cursor's line at the end")
 
     bu = sub.add_parser("build", help="build a vmk image (VM kernel settings + containers) from a manifest")
     bu.add_argument("manifest", help="the manifest (TOML); program sources are relative to it")
@@ -193,20 +207,44 @@ def cmd_boot(args) -> int:
         if path and type(dev).__name__ == "PtyChar":
             sys.stderr.write(f"vmk: serial on {path}\n")
     log = (lambda msg: sys.stderr.write(f"vmk: {msg}\n")) if args.debug_log else None
+    try:
+        drives = _open_drives(args)
+    except ValueError as e:
+        _close_all(devs, debugcon)
+        return _fail(str(e))
+    disks = [d for d in drives if d is not None]
+    vga_out = None
+    if args.vga is not None:
+        try:
+            vga_out = sys.stdout if args.vga == "-" else open(args.vga, "w", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            _close_all(devs + disks, debugcon)
+            return _fail(f"--vga {args.vga}: {e.strerror}")
+    closing = devs + disks + ([vga_out] if vga_out is not None and vga_out is not sys.stdout else [])
     cmos = None
     elapsed = 0                      # virtual time of the boots before this one (--max-time counts them all)
     for _boot in range(MAX_REBOOTS + 1):
         try:
             machine = Machine(MachineConfig(mem=args.mem, ns_per_insn=args.icount, serial=devs,
                                             debugcon=debugcon, log=log, realtime_idle=args.idle == "realtime",
-                                            serial_timing=args.serial_timing, rtc_base=rtc_base, cmos=cmos))
+                                            serial_timing=args.serial_timing, rtc_base=rtc_base, cmos=cmos,
+                                            drives=drives))
         except ValueError as e:
-            _close_all(devs, debugcon)
+            _close_all(closing, debugcon)
             return _fail(str(e))
+        screen = None
+        if vga_out is not None:
+            from vmk.machine.devices.vga import ScreenLog
+
+            def vga_write(text: str, f=vga_out) -> None:
+                f.write(text)
+                f.flush()
+            screen = ScreenLog(machine.vga, vga_write)
+            machine.vga.on_cursor = screen.update
         until = None if args.max_time is None else max(args.max_time - elapsed, 0)
-        status, result, stub = _boot_once(args, machine, devs, debugcon, gdb_addr, until)
+        status, result, stub = _boot_once(args, machine, devs, debugcon, gdb_addr, until, screen)
         if status is not None:
-            _close_all(devs, debugcon)
+            _close_all(closing, debugcon)
             return status
         if result.why not in (Why.RESET, Why.TRIPLE_FAULT):
             break
@@ -215,16 +253,16 @@ def cmd_boot(args) -> int:
         if args.no_reboot or stub is not None:       # under --gdb a reset ends the session
             if result.why == Why.RESET:
                 sys.stderr.write(f"vmk: {result.message} (--no-reboot: exit)\n")
-            _close_all(devs, debugcon)
+            _close_all(closing, debugcon)
             return 0
         # Reboot, as QEMU: a new machine, the same image; the RTC keeps its time and CMOS bytes.
         elapsed += machine.now
         rtc_base, cmos = machine.rtc.seconds(), machine.rtc.nvram()
     else:
-        _close_all(devs, debugcon)
+        _close_all(closing, debugcon)
         return _fail(f"{MAX_REBOOTS} reboots in a row: the guest resets itself for ever (last: {result.message})",
                      EXIT_FAULT)
-    _close_all(devs, debugcon)
+    _close_all(closing, debugcon)
     return _boot_status(result, machine, stub)
 
 
@@ -251,7 +289,7 @@ def _close_all(devs, debugcon) -> None:
         dev.close()
 
 
-def _boot_once(args, machine, devs, debugcon, gdb_addr, until):
+def _boot_once(args, machine, devs, debugcon, gdb_addr, until, screen=None):
     """Load the image into ``machine`` and run it: (exit status if it is already decided, result, stub)."""
     stub = None
     result = None
@@ -288,6 +326,8 @@ def _boot_once(args, machine, devs, debugcon, gdb_addr, until):
             result = machine.run(until=until)
         for uart in machine.uarts:
             uart.flush_tx()          # bytes still in the transmitter reach the back end
+        if screen is not None:
+            screen.finish()          # the cursor's line (a prompt) too
     except Exception as e:           # a vmk bug (user errors are handled above)
         return _internal_error(e, machine, vm), None, None
     finally:
@@ -313,6 +353,77 @@ def _boot_status(result, machine, stub) -> int:
         sys.stderr.write(f"vmk: killed by the debugger (t={t})\n")
         return 0
     return _fail(result.message, EXIT_FAULT)
+
+
+_DRIVE_KEYS = {"file", "index", "format", "media", "if", "snapshot"}
+
+
+def _open_drives(args) -> list:
+    """--drive/-hdX as QEMU reads them: four IDE positions (None where absent); ValueError: one line."""
+    from vmk.machine.blockdev import DiskImage
+    specs: list[tuple[str, dict[str, str]]] = []
+    for spec in args.drive:
+        opts: dict[str, str] = {}
+        for part in spec.split(","):
+            key, eq, value = part.partition("=")
+            if not eq:
+                if not opts and part:
+                    key, value = "file", part              # "--drive IMG": the file, as QEMU's -hda
+                else:
+                    raise ValueError(f"--drive {spec}: {part!r} is not KEY=VALUE")
+            if key not in _DRIVE_KEYS:
+                raise ValueError(f"--drive {spec}: unknown option {key!r} (known: {', '.join(sorted(_DRIVE_KEYS))})")
+            opts[key] = value
+        specs.append((f"--drive {spec}", opts))
+    for n, letter in enumerate("abcd"):
+        path = getattr(args, f"hd{letter}")
+        if path is not None:
+            specs.append((f"-hd{letter} {path}", {"file": path, "index": str(n)}))
+    slots: list = [None] * 4
+    wanted: list[tuple[str, dict[str, str], int | None]] = []
+    for what, opts in specs:
+        if not opts.get("file"):
+            raise ValueError(f"{what}: no file=IMAGE")
+        for key, ok in (("format", ("raw",)), ("media", ("disk",)), ("if", ("ide",)), ("snapshot", ("on", "off"))):
+            if key in opts and opts[key] not in ok:
+                raise ValueError(f"{what}: {key}={opts[key]} is not supported (only {', '.join(ok)})")
+        index = None
+        if "index" in opts:
+            try:
+                index = int(opts["index"])
+            except ValueError:
+                index = -1
+            if not 0 <= index <= 3:
+                raise ValueError(f"{what}: index must be 0..3 (primary master, primary slave, secondary master, "
+                                 f"secondary slave), not {opts['index']!r}")
+        wanted.append((what, opts, index))
+    taken: dict[int, str] = {}
+    for what, _, index in wanted:
+        if index is not None:
+            if index in taken:
+                raise ValueError(f"{what}: index {index} is already used by {taken[index]}")
+            taken[index] = what
+    free = [i for i in range(4) if i not in taken]
+    placed: list[tuple[str, dict[str, str], int]] = []
+    for what, opts, index in wanted:
+        if index is None:
+            if not free:
+                raise ValueError(f"{what}: all four IDE positions are taken")
+            index = free.pop(0)
+        placed.append((what, opts, index))
+    try:
+        for what, opts, index in placed:
+            snap = args.snapshot or opts.get("snapshot") == "on"
+            try:
+                slots[index] = DiskImage(opts["file"], snapshot=snap)
+            except OSError as e:
+                raise ValueError(f"{what}: cannot open {opts['file']}: {e.strerror}") from None
+    except ValueError:
+        for d in slots:
+            if d is not None:
+                d.close()
+        raise
+    return slots
 
 
 def _internal_error(exc: BaseException, machine, vm) -> int:
