@@ -372,37 +372,43 @@ def bench_compute_qemu(quick: bool) -> list[Row]:
     return rows
 
 
+POLL_OUTPUT = b"".join(b"benchpoll: 300 bytes polled out on COM1, line %d of 5 ......\n" % i for i in range(1, 6)) \
+    + b"benchpoll: 10 timer ticks\n"
+"""benchpoll.elf's serial output, the same on every PC: 300 bytes, then a line after the ticks."""
+
+
 def bench_poll_qemu(quick: bool) -> list[Row]:
     name = "poll-qemu: benchpoll.elf (300 bytes polling LSR.THRE, 10 ticks of 100 Hz with HLT), whole process"
     kernel = _guest("benchpoll.elf")
     if kernel is None:
         return [(name, "skipped", "", "build with 'make guest'")]
     # Quick mode stops vmk at a time limit: today the polled bytes cost about a minute at baud timing.
-    limit = 10.0 if quick else 600.0
+    limit = 5.0 if quick else 600.0
     repeats = 1 if quick else 3
-    runs = [_Run(_vmk_boot_cmd(kernel, "--idle", "skip"), timeout=limit) for _ in range(repeats)]
+    runs = [_Run(_vmk_boot_cmd(kernel, "--idle", "skip"), timeout=limit)]
+    while len(runs) < repeats and runs[-1].wall < 30:        # a run of minutes needs no second one
+        runs.append(_Run(_vmk_boot_cmd(kernel, "--idle", "skip"), timeout=limit))
     instant = min((_Run(_vmk_boot_cmd(kernel, "--idle", "skip", "--serial-timing", "instant"), timeout=limit)
                    for _ in range(repeats)), key=lambda r: r.wall)
-    expected = instant.out
-    if any(r.timed_out for r in runs):
+    expected = POLL_OUTPUT
+    best = min(runs, key=lambda r: r.wall)
+    if best.timed_out:
         ours = f"vmk --idle skip > {limit:.0f} s (stopped)"
-        wall = float("inf")
     else:
-        best = min(runs, key=lambda r: r.wall)
-        wall = best.wall
-        ours = f"vmk --idle skip {wall:.2f} s" + ("" if best.ok(expected) else f" (FAILED: status {best.status})")
-    inst = f"vmk --idle skip --serial-timing instant {instant.wall:.2f} s" + ("" if instant.ok() else
-                                                                             f" (FAILED: status {instant.status})")
+        ours = f"vmk --idle skip {best.wall:.2f} s" + ("" if best.ok(expected) else f" (FAILED: status {best.status})")
+    inst = f"vmk ... --serial-timing instant {instant.wall:.2f} s" + ("" if instant.ok(expected) else
+                                                                       f" (FAILED: status {instant.status})")
+    name2 = "poll-qemu: the same, vmk with --serial-timing instant (LSR.THRE never falls, as QEMU)"
     qemu = _qemu()
     if qemu is None:
-        return [(name, ours, NO_QEMU, ""), (name + ", instant serial", inst, NO_QEMU, "")]
+        return [(name, ours, NO_QEMU, ""), (name2, inst, NO_QEMU, "")]
     q = min((_Run(_qemu_cmd(qemu, kernel, "-accel", "tcg"), timeout=120) for _ in range(repeats)),
             key=lambda r: r.wall)
     same = "" if q.ok(expected) else f"; QEMU: status {q.status}, output {'same' if q.out == expected else 'DIFFERS'}"
+    ratio = f"ratio < {q.wall / best.wall:.3g}" if best.timed_out else f"ratio {q.wall / best.wall:.3g}"
     return [(name, ours, f"QEMU -accel tcg {q.wall:.2f} s",
-             _verdict(wall <= q.wall and not same, f"ratio {q.wall / wall:.2f}, target >= 1{same}")),
-            (name + ", instant serial", inst, f"QEMU -accel tcg {q.wall:.2f} s",
-             f"ratio {q.wall / instant.wall:.2f}, no target")]
+             _verdict(best.wall <= q.wall and not best.timed_out and not same, f"{ratio}, target >= 1{same}")),
+            (name2, inst, f"QEMU -accel tcg {q.wall:.2f} s", f"ratio {q.wall / instant.wall:.2f}, no target")]
 
 
 BENCHES: dict[str, Callable[[bool], list[Row]]] = {
