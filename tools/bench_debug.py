@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from vmk.machine.debug import Debug
 from vmk.testing import Harness
@@ -177,7 +178,7 @@ def _qemu_target(qemu: str, kernel: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def _gdb_seconds(gdb: str, start: "callable", symbols: Path, steps: int) -> float:
+def _gdb_seconds(gdb: str, start: Callable[[], tuple[subprocess.Popen, int]], symbols: Path, steps: int) -> float:
     """Wall time of one ``gdb -batch`` session: connect, break at bench_loop, ``steps`` stepi, kill."""
     proc, port = start()
     try:
@@ -213,7 +214,7 @@ def bench_gdb_vs_qemu(quick: bool) -> list[tuple[str, str, str, str]]:
     if gdb is None:
         return [(name, "skipped", "gdb not installed", "")]
     n = 200 if quick else 1000
-    repeats = 1 if quick else 3
+    repeats = 2 if quick else 3
 
     def rate(start) -> float:
         best = {n: float("inf"), 4 * n: float("inf")}
@@ -223,10 +224,13 @@ def bench_gdb_vs_qemu(quick: bool) -> list[tuple[str, str, str, str]]:
         dt = best[4 * n] - best[n]
         return 3 * n / dt if dt > 0 else float("inf")
 
-    ours = rate(lambda: _vmk_target(kernel))
-    if qemu is None:
-        return [(name, f"vmk {ours:,.0f} steps/s (N={n})", "QEMU not installed", "")]
-    theirs = rate(lambda: _qemu_target(qemu, kernel))
+    try:
+        ours = rate(lambda: _vmk_target(kernel))
+        if qemu is None:
+            return [(name, f"vmk {ours:,.0f} steps/s (N={n})", "QEMU not installed", "")]
+        theirs = rate(lambda: _qemu_target(qemu, kernel))
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        return [(name, "FAILED", "", str(e))]
     return [(name, f"vmk {ours:,.0f} steps/s (N={n})", f"QEMU gdbstub {theirs:,.0f} steps/s",
              _verdict(ours >= theirs, f"ratio {ours / theirs:.2f}, target >= 1"))]
 
