@@ -16,6 +16,35 @@ boot       host seconds from starting ``vmk boot`` to the demo kernel's first
            serial line (target <= 0.5 s)
 rss        peak resident memory of ``vmk boot`` with 128 MiB of guest RAM
            (target <= 200 MiB)
+
+Against QEMU and raw Unicorn, same run (``qemu-system-x86_64``; without it
+the QEMU rows say "QEMU not installed").  The guests are bare-metal kernels
+that QEMU ``-kernel`` and ``vmk boot`` run unchanged (guest/baremetal/
+benchloop.S and benchpoll.S, built by ``make guest``); each run must exit
+through isa-debug-exit with status 33 and print the expected serial bytes.
+vmk runs as ``vmk boot`` in a subprocess, the user's path.
+
+compute-qemu  benchloop.elf: a 5-instruction ALU loop (:data:`BENCH_LOOP`)
+              run N times with the LAPIC timer periodic at 1 kHz.  Rates are
+              3N loops over the difference of whole-process wall times at N
+              and 4N iterations (best of several runs each), so start-up and
+              exit cancel.  Rows: vmk (``--serial-timing instant``: its two
+              polled status lines cost nothing) / raw Unicorn count=0 without
+              hooks on the same loop bytes, the ceiling (target >= 0.3);
+              / QEMU ``-accel tcg -icount shift=0,sleep=off`` (target >= 0.8);
+              / QEMU ``-accel tcg`` (no target)
+poll-qemu     benchpoll.elf: 300 bytes polled out (LSR.THRE before each THR
+              write, 115200 baud), then 10 ticks of the PIT at 100 Hz waited
+              for with HLT; whole-process wall time, best of runs.  vmk
+              ``--idle skip`` (default baud serial timing) / QEMU ``-accel
+              tcg`` (target: no slower); --quick stops vmk after 5 s.  And
+              the same with ``--serial-timing instant`` (no target)
+debug-gdb     a real ``gdb -batch -nx``: break at bench_loop, N ``stepi``,
+              against ``vmk boot --gdb PORT --wait-gdb`` and QEMU ``-S -gdb``;
+              steps/s from gdb's wall times at N and 4N steps (target: vmk >=
+              QEMU).  tools/bench_debug.py
+debug         vmk's own RSP client through the stub (tools/bench_debug.py)
+kernel        the VM kernel's rows (tools/bench_kernel.py)
 """
 from __future__ import annotations
 
@@ -214,9 +243,186 @@ def bench_host(quick: bool) -> list[Row]:
     return [("host: one ctypes call (libc abs)", f"{per:.2f} us", "~0.1-0.2 us on a typical desktop", "")]
 
 
+# ---- against QEMU: the same bare-metal kernels (guest/baremetal/benchloop.S, benchpoll.S) on both
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+QEMU_DEVICES = ["-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+PASS_STATUS = (0x10 << 1) | 1              # the bench kernels' isa-debug-exit status
+NO_QEMU = "QEMU not installed"
+
+
+def _qemu() -> str | None:
+    import shutil
+    return QEMU if os.path.exists(QEMU) else shutil.which("qemu-system-x86_64")
+
+
+def _guest(name: str) -> Path | None:
+    path = ROOT / "out" / "guest" / name
+    return path if path.exists() else None
+
+
+def _vmk_boot_cmd(kernel: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "vmk.tools.cli", "boot", str(kernel), *options]
+
+
+def _qemu_cmd(qemu: str, kernel: Path, *options: str) -> list[str]:
+    return [qemu, "-kernel", str(kernel), "-serial", "stdio", *QEMU_DEVICES, *options]
+
+
+class _Run:
+    """One process from start to exit: wall time, exit status, what it printed."""
+
+    def __init__(self, cmd: list[str], timeout: float | None = None) -> None:
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+            self.status, self.out, self.timed_out = proc.returncode, proc.stdout, False
+        except subprocess.TimeoutExpired as e:
+            self.status, self.out, self.timed_out = None, e.stdout or b"", True
+        self.wall = time.perf_counter() - t
+
+    def ok(self, expected: bytes | None = None) -> bool:
+        return self.status == PASS_STATUS and (expected is None or self.out == expected)
+
+
+def loop_output(iters: int) -> bytes:
+    """benchloop.elf's serial output, the same on every PC."""
+    return f"benchloop: {iters} iterations\nbenchloop: done, timer ok\n".encode()
+
+
+def _loop_rate(cmd_for: Callable[[int], list[str]], n: int, repeats: int) -> float:
+    """Guest instructions per host second of benchloop.elf, from whole-process wall
+    times at n and 4n iterations (the best of ``repeats`` each, the sizes
+    alternating): the difference is 3n iterations, so start-up and shut-down
+    cancel.  Each run must exit with status 33 and print :func:`loop_output`."""
+    best = {n: float("inf"), 4 * n: float("inf")}
+    for _ in range(repeats):
+        for size in best:
+            r = _Run(cmd_for(size), timeout=600)
+            if not r.ok(loop_output(size)):
+                raise RuntimeError(f"{' '.join(cmd_for(size))}: status {r.status}, output {r.out[-200:]!r}")
+            best[size] = min(best[size], r.wall)
+    dt = best[4 * n] - best[n]
+    return 3 * n * LOOP_INSNS / dt if dt > 0 else float("inf")
+
+
+LOOP_INSNS = 5                              # instructions per iteration of benchloop's loop
+BENCH_LOOP = """
+bench_loop:
+    add rax, rbx
+    imul rcx, rax
+    xor rdx, rcx
+    dec rbx
+    jnz bench_loop
+"""
+
+
+def _raw_unicorn_loop_rate(iters: int, kernel: Path) -> float:
+    """Raw Unicorn, count=0 and no hooks (the ceiling), on benchloop's own loop bytes."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn.x86_const import UC_X86_REG_RBX, UC_X86_REG_RSP
+
+    from vmk.testing import assemble
+
+    base = 0x100000
+    code = assemble(BENCH_LOOP, base)
+    if code not in kernel.read_bytes():
+        raise RuntimeError("benchloop.elf does not hold tools/bench.py's BENCH_LOOP bytes")
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 4 << 20)
+    uc.mem_write(base, code)
+    uc.reg_write(UC_X86_REG_RSP, 0x80000)
+    uc.reg_write(UC_X86_REG_RBX, 1000)
+    uc.emu_start(base, base + len(code))                                  # warm the translation
+    uc.reg_write(UC_X86_REG_RBX, iters)
+    t = time.perf_counter()
+    uc.emu_start(base, base + len(code))
+    return iters * LOOP_INSNS / (time.perf_counter() - t)
+
+
+def bench_compute_qemu(quick: bool) -> list[Row]:
+    try:
+        return _compute_qemu_rows(quick)
+    except RuntimeError as e:            # a run that failed (status, output): one row says which
+        return [("compute-qemu", "FAILED", "", str(e))]
+
+
+def _compute_qemu_rows(quick: bool) -> list[Row]:
+    name = "compute-qemu: benchloop.elf (1 kHz LAPIC timer), insn/s from wall times at N and 4N iterations"
+    kernel = _guest("benchloop.elf")
+    if kernel is None:
+        return [(name, "skipped", "", "build with 'make guest'")]
+    # N per emulator, so that the 3N iterations between the two sizes take long
+    # enough to stand out of the start-up time's noise (QEMU's is +-0.2 s here).
+    n, n_qemu = (10_000_000, 40_000_000) if quick else (40_000_000, 100_000_000)
+    repeats, repeats_qemu = (1, 2) if quick else (3, 5)
+    # vmk: the user's path; instant serial timing so that the two status lines
+    # (polled) cost nothing at either size (they cancel anyway).
+    ours = _loop_rate(lambda k: _vmk_boot_cmd(kernel, "--serial-timing", "instant", "--append", f"iters={k}"),
+                      n, repeats)
+    raw = max(_raw_unicorn_loop_rate(3 * n, kernel) for _ in range(3))
+    rows = [(name, f"vmk {ours / 1e6:.1f} M/s (N={n:,})", f"raw Unicorn count=0, no hooks {raw / 1e6:.1f} M/s",
+             _verdict(ours / raw >= 0.3, f"ratio {ours / raw:.3f}, target >= 0.3"))]
+    qemu = _qemu()
+    if qemu is None:
+        return rows + [("compute-qemu: vs QEMU -icount shift=0,sleep=off", f"vmk {ours / 1e6:.1f} M/s", NO_QEMU, ""),
+                       ("compute-qemu: vs QEMU -accel tcg", f"vmk {ours / 1e6:.1f} M/s", NO_QEMU, "")]
+    icount = _loop_rate(lambda k: _qemu_cmd(qemu, kernel, "-accel", "tcg", "-icount", "shift=0,sleep=off",
+                                            "-append", f"iters={k}"), n_qemu, repeats_qemu)
+    tcg = _loop_rate(lambda k: _qemu_cmd(qemu, kernel, "-accel", "tcg", "-append", f"iters={k}"),
+                     n_qemu, repeats_qemu)
+    rows.append(("compute-qemu: vs QEMU -icount shift=0,sleep=off (exact time, as vmk)", f"vmk {ours / 1e6:.1f} M/s",
+                 f"QEMU {icount / 1e6:.1f} M/s (N={n_qemu:,})",
+                 _verdict(ours / icount >= 0.8, f"ratio {ours / icount:.3f}, target >= 0.8")))
+    rows.append(("compute-qemu: vs QEMU -accel tcg (no icount; host-timed)", f"vmk {ours / 1e6:.1f} M/s",
+                 f"QEMU {tcg / 1e6:.1f} M/s", f"ratio {ours / tcg:.3f}, no target"))
+    return rows
+
+
+POLL_OUTPUT = b"".join(b"benchpoll: 300 bytes polled out on COM1, line %d of 5 ......\n" % i for i in range(1, 6)) \
+    + b"benchpoll: 10 timer ticks\n"
+"""benchpoll.elf's serial output, the same on every PC: 300 bytes, then a line after the ticks."""
+
+
+def bench_poll_qemu(quick: bool) -> list[Row]:
+    name = "poll-qemu: benchpoll.elf (300 bytes polling LSR.THRE, 10 ticks of 100 Hz with HLT), whole process"
+    kernel = _guest("benchpoll.elf")
+    if kernel is None:
+        return [(name, "skipped", "", "build with 'make guest'")]
+    # Quick mode stops vmk at a time limit: today the polled bytes cost about a minute at baud timing.
+    limit = 5.0 if quick else 600.0
+    repeats = 1 if quick else 3
+    runs = [_Run(_vmk_boot_cmd(kernel, "--idle", "skip"), timeout=limit)]
+    while len(runs) < repeats and runs[-1].wall < 30:        # a run of minutes needs no second one
+        runs.append(_Run(_vmk_boot_cmd(kernel, "--idle", "skip"), timeout=limit))
+    instant = min((_Run(_vmk_boot_cmd(kernel, "--idle", "skip", "--serial-timing", "instant"), timeout=limit)
+                   for _ in range(repeats)), key=lambda r: r.wall)
+    expected = POLL_OUTPUT
+    best = min(runs, key=lambda r: r.wall)
+    if best.timed_out:
+        ours = f"vmk --idle skip > {limit:.0f} s (stopped)"
+    else:
+        ours = f"vmk --idle skip {best.wall:.2f} s" + ("" if best.ok(expected) else f" (FAILED: status {best.status})")
+    inst = f"vmk ... --serial-timing instant {instant.wall:.2f} s" + ("" if instant.ok(expected) else
+                                                                       f" (FAILED: status {instant.status})")
+    name2 = "poll-qemu: the same, vmk with --serial-timing instant (LSR.THRE never falls, as QEMU)"
+    qemu = _qemu()
+    if qemu is None:
+        return [(name, ours, NO_QEMU, ""), (name2, inst, NO_QEMU, "")]
+    q = min((_Run(_qemu_cmd(qemu, kernel, "-accel", "tcg"), timeout=120) for _ in range(repeats)),
+            key=lambda r: r.wall)
+    same = "" if q.ok(expected) else f"; QEMU: status {q.status}, output {'same' if q.out == expected else 'DIFFERS'}"
+    ratio = f"ratio < {q.wall / best.wall:.3g}" if best.timed_out else f"ratio {q.wall / best.wall:.3g}"
+    return [(name, ours, f"QEMU -accel tcg {q.wall:.2f} s",
+             _verdict(best.wall <= q.wall and not best.timed_out and not same, f"{ratio}, target >= 1{same}")),
+            (name2, inst, f"QEMU -accel tcg {q.wall:.2f} s", f"ratio {q.wall / instant.wall:.2f}, no target")]
+
+
 BENCHES: dict[str, Callable[[bool], list[Row]]] = {
     "host": bench_host,
     "compute": bench_compute,
+    "compute-qemu": bench_compute_qemu,
+    "poll-qemu": bench_poll_qemu,
     "timer-irq": bench_timer_irq,
     "boot": bench_boot,
     "rss": bench_rss,
@@ -235,6 +441,8 @@ def _extra_benches() -> dict[str, Callable[[bool], list[Row]]]:
         return [(name, f"{value:,.2f}" if isinstance(value, float) else str(value), ref, "")
                 for name, value, ref in bench_debug(quick)]
     extra["debug"] = debug_rows
+    from .bench_debug import bench_gdb_vs_qemu
+    extra["debug-gdb"] = bench_gdb_vs_qemu
     try:
         from .bench_kernel import bench_kernel
     except ImportError:
