@@ -15,6 +15,12 @@ Invariants:
   retired so far in the slice (``_slice_source``).
 * Arming a timer earlier than the end of the running slice calls ``preempt``
   so the CPU stops at the next instruction boundary and re-slices.
+* Time that is not instruction time (the rest of an I/O bus cycle, see
+  :meth:`Clock.charge`) is added exactly where it happens: ``now`` = the time
+  at the start of the slice + the instructions retired in it times the cost
+  of one + what was charged in it.  A charge that would carry the slice past
+  its limit (the next deadline, or the end of the run) calls ``preempt``, so
+  that deadline still fires at the first instruction boundary at or after it.
 """
 from __future__ import annotations
 
@@ -67,6 +73,9 @@ class Clock:
         self._seq = 0
         self._slice_source: Callable[[], int] | None = None   # ns elapsed inside the running slice
         self._slice_end: int | None = None
+        self._slice_limit: int | None = None    # a time the running slice must stop at (or right after)
+        self._charged = 0                       # ns charged inside the running slice (I/O bus cycles)
+        self.charged = 0                        # ns charged since power-on (statistics, tests)
         self.preempt: Callable[[], None] = _nothing
 
     # -- reading time ------------------------------------------------------
@@ -75,7 +84,7 @@ class Clock:
         src = self._slice_source
         if src is None:
             return self._base
-        return self._base + src()
+        return self._base + src() + self._charged
 
     def timer(self, callback: Callable[[], None], name: str = "") -> Timer:
         return Timer(self, callback, name)
@@ -85,7 +94,7 @@ class Clock:
         self._seq += 1
         heapq.heappush(self._heap, (t.deadline, self._seq, t._gen, t))  # type: ignore[arg-type]
         end = self._slice_end
-        if end is not None and t.deadline < end:  # type: ignore[operator]
+        if end is not None and t.deadline < end + self._charged:  # type: ignore[operator]
             self.preempt()
 
     def next_deadline(self) -> int | None:
@@ -118,23 +127,54 @@ class Clock:
         if t > self._base:
             self._base = t
 
-    def begin_slice(self, source: Callable[[], int], end: int) -> None:
+    def begin_slice(self, source: Callable[[], int], end: int, limit: int | None = None) -> None:
+        """A CPU slice starts: ``source()`` is the instruction time inside it,
+        ``end`` the time its instruction budget reaches, ``limit`` the time it
+        must not run past: the next deadline or the end of the run (None:
+        nothing is due, only the budget bounds the slice)."""
         self._slice_source = source
         self._slice_end = end
+        self._slice_limit = limit
+        self._charged = 0
 
     def end_slice(self, elapsed: int) -> None:
-        self._base += elapsed
+        """The slice ended after ``elapsed`` ns of instruction time (charges are added here)."""
+        self._base += elapsed + self._charged
         self._slice_source = None
         self._slice_end = None
+        self._slice_limit = None
+        self._charged = 0
+
+    def charge(self, ns: int) -> None:
+        """Add ``ns`` of virtual time that the running instruction spends
+        outside the CPU core (the rest of an I/O bus cycle).  Outside a slice
+        the time simply moves on.
+
+        Discussion: the slice's instruction budget was sized to end at its
+        limit; every charge moves that end later by ``ns``.  Once the end
+        would pass the limit, the slice must stop after this instruction
+        (``preempt``), or a timer due before the end would fire late by up
+        to the sum of the charges.  The machine re-slices with the budget
+        that is left, so the deadline fires at the first instruction boundary
+        at or after it, exactly as if the instructions had been slow."""
+        self.charged += ns
+        if self._slice_source is None:
+            self._base += ns
+            return
+        self._charged += ns
+        limit = self._slice_limit
+        if limit is not None and self._slice_end + self._charged > limit:  # type: ignore[operator]
+            self.preempt()
 
     # -- snapshots -------------------------------------------------------------
     def snapshot(self) -> dict:
-        return {"now": self._base, "seq": self._seq}
+        return {"now": self._base, "seq": self._seq, "charged": self.charged}
 
     def restore(self, state: dict) -> None:
         """Restore the time. Timers are re-armed by their owners' restore()."""
         self._base = state["now"]
         self._seq = state["seq"]
+        self.charged = state.get("charged", 0)
         self._heap.clear()
 
 

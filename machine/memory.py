@@ -10,6 +10,13 @@ done in C, per page); the Python side keeps a sorted table for the debugger's
 physical accesses.  An access to a physical address that is neither RAM nor a
 device window stops the CPU with a report (``CPU._hook_unmapped``): on a real
 PC it would read all-ones, but a wild pointer is what users want to see.
+
+A window may have an access *cost* (``cost_ns``): virtual ns each guest load
+or store to it takes beyond the instruction's own time, charged to the clock
+(``charge``) after the device has answered, as port I/O is (``ports.py``).
+The default is 0: the local APIC sits in the core, and vmk does not model
+the chipset's uncached-access latency unless asked (``MachineConfig.mmio_cost_ns``).
+A window without a cost calls the device directly: no extra Python frame.
 """
 from __future__ import annotations
 
@@ -65,22 +72,32 @@ class RAM:
 class MmioBus:
     """Device windows in physical address space."""
 
-    def __init__(self, map_window: Callable[[int, int, Callable, Callable], None]) -> None:
+    def __init__(self, map_window: Callable[[int, int, Callable, Callable], None],
+                 charge: Callable[[int], None] | None = None) -> None:
         # map_window(base, size, read(offset, size), write(offset, size, value)): CPU.map_mmio
+        # charge(ns): Clock.charge, for windows with an access cost
         self._map_window = map_window
+        self._charge = charge
         self._bases: list[int] = []
         self._windows: list[tuple[int, int, MmioDevice, str]] = []
 
-    def map(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:
+    def map(self, base: int, size: int, device: MmioDevice, name: str = "", cost_ns: int = 0) -> None:
         if base % PAGE or size % PAGE:
             raise ValueError("MMIO windows are page aligned")
+        if cost_ns < 0:
+            raise ValueError(f"an MMIO access cannot cost {cost_ns} ns")
+        if cost_ns and self._charge is None:
+            raise ValueError("an MMIO access cost needs a clock to charge")
         i = bisect.bisect(self._bases, base)
         if (i > 0 and self._windows[i - 1][0] + self._windows[i - 1][1] > base) or \
                 (i < len(self._bases) and base + size > self._bases[i]):
             raise ValueError(f"MMIO window {base:#x}+{size:#x} overlaps another")
         self._bases.insert(i, base)
         self._windows.insert(i, (base, size, device, name))
-        self._map_window(base, size, device.read, device.write)
+        read, write = device.read, device.write
+        if cost_ns:
+            read, write = _charged(read, write, self._charge, cost_ns)  # type: ignore[arg-type]
+        self._map_window(base, size, read, write)
 
     def find(self, addr: int) -> tuple[int, MmioDevice, str] | None:
         i = bisect.bisect(self._bases, addr) - 1
@@ -92,3 +109,17 @@ class MmioBus:
 
     def windows(self) -> list[tuple[int, int, str]]:
         return [(b, s, n) for b, s, _, n in self._windows]
+
+
+def _charged(read: Callable[[int, int], int], write: Callable[[int, int, int], None],
+             charge: Callable[[int], None], cost_ns: int) -> tuple[Callable, Callable]:
+    """A device's read/write that charge ``cost_ns`` after each access (the CPU's view only)."""
+    def charged_read(offset: int, size: int) -> int:
+        value = read(offset, size)
+        charge(cost_ns)
+        return value
+
+    def charged_write(offset: int, size: int, value: int) -> None:
+        write(offset, size, value)
+        charge(cost_ns)
+    return charged_read, charged_write

@@ -54,7 +54,7 @@ from .mmu import PageFault, Paging, translate
 from .ports import PortBus
 from .x86 import EXCEPTION_NAMES, IdtSink, TripleFault
 
-__all__ = ["Machine", "MachineConfig", "RunResult", "Why", "InterruptSink", "SerialTiming", "LAPIC_BASE",
+__all__ = ["Machine", "MachineConfig", "RunResult", "Why", "InterruptSink", "SerialTiming", "LAPIC_BASE", "IO_COST_PC_NS",
            "IOAPIC_BASE", "IOAPIC_PIN_OF_ISA_IRQ0", "ACPI_PM_BASE", "ACPI_SCI_IRQ", "HPET_BASE"]
 
 LAPIC_BASE = 0xFEE0_0000
@@ -65,6 +65,38 @@ ACPI_PM_BASE = 0x600                       # PIIX4 PMBA as SeaBIOS sets it on QE
 ACPI_SCI_IRQ = 9
 RTC_IRQ = 8
 KBD_IRQ, AUX_IRQ = 1, 12
+
+# Discussion: what a port access costs on a PC.  The legacy ports (the UARTs,
+# PIC, PIT, port 0x61, POST port 0x80) sit behind the chipset on the ISA bus or
+# its successor LPC.  An ISA 8-bit I/O cycle is 6 BCLK at 8.33 MHz with the
+# default 4 wait states (720 ns); an LPC I/O cycle is 13 LCLK at 33 MHz
+# (390 ns: START, CYCTYPE, 4 address, 2 turnaround, SYNC, 2 data, 2
+# turnaround) plus the SYNC wait states a Super I/O inserts (SMSC's LPC47
+# parts use long-wait SYNC on every I/O cycle), plus the trip through the
+# chipset; the CPU's IN/OUT is serializing and waits for all of it.  Linux
+# times its I/O delay as one OUT to port 0x80 ("2 usecs is an upper-bound",
+# arch/x86/kernel/io_delay.c), and measured IN from a PC's UART or port 0x80
+# is 1-2 us.  vmk charges 1 us per access to every port (mapped or not: an
+# unclaimed cycle still goes out to LPC and ends in a SYNC time-out or a
+# master abort).
+#
+# Why a cost and not "spin skipping" (detecting a guest that re-reads a status
+# register that cannot change before the device's next event, and jumping the
+# clock there): both were measured on a multiboot kernel that polls 300 bytes
+# out at 115200 baud and then waits 10 PIT ticks with HLT (Machine.run only,
+# a loaded 2-core host): no cost, ~26 M instructions and 26-59 s; 1 us per
+# access, 148,845 instructions, 25,973 charged accesses, 0.30-0.44 s (0.21 s
+# with a CPU hook that shortens the slice's budget instead of ending it: not
+# in cpu.py yet); a spin-skipping prototype, 0.015 s.  Spin skipping is exact
+# only if the loop provably has no effect but time: "the same registers at
+# every read" is checkable in the hook, but a loop that also writes memory (a
+# timeout or statistics variable) cannot be told apart without a write hook on
+# every store, and a loop that counts a timeout down in a register (Linux's
+# serial8250 wait_for_xmitr, most real drivers) never repeats its state and is
+# not sped up at all.  The cost is exact for every loop, deterministic (a
+# function of the instruction stream), gives a polling guest the number of
+# reads it makes on hardware (85-86 per byte here), and costs an add per access.
+IO_COST_PC_NS = 1_000
 
 
 class Why(Enum):
@@ -109,6 +141,13 @@ class MachineConfig:
     cmos: bytes | None = None
     # IDE disks by QEMU index: 0/1 primary master/slave, 2/3 secondary master/slave (None: absent).
     drives: list[DiskImage | None] = field(default_factory=list)
+    # Virtual ns an IN/OUT takes beyond its instruction's ns (the bus cycle);
+    # 0 (QEMU's icount: I/O is free) keeps every instruction at ns_per_insn;
+    # IO_COST_PC_NS is the PC's value (vmk boot's default, --io-cost).
+    io_cost_ns: int = 0
+    # The same for guest loads/stores to an MMIO window, by window name
+    # ("lapic", "ioapic"); windows not named cost nothing.
+    mmio_cost_ns: dict[str, int] = field(default_factory=dict)
 
 
 class InterruptSink(Protocol):
@@ -133,8 +172,11 @@ class Machine:
         self.cpu = CPU()
         self.ram = RAM(self.cpu.uc, cfg.mem)
         self.cpu.attach_ram(self.ram.host_address, self.ram.size)
-        self.mmio = MmioBus(self.cpu.map_mmio)
-        self.ports = PortBus(self.log)
+        if cfg.io_cost_ns < 0:
+            raise ValueError(f"an I/O port access cannot cost {cfg.io_cost_ns} ns")
+        self.mmio = MmioBus(self.cpu.map_mmio, self.clock.charge)
+        self.ports = PortBus(self.log, cfg.io_cost_ns)
+        self._port_cost = self.ports.cost
         self.instructions = 0
         self._exit_status: int | None = None
         self._stop_requested: str | None = None
@@ -206,7 +248,8 @@ class Machine:
         self.acpi_pm = AcpiPm(self.clock, self.isa_irq[ACPI_SCI_IRQ], lambda: self.exit(0),
                               log=self._tagged("acpi"))
         ports.map(ACPI_PM_BASE, PM_IO_SIZE, self.acpi_pm, "acpi-pm")
-        self.mmio.map(LAPIC_BASE, 0x1000, self.lapic, "lapic")
+        mmio_cost = dict(cfg.mmio_cost_ns)
+        self.mmio.map(LAPIC_BASE, 0x1000, self.lapic, "lapic", mmio_cost.pop("lapic", 0))
 
         # --- IDE (PIIX legacy ports) and VGA text mode
         drives = list(cfg.drives) + [None] * (4 - len(cfg.drives))
@@ -220,7 +263,9 @@ class Machine:
             if self.ram.size >= TEXT_BASE + TEXT_WINDOW else None
         self.vga = VGA(self.clock, vram, log=self._tagged("vga"))
         ports.map(VGA_PORT_BASE, VGA_PORT_COUNT, self.vga, "vga")
-        self.mmio.map(IOAPIC_BASE, 0x1000, self.ioapic, "ioapic")
+        self.mmio.map(IOAPIC_BASE, 0x1000, self.ioapic, "ioapic", mmio_cost.pop("ioapic", 0))
+        if mmio_cost:
+            raise ValueError(f"no MMIO window named {', '.join(sorted(mmio_cost))} (lapic, ioapic)")
         ports.map(0x70, 2, self.rtc, "rtc")
         ports.map(0xCF8, 8, self.pci, "pci-config")
         ports.map(0x60, 1, _Offset(self.i8042, 0), "i8042-data")
@@ -321,13 +366,20 @@ class Machine:
         if not self.port_allowed(port, size):
             self._io_fault()
             return 0
-        return self.ports.read(port, size)
+        value = self.ports.read(port, size)
+        cost = self._port_cost[port & 0xFFFF]
+        if cost:
+            self.clock.charge(cost)      # the device answered at the start of the cycle; the CPU waits it out
+        return value
 
     def _port_out(self, port: int, size: int, value: int) -> None:
         if not self.port_allowed(port, size):
             self._io_fault()
             return
         self.ports.write(port, size, value)
+        cost = self._port_cost[port & 0xFFFF]
+        if cost:
+            self.clock.charge(cost)
 
     def _io_fault(self) -> None:
         # Quirk: Unicorn does not check I/O permission (gen_check_io returns
@@ -524,6 +576,7 @@ class Machine:
                         return r
                     continue
                 budget = 1 if shadow else quantum
+                limit = deadline                   # the slice must not run past it (I/O costs: Clock.charge)
                 if deadline is not None:
                     n = -(-(deadline - now) // nspi)
                     if n < budget:
@@ -532,6 +585,8 @@ class Machine:
                     n = -(-(until - now) // nspi)
                     if n < budget:
                         budget = n if n > 1 else 1
+                    if limit is None or until < limit:
+                        limit = until
                 if insn_limit is not None:
                     if self.instructions >= insn_limit:
                         return RunResult(Why.STOPPED, "instruction limit reached")
@@ -540,7 +595,7 @@ class Machine:
                     lim = self.slice_limit()
                     if lim is not None:
                         budget = min(budget, lim)
-                clock.begin_slice(in_slice, now + budget * nspi)
+                clock.begin_slice(in_slice, now + budget * nspi, limit)
                 try:
                     executed, why = cpu.run(budget)
                 except BaseException:

@@ -4,6 +4,13 @@ A flat table of 65536 slots gives O(1) dispatch from the IN/OUT hooks.
 Unmapped ports read all-ones and ignore writes, as on a PC; the first access
 to each unmapped port is logged (a guest probing for absent hardware is
 normal, a typo in a port number is not).
+
+Every port also has a *cost*: the virtual ns an IN or OUT on it takes beyond
+the instruction's own time (the bus cycle; see ``MachineConfig.io_cost_ns``
+for the PC's value and why).  The bus only keeps the table (``cost``); the
+machine charges it to the clock when the CPU executes the access.  Accesses
+that do not come from guest instructions (firmware set-up, the HAL, the
+debugger) are not charged.
 """
 from __future__ import annotations
 
@@ -18,18 +25,27 @@ class PortDevice(Protocol):
 
 
 class PortBus:
-    def __init__(self, log: Callable[[str], None]) -> None:
+    def __init__(self, log: Callable[[str], None], cost_ns: int = 0) -> None:
+        if cost_ns < 0:
+            raise ValueError(f"an I/O port access cannot cost {cost_ns} ns")
         self._slots: list[tuple[PortDevice, int, str] | None] = [None] * 0x10000
+        self.cost: list[int] = [cost_ns] * 0x10000      # virtual ns per access, by port (unmapped too)
         self._log = log
         self._reported: set[int] = set()
         self.unmapped_reads = 0
         self.unmapped_writes = 0
 
-    def map(self, base: int, count: int, device: PortDevice, name: str = "") -> None:
+    def map(self, base: int, count: int, device: PortDevice, name: str = "", cost_ns: int | None = None) -> None:
+        """Map ``count`` ports from ``base``; ``cost_ns`` overrides the bus's access cost for them."""
         for port in range(base, base + count):
             if self._slots[port] is not None:
                 raise ValueError(f"port {port:#x} is already mapped to {self._slots[port][2]}")
+        if cost_ns is not None and cost_ns < 0:
+            raise ValueError(f"an I/O port access cannot cost {cost_ns} ns")
+        for port in range(base, base + count):
             self._slots[port] = (device, base, name)
+            if cost_ns is not None:
+                self.cost[port] = cost_ns
 
     def read(self, port: int, size: int) -> int:
         slot = self._slots[port & 0xFFFF]

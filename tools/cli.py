@@ -2,7 +2,7 @@
 
     vmk boot IMAGE [--serial SPEC] [--serial2 SPEC] [--mem SIZE] [--debugcon SPEC]
                    [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
-                   [--serial-timing baud|instant] [--no-reboot] [--rtc-base DATE]
+                   [--serial-timing baud|instant] [--io-cost NS] [--no-reboot] [--rtc-base DATE]
                    [--drive file=IMG[,index=N][,format=raw][,media=disk][,snapshot=on]]... [-hda IMG] [-hdb IMG]
                    [--snapshot] [--vga FILE|-]
                    [--gdb [HOST]:PORT [--wait-gdb]]
@@ -37,7 +37,7 @@ import sys
 
 from vmk.boot.loader import ImageError, load_kernel
 from vmk.machine.chardev import parse_chardev
-from vmk.machine.pc import Machine, MachineConfig, Why
+from vmk.machine.pc import IO_COST_PC_NS, Machine, MachineConfig, Why
 
 from .units import format_ns, parse_duration, parse_size
 
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UART transmit timing: bytes leave at the programmed baud rate as on a PC16550D (baud, "
                         "default), or at the THR write with the IRQ not gated on MCR.OUT2, as QEMU (instant: "
                         "for kernels that poll LSR.THRE)")
+    b.add_argument("--io-cost", type=int, default=IO_COST_PC_NS, metavar="NS",
+                   help=f"virtual ns an IN/OUT instruction takes beyond --icount: the ISA/LPC bus cycle "
+                        f"(default {IO_COST_PC_NS}, a PC's ~1 us; 0: free, as QEMU's icount)")
     b.add_argument("--debugcon", default=None, metavar="SPEC", help="port 0xE9 debug console back end")
     b.add_argument("--mem", type=_arg(parse_size), default=128 << 20, metavar="SIZE",
                    help="guest RAM: MiB, or with K/M/G suffix (default 128)")
@@ -178,6 +181,8 @@ def _fail(msg: str, status: int = EXIT_USAGE) -> int:
 def cmd_boot(args) -> int:
     if args.icount < 1:
         return _fail(f"--icount must be at least 1 ns per instruction, not {args.icount}")
+    if args.io_cost < 0:
+        return _fail(f"--io-cost must be 0 or more ns, not {args.io_cost}")
     if args.wait_gdb and not args.gdb:
         return _fail("--wait-gdb needs --gdb [HOST]:PORT")
     gdb_addr = None
@@ -227,7 +232,8 @@ def cmd_boot(args) -> int:
         try:
             machine = Machine(MachineConfig(mem=args.mem, ns_per_insn=args.icount, serial=devs,
                                             debugcon=debugcon, log=log, realtime_idle=args.idle == "realtime",
-                                            serial_timing=args.serial_timing, rtc_base=rtc_base, cmos=cmos,
+                                            serial_timing=args.serial_timing, io_cost_ns=args.io_cost,
+                                            rtc_base=rtc_base, cmos=cmos,
                                             drives=drives))
         except ValueError as e:
             _close_all(closing, debugcon)

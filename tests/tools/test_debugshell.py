@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_gdb_real import VmkBoot  # same directory (pytest rootdir imports)
+from vmk.machine.pc import IO_COST_PC_NS
 from vmk.testing import Harness
 from vmk.tools.debugshell import (
     CommandError,
@@ -263,7 +264,7 @@ detach
 
 def test_batch_scenario_on_a_bare_metal_kernel(guest_dir: Path, tmp_path: Path) -> None:
     from vmk.tools.kernelview import NO_KERNEL as no_kernel
-    h = Harness.boot(str(guest_dir / "gdbtarget.elf"))
+    h = Harness.boot(str(guest_dir / "gdbtarget.elf"), io_cost_ns=IO_COST_PC_NS)      # as vmk boot
     h.run_to_end(limit=5_000_000_000)
     reference = h.serial(0).text
     serial = tmp_path / "com1.txt"

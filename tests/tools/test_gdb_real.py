@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from vmk.machine.pc import IO_COST_PC_NS
 from vmk.testing import Harness
 from vmk.tools.kernelview import NO_KERNEL
 
@@ -81,7 +82,7 @@ def boot():
 @pytest.fixture(scope="module")
 def reference(guest_dir: Path) -> str:
     """gdbtarget's serial output without a debugger."""
-    h = Harness.boot(str(guest_dir / "gdbtarget.elf"))
+    h = Harness.boot(str(guest_dir / "gdbtarget.elf"), io_cost_ns=IO_COST_PC_NS)      # as vmk boot
     r = h.run_to_end(limit=5_000_000_000)
     assert r.exit_status == 1
     text = h.serial(0).text
