@@ -77,6 +77,7 @@ class Clock:
         self._charged = 0                       # ns charged inside the running slice (I/O bus cycles)
         self.charged = 0                        # ns charged since power-on (statistics, tests)
         self.preempt: Callable[[], None] = _nothing
+        self.shorten: Callable[[int], bool] = _cannot
 
     # -- reading time ------------------------------------------------------
     @property
@@ -95,7 +96,7 @@ class Clock:
         heapq.heappush(self._heap, (t.deadline, self._seq, t._gen, t))  # type: ignore[arg-type]
         end = self._slice_end
         if end is not None and t.deadline < end + self._charged:  # type: ignore[operator]
-            self.preempt()
+            self._cut(t.deadline)
 
     def next_deadline(self) -> int | None:
         """Earliest armed deadline, or None.  Drops stale entries on the way."""
@@ -164,6 +165,16 @@ class Clock:
         self._charged += ns
         limit = self._slice_limit
         if limit is not None and self._slice_end + self._charged > limit:  # type: ignore[operator]
+            self._cut(limit)
+
+    def _cut(self, t: int) -> None:
+        """The running slice must not run past ``t``: shorten its budget if
+        the CPU can (``shorten(t)``: the slice goes on up to ``t``), else end
+        it after the current instruction (``preempt``).  Either way the
+        machine re-slices from where it stops, so ``t`` is met exactly."""
+        if self.shorten(t):
+            self._slice_end = min(self._slice_end, t - self._charged)  # type: ignore[type-var]
+        else:
             self.preempt()
 
     # -- snapshots -------------------------------------------------------------
@@ -180,3 +191,7 @@ class Clock:
 
 def _nothing() -> None:
     return None
+
+
+def _cannot(t: int) -> bool:
+    return False

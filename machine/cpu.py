@@ -26,8 +26,12 @@ Everything Unicorn does not do architecturally is done here or in
   that change privilege patch the saved context (``load_segment``).
 * ``rdtsc``/``rdtscp`` return the host TSC: hooked through the binding's private
   ``__do_hook_add`` to return virtual time.
-* A translation block compiled without the count hook ignores ``count``: the
-  CPU never runs with ``count=0``.
+* A translation block compiled without the count hook ignores ``count``: a
+  count-mode run after a block-mode (``count=0``) run flushes the
+  translations first.
+* Block mode (the default, see the Discussion at ``block_mode``) counts
+  whole translation blocks in C and is exact to the instruction: same
+  counts, times, interrupts and registers as count mode.
 * ``emu_start``'s ``until`` address is probed through the page tables on every
   call, clobbering CR2 and the error code (and leaving ``old_exception`` set,
   so the next fault became #DF): the CPU runs in "exits" mode, where nothing
@@ -594,21 +598,39 @@ class CPU:
         return False
 
     # ------------------------------------------------------------------ block mode
-    # Discussion (prototype, default off): Unicorn's count mode calls a helper
-    # before every instruction (55-90 M insn/s).  In block mode a slice of at
-    # least BLOCK_MIN instructions first runs with count=0 under a C
-    # UC_HOOK_BLOCK counter (_fasthooks.block_count_hook) that adds each
-    # block's instruction count on entry and stops before the block that would
-    # pass the budget; the rest of the budget runs in count mode, so the slice
-    # still ends at the exact instruction.  HLT, SYSCALL and INT n end a block,
-    # so the whole-block count is exact there; a fault mid-block is corrected
-    # from its RIP.  Not exact (so not default): IN/OUT, MMIO, RDTSC and CPUID
-    # in the middle of a block see the time of the block's end, and a stop they
-    # request takes effect only at the block's end; cached counts are keyed by
-    # (virtual address, size), so code changed in place or another address
-    # space with different code at the same address reuses a stale count.
+    # Discussion: Unicorn's count mode calls a helper before every instruction
+    # (55-100 M insn/s).  In block mode a slice of at least BLOCK_MIN
+    # instructions first runs with count=0 under a C UC_HOOK_BLOCK counter
+    # (_fasthooks.block_count_hook) that adds each block's instruction count on
+    # entry (decoded once with capstone, cached by address, size and the live
+    # CR3, so other address spaces never share a count) and stops before the
+    # block that would pass the budget; the rest of the budget runs in count
+    # mode, so the slice still ends at the exact instruction (4.8x on the
+    # compute loop).  What makes it exact where an instruction in the middle
+    # of a block needs its own time or its own stop:
+    # * the time a hook reads is the block's start plus the instruction's index
+    #   in it (retired_in_slice), from RIP, which Unicorn syncs for IN/OUT,
+    #   CPUID and RDTSC, and for MMIO while a memory hook exists (map_mmio adds
+    #   an empty ranged one);
+    # * a block with port I/O runs in count mode (an IN/OUT can #GP or end the
+    #   slice right after itself, which count=0 cannot do mid-block);
+    # * an MMIO mov store that ends the slice (an EOI or self-IPI making an
+    #   interrupt deliverable) stops right after itself (_stop_after_store);
+    #   other MMIO stops land at the block's end (documented latency, as QEMU
+    #   TCG without icount);
+    # * a fault mid-block is corrected from its RIP; a fetch fault Unicorn does
+    #   not hand to the hook is found by the machine's page walk;
+    # * SYSCALL, HLT and INT n end a block.
+    # The debugger's watchpoints and code-hook breakpoints need an exact stop
+    # after any instruction: while one is armed (``precise``) slices run in
+    # count mode.  Known limit: code rewritten in place inside one address
+    # space, with the same block size but another instruction count, keeps its
+    # old count (deterministically).
     BLOCK_MIN = 4096
-    BLOCK_MODE_DEFAULT = True           # not exact for every guest yet: see the discussion above
+    COUNT_BACKOFF_MAX = 256
+    _count_slices = 0                    # slices to run in count mode before trying block mode again
+    _count_backoff = 0
+    BLOCK_MODE_DEFAULT = True
 
     @property
     def block_mode(self) -> bool:
@@ -729,6 +751,21 @@ class CPU:
             self._emu_count.value = c
             self._stop_reason = reason
 
+    def limit_slice(self, more: int) -> bool:
+        """Let the running slice retire at most ``more`` instructions after the
+        current one (a timer came due earlier, an I/O cost used up time).
+        False where it cannot be done exactly (a block-mode run): the caller
+        then ends the slice with :meth:`request_stop`."""
+        if not self._running or self._stop_reason != Stop.COUNT:
+            return True
+        if self._phase1:
+            return False
+        new = self._counter.value + more
+        if new < self._budget:
+            self._budget = new
+            self._emu_count.value = new
+        return True
+
     @property
     def running(self) -> bool:
         return self._running
@@ -780,7 +817,9 @@ class CPU:
         uc = self.uc
         uc._hook_exception = None                 # the binding's hooks (debugger) report through it
         self._phase1_done = 0
-        if self._block_mode and count >= self.BLOCK_MIN and not self.precise:
+        if self._count_slices:
+            self._count_slices -= 1
+        elif self._block_mode and count >= self.BLOCK_MIN and not self.precise:
             done, count = self._run_blocks(count)
             if done is not None:
                 return done
@@ -908,6 +947,14 @@ class CPU:
             w[0] = 0
             if reason is _COUNT:
                 reason = Stop.REQUEST
+        if self._bc_hit.value == 2 and executed < self.BLOCK_MIN:
+            # A port-I/O block came at once (a polling loop): run the next
+            # slices in count mode, doubling while it goes on, so the switch
+            # (a translation flush each way) is not paid per slice.
+            self._count_backoff = min(2 * self._count_backoff or 1, self.COUNT_BACKOFF_MAX)
+            self._count_slices = self._count_backoff
+        else:
+            self._count_backoff = 0
         if reason is _COUNT and self._bc_hit.value:
             if executed == count:
                 return (executed, reason), 0

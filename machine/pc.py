@@ -31,7 +31,7 @@ from enum import Enum
 from typing import Callable, Protocol
 
 from .chardev import CharDev, NullChar
-from .clock import Clock
+from .clock import Clock, _cannot
 from .cpu import CPU, EFLAGS, HF, CpuEvent, Ctx, Reg, Stop
 from .blockdev import DiskImage
 from .devices.acpipm import PM_IO_SIZE, AcpiPm
@@ -539,6 +539,7 @@ class Machine:
         insn_limit = None if max_instructions is None else self.instructions + max_instructions
         self._stop_requested = None
         clock.preempt = cpu.request_stop
+        clock.shorten = lambda t: cpu.limit_slice(max(0, (t - clock.now) // nspi))   # noqa: E731
         self._host_ref, self._virt_ref = time.monotonic(), clock.now
         in_slice = lambda: cpu.retired_in_slice() * nspi      # noqa: E731 - the clock's slice source
         try:
@@ -620,6 +621,7 @@ class Machine:
             return RunResult(Why.INTERRUPTED, f"interrupted at t={clock.now} ns")
         finally:
             clock.preempt = _nothing
+            clock.shorten = _cannot
 
     def _drain(self, span: int = 10_000_000, max_events: int = 10_000) -> None:
         """The CPU is dead: let devices finish what is in flight (bytes in a
