@@ -927,7 +927,6 @@ class CPU:
         _fasthooks.bc_select(bc)
         self._phase1 = True
         self._tb_count_mode = False
-        uc = self.uc
         try:
             self._emu_start(0)
         finally:
