@@ -216,11 +216,16 @@ static uint64_t gw_mmio_read(void *uc, uint64_t offset, unsigned size, void *ud)
     return v;
 }
 
+/* 1 while a device's MMIO write callback runs (CPU.request_stop reads it through ctypes). */
+static int32_t mmio_writing;
+
 static void gw_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, void *ud)
 {
     PyObject *a[3] = {PyLong_FromUnsignedLongLong(offset), PyLong_FromUnsignedLong(size),
                       PyLong_FromUnsignedLongLong(value)};
+    mmio_writing = 1;
     PyObject *r = call(uc, ud, a, 3);
+    mmio_writing = 0;
     drop(a, 3);
     Py_XDECREF(r);
 }
@@ -754,7 +759,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
     p_emu_stop = (uc_emu_stop_fn)(uintptr_t)es;
     p_emu_start = (uc_emu_start_fn)(uintptr_t)est;
     p_context_save = (uc_context_save_fn)(uintptr_t)cs;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "blockcount", (unsigned long long)(uintptr_t)&block_count_hook,
                          "syscall", (unsigned long long)(uintptr_t)&gw_syscall,
                          "in", (unsigned long long)(uintptr_t)&gw_in,
@@ -767,6 +772,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
                          "mem_noop", (unsigned long long)(uintptr_t)&gw_mem_noop,
                          "mmio_read", (unsigned long long)(uintptr_t)&gw_mmio_read,
                          "mmio_write", (unsigned long long)(uintptr_t)&gw_mmio_write,
+                         "mmio_writing", (unsigned long long)(uintptr_t)&mmio_writing,
                          "window", (unsigned long long)(uintptr_t)&window_hook);
 }
 

@@ -77,7 +77,7 @@ class Clock:
         self._charged = 0                       # ns charged inside the running slice (I/O bus cycles)
         self.charged = 0                        # ns charged since power-on (statistics, tests)
         self.preempt: Callable[[], None] = _nothing
-        self.shorten: Callable[[int], bool] = _cannot
+        self.shorten: Callable[[int], bool] = cannot_shorten
 
     # -- reading time ------------------------------------------------------
     @property
@@ -193,5 +193,5 @@ def _nothing() -> None:
     return None
 
 
-def _cannot(t: int) -> bool:
+def cannot_shorten(t: int) -> bool:
     return False

@@ -273,6 +273,7 @@ _GATEWAYS = _fasthooks.setup(
     syscall_regs=(X.UC_X86_REG_RAX, X.UC_X86_REG_RDI, X.UC_X86_REG_RSI, X.UC_X86_REG_RDX, X.UC_X86_REG_R10,
                   X.UC_X86_REG_R8, X.UC_X86_REG_R9))
 _run = _fasthooks.run
+_MMIO_WRITING = ctypes.c_int32.from_address(_GATEWAYS["mmio_writing"])   # 1 inside an MMIO write callback
 _regs_read = _fasthooks.regs_read
 _regs_write = _fasthooks.regs_write
 _regs_swap = _fasthooks.regs_swap
@@ -383,7 +384,6 @@ class CPU:
         # > 0 while something needs every stop exact to the instruction (the
         # debugger's watchpoints and code-hook breakpoints): no block mode then.
         self.precise = 0
-        self._mmio_writing = False            # inside a device's MMIO write callback
         self._skip_to: int | None = None      # block mode: resume past an aborted MMIO store
         if self.BLOCK_MODE_DEFAULT:
             self.block_mode = True
@@ -433,14 +433,7 @@ class CPU:
     def map_mmio(self, base: int, size: int, read: Callable[[int, int], int],
                  write: Callable[[int, int, int], None]) -> None:
         """Map a device window; Unicorn calls ``read(offset, size)`` / ``write(offset, size, value)``."""
-        def write_(offset: int, size: int, value: int, write=write) -> None:
-            self._mmio_writing = True
-            try:
-                write(offset, size, value)
-            finally:
-                self._mmio_writing = False
-        self._gateway_refs += [read, write_]
-        write = write_
+        self._gateway_refs += [read, write]
         status = _lib.uc_mmio_map(self.uc._uch, ctypes.c_uint64(base), ctypes.c_uint64(size),
                                   ctypes.c_void_p(_GATEWAYS["mmio_read"]), ctypes.c_void_p(id(read)),
                                   ctypes.c_void_p(_GATEWAYS["mmio_write"]), ctypes.c_void_p(id(write)))
@@ -742,7 +735,7 @@ class CPU:
         if self._running and self._stop_reason == Stop.COUNT:
             if self._phase1:
                 self._stop_reason = reason
-                if self._mmio_writing and self._skip_to is None and self._stop_after_store():
+                if _MMIO_WRITING.value and self._skip_to is None and self._stop_after_store():
                     return
                 self._bc_limit.value = self._bc_counter.value     # stop before the next block
                 return

@@ -31,7 +31,7 @@ from enum import Enum
 from typing import Callable, Protocol
 
 from .chardev import CharDev, NullChar
-from .clock import Clock, _cannot
+from .clock import Clock, cannot_shorten
 from .cpu import CPU, EFLAGS, HF, CpuEvent, Ctx, Reg, Stop
 from .blockdev import DiskImage
 from .devices.acpipm import PM_IO_SIZE, AcpiPm
@@ -621,7 +621,7 @@ class Machine:
             return RunResult(Why.INTERRUPTED, f"interrupted at t={clock.now} ns")
         finally:
             clock.preempt = _nothing
-            clock.shorten = _cannot
+            clock.shorten = cannot_shorten
 
     def _drain(self, span: int = 10_000_000, max_events: int = 10_000) -> None:
         """The CPU is dead: let devices finish what is in flight (bytes in a
