@@ -250,6 +250,9 @@ class Channel:
             return NOT_READY
         self.recvq.remove(w)
         self.sends += 1
+        t = self._table.tracer
+        if t is not None:
+            t.rendezvous(self, exclude.fiber if exclude is not None else None, w.sync.fiber, message_size(msg))
         w.sync.complete(w.arm, msg)
         return 0
 
@@ -263,6 +266,10 @@ class Channel:
             return NOT_READY
         self.sendq.remove(w)
         self.sends += 1
+        t = self._table.tracer
+        if t is not None:
+            t.rendezvous(self, w.sync.fiber, exclude.fiber if exclude is not None else None,
+                         message_size(w.payload))
         w.sync.complete(w.arm, 0)
         return w.payload
 
@@ -282,6 +289,7 @@ class ChannelTable:
         self._slots: list[Channel | None] = [None] * capacity
         self._free_ids = list(range(capacity))       # a heap
         self.high_water = 0
+        self.tracer: Any = None                      # a machine/trace.py Tracer (pid 0 sets it)
 
     def create(self, msg_size: int = 0, tag: int = 0, *, holder: Any = KERNEL, name: str = "") -> Channel:
         """A new channel held once by ``holder``.

@@ -102,6 +102,7 @@ class KernelClock:
         self._heap: list[tuple[int, int, "KTimer"]] = []
         self._seq = 0
         self._on_change = on_change
+        self._tracer = machine.tracer
 
     @property
     def now(self) -> int:
@@ -111,6 +112,8 @@ class KernelClock:
         return KTimer(self, callback, name)
 
     def _push(self, t: "KTimer") -> None:
+        if self._tracer is not None:
+            self._tracer.timer_deadline(t.name or "kernel timer", t.deadline)
         self._seq += 1
         heapq.heappush(self._heap, (t.deadline, self._seq, t))
         self._on_change()
@@ -232,7 +235,15 @@ class VMKernel:
         self.sched.spawn_kernel(self._uart_tx_driver(), "uart-tx")
         self.hal.start(self)
         self.door: Any = None                    # the fast path's syscall entry
-        self.hal.wrap_syscall_entry(self._fast_door)
+        self.tracer = machine.tracer             # machine/trace.py: None, or what it reports to
+        if self.tracer is None:
+            self.hal.wrap_syscall_entry(self._fast_door)
+        else:
+            # Traced: every syscall through a door that records it, and no C fast path
+            # (it would rendezvous and switch fibers without reporting them).
+            self.fast_ipc = False
+            self.sched.tracer = self.channels.tracer = self.tracer
+            self.hal.wrap_syscall_entry(self._traced_door)
         # Heaps are demand-paged, but what the image promises its containers must exist.
         free = self.hal.frames.available * PAGE
         for spec in image.boot_order():
@@ -258,6 +269,15 @@ class VMKernel:
             ram=ram.host_address, ram_size=ram.size, nr_send=int(Syscall.SEND),
             nr_recv=int(Syscall.RECV), max_msg=MAX_MSG)
         return self.door
+
+    def _traced_door(self, entry: Callable[..., int | None], stop: Callable[[], None]) -> Any:
+        tracer = self.tracer
+
+        def door(nr: int, *args: int) -> int | None:
+            rec = tracer.syscall(self.current, nr, _syscall_name(nr), args)
+            rec["result"] = result = entry(nr, *args)
+            return result
+        return door
 
     # ------------------------------------------------------------------ containers
     def start_container(self, name: str, passed: list[Any] | None = None) -> Container:
@@ -328,6 +348,8 @@ class VMKernel:
             self.current = None
             self._fiber_deadline = None
             self._yielded = False
+            if self.tracer is not None:
+                self.tracer.fiber_on_cpu(None)
             self.machine.stop(KSTOP + "container ended")
 
     # ------------------------------------------------------------------ the loop
@@ -404,6 +426,8 @@ class VMKernel:
         self.current = f
         c = f.container
         ctx: GuestContext = f.ctx
+        if self.tracer is not None:
+            self.tracer.fiber_on_cpu(f)
         if f.result is not None:
             ctx.regs[RAX_SLOT] = f.result & _U64
             f.result = None
@@ -459,6 +483,8 @@ class VMKernel:
         deadline, self._fiber_deadline = self._fiber_deadline, None
         yielded, self._yielded = self._yielded, False
         self.current = None
+        if self.tracer is not None:
+            self.tracer.fiber_on_cpu(None)
         if cur.state is not FiberState.RUNNING:
             cur.ran_ns = 0
         elif yielded:

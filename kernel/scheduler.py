@@ -648,6 +648,7 @@ class Scheduler:
         self._stepping: Fiber | None = None             # the kernel fiber inside its generator
         self.tick = 0                                   # dispatches so far
         self.wakeups = 0                                # parked fibers made RUNNABLE so far
+        self.tracer: Any = None                         # a machine/trace.py Tracer (pid 0 sets it)
 
     @property
     def policy(self) -> Any:
@@ -685,6 +686,9 @@ class Scheduler:
         if f.container is not None:
             self._by_container.setdefault(f.container, {})[f] = None
         self.policy.push(f, self.tick)
+        t = self.tracer
+        if t is not None:
+            t.fiber_state(f, "runnable")
         return f
 
     # -- syncing -------------------------------------------------------------------
@@ -716,6 +720,9 @@ class Scheduler:
         if outcome is NOT_READY:
             fiber.state = FiberState.BLOCKED
             fiber._sync = sync
+            t = self.tracer
+            if t is not None:
+                t.fiber_state(fiber, "blocked", sync.describe())
         return outcome
 
     def park(self, fiber: Fiber, sync: Sync) -> None:
@@ -727,6 +734,9 @@ class Scheduler:
         fiber.state = FiberState.BLOCKED
         fiber._sync = sync
         self.running = None
+        t = self.tracer
+        if t is not None:
+            t.fiber_state(fiber, "blocked", sync.describe())
 
     def committed(self, fiber: Fiber, outcome: Any) -> None:
         """A parked sync committed: the fiber becomes RUNNABLE with its result."""
@@ -743,6 +753,9 @@ class Scheduler:
         fiber.state = FiberState.RUNNABLE
         self.wakeups += 1
         self.policy.push(fiber, self.tick)
+        t = self.tracer
+        if t is not None:
+            t.fiber_state(fiber, "runnable")
 
     # -- choosing and running --------------------------------------------------------
     def next_fiber(self) -> Fiber | None:
@@ -755,6 +768,9 @@ class Scheduler:
         self.tick += 1
         f.state = FiberState.RUNNING
         self.running = f
+        t = self.tracer
+        if t is not None:
+            t.fiber_state(f, "running")
         return f
 
     def next_guest(self) -> Fiber | None:
@@ -774,6 +790,9 @@ class Scheduler:
         self.tick += 1
         f.state = FiberState.RUNNING
         self.running = f
+        t = self.tracer
+        if t is not None:
+            t.fiber_state(f, "running")
         return f
 
     def step(self, fiber: Fiber) -> None:
@@ -783,6 +802,9 @@ class Scheduler:
         if self._run_kernel(fiber):
             fiber.state = FiberState.RUNNABLE
             self.policy.push(fiber, self.tick)
+            t = self.tracer
+            if t is not None:
+                t.fiber_state(fiber, "runnable")
 
     def run_kernel_fibers(self, max_steps: int | None = None) -> int:
         """Step runnable kernel fibers until none is runnable; returns the steps.
@@ -804,11 +826,17 @@ class Scheduler:
             self.tick += 1
             steps += 1
             f.state = FiberState.RUNNING
+            t = self.tracer
+            if t is not None:
+                t.fiber_state(f, "running")
             if self._run_kernel(f):
                 yielded.append(f)
+        t = self.tracer
         for f in yielded:
             f.state = FiberState.RUNNABLE
             self.policy.push(f, self.tick)
+            if t is not None:
+                t.fiber_state(f, "runnable")
         return steps
 
     def _run_kernel(self, fiber: Fiber) -> bool:
@@ -886,6 +914,9 @@ class Scheduler:
         if fiber is self.running:
             self.running = None
         fiber.state = FiberState.RUNNABLE
+        t = self.tracer
+        if t is not None:
+            t.fiber_state(fiber, "runnable")
 
     # -- ending fibers -----------------------------------------------------------------
     def exit(self, fiber: Fiber, value: Any = 0) -> None:
@@ -915,6 +946,9 @@ class Scheduler:
             self.running = None
         fiber.state = FiberState.DONE
         fiber.exit_value = value
+        t = self.tracer
+        if t is not None:
+            t.fiber_state(fiber, "done")
         if fiber.kind is FiberKind.KERNEL and fiber is not self._stepping:
             self._close(fiber)
         fiber.joiners.wake_all(value)

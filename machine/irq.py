@@ -14,13 +14,14 @@ __all__ = ["IrqLine"]
 
 
 class IrqLine:
-    __slots__ = ("name", "level", "_sinks", "raised")
+    __slots__ = ("name", "level", "_sinks", "raised", "tracer")
 
     def __init__(self, name: str = "") -> None:
         self.name = name
         self.level = False
         self._sinks: list[Callable[[bool], None]] = []
         self.raised = 0          # rising edges seen, for statistics and tests
+        self.tracer = None       # a machine/trace.py Tracer, set by the machine that traces
 
     def connect(self, sink: Callable[[bool], None]) -> None:
         """Call ``sink(level)`` on every change of level."""
@@ -33,6 +34,9 @@ class IrqLine:
         self.level = level
         if level:
             self.raised += 1
+        t = self.tracer
+        if t is not None:
+            t.irq_line(self.name, level)
         for sink in self._sinks:
             sink(level)
 

@@ -52,6 +52,7 @@ from .irq import IrqLine
 from .memory import RAM, MmioBus
 from .mmu import PageFault, Paging, translate
 from .ports import PortBus
+from .trace import Tracer
 from .x86 import EXCEPTION_NAMES, IdtSink, TripleFault
 
 __all__ = ["Machine", "MachineConfig", "RunResult", "Why", "InterruptSink", "SerialTiming", "LAPIC_BASE", "IO_COST_PC_NS",
@@ -148,6 +149,9 @@ class MachineConfig:
     # The same for guest loads/stores to an MMIO window, by window name
     # ("lapic", "ioapic"); windows not named cost nothing.
     mmio_cost_ns: dict[str, int] = field(default_factory=dict)
+    # A machine/trace.py Tracer to report to (IRQ lines, deliveries, EOIs; pid 0 reads
+    # Machine.tracer for its own events); None: nothing is traced and nothing costs.
+    tracer: Tracer | None = None
 
 
 class InterruptSink(Protocol):
@@ -294,6 +298,18 @@ class Machine:
         self.slice_limit: Callable[[], int | None] | None = None
         # debugger single step with `step-irq off`: keep external interrupts pending
         self.hold_interrupts = False
+        self.tracer = cfg.tracer
+        if self.tracer is not None:
+            self._attach_tracer(self.tracer)
+
+    def _attach_tracer(self, tracer: Tracer) -> None:
+        """Hand the tracer to what reports to it: the IRQ lines (ISA IRQ 0-15, and the PIT
+        and RTC outputs before the HPET's legacy switch) and the local APIC (EOIs)."""
+        tracer.attach(self.clock)
+        for line in [*self.isa_irq, self.pit_irq, self.rtc_irq]:
+            line.tracer = tracer
+            tracer.add_line(line.name, line.level)
+        self.lapic.tracer = tracer
 
     # ------------------------------------------------------------------ helpers
     def _tagged(self, tag: str) -> Callable[[str], None]:
@@ -491,6 +507,8 @@ class Machine:
         if ev.vector == 13 and self._io_fault_rax is not None:
             self.cpu.set_reg(Reg.RAX, self._io_fault_rax)
             self._io_fault_rax = None
+        if self.tracer is not None:
+            self.tracer.irq_delivered(ev.vector, external=False)
         try:
             self.sink.deliver(ev.vector, error_code=ev.error_code, software=ev.is_int, external=False,
                               return_rip=ev.next_rip if ev.is_int else ev.rip,
@@ -508,6 +526,8 @@ class Machine:
         vector = self.lapic.acknowledge()
         self.interrupts_taken += 1
         cpu.halted = False
+        if self.tracer is not None:
+            self.tracer.irq_delivered(vector)
         try:
             self.sink.deliver(vector, external=True)
         except TripleFault as tf:

@@ -322,6 +322,7 @@ class LocalAPIC:
         self.on_change: Callable[[], None] = _nothing
         self.extint_ack: Callable[[], int] = self._extint_unwired
         self.eoi_broadcast: Callable[[int], None] = self._eoi_unwired
+        self.tracer = None              # a machine/trace.py Tracer (the machine sets it when tracing)
         self.nmi_pending = False
         self._lint_level = [False, False]       # LINT0, LINT1 input wires
         self._in_error = False
@@ -611,6 +612,9 @@ class LocalAPIC:
         vector = self._isr.bit_length() - 1
         bit = 1 << vector
         self._isr &= ~bit
+        t = self.tracer
+        if t is not None:
+            t.irq_eoi(vector)
         if self._tmr & bit:
             self.eoi_broadcast(vector)
             entry = self._lvt[Lvt.LINT0]
@@ -725,6 +729,9 @@ class LocalAPIC:
 
     def _timer_update(self, after: int) -> None:
         self._timer_deadline = self._next_expiry(after)
+        t = self.tracer
+        if t is not None:
+            t.timer_deadline("lapic timer", self._timer_deadline)
         if self._timer_deadline is None:
             self._timer.cancel()
         else:
