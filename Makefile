@@ -9,6 +9,7 @@ PY      := $(VENV)/bin/python
 VMK     := $(VENV)/bin/vmk
 STAMP   := $(VENV)/.installed-stamp
 OUT     ?= out
+BOOT    ?=
 GUEST   := $(OUT)/guest
 
 .PHONY: run run-console run-pipeline run-baremetal test fuzz bench lint guest clean
@@ -31,10 +32,11 @@ run-console: $(STAMP)
 	$(VMK) boot $(OUT)/console.img
 
 # Three containers in a pipeline over channels (timer-driven, interrupt-driven, output).
+# BOOT adds vmk boot options, e.g. make run-pipeline BOOT="--trace out/pipeline.perfetto-trace --vcd out/irq.vcd"
 run-pipeline: $(STAMP)
 	@mkdir -p $(OUT)
 	$(VMK) build demo/pipeline/pipeline.toml -o $(OUT)/pipeline.img
-	$(VMK) boot $(OUT)/pipeline.img
+	$(VMK) boot $(OUT)/pipeline.img $(BOOT)
 
 # The bare-metal demo kernel (guest/demo): timer ticks and an echo, 'q' quits.
 run-baremetal: $(STAMP) guest

@@ -30,6 +30,9 @@ from vmk.boot.loader import BootInfo, enter_long_mode, enter_protected_mode, loa
 from vmk.machine.chardev import CharDev
 from vmk.machine.cpu import GPR_NAMES, Reg
 from vmk.machine.pc import Machine, MachineConfig, RunResult, Why
+from vmk.machine.trace import Tracer
+
+from .trace import TraceView
 
 __all__ = ["Harness", "SerialPort", "VmkTimeout", "assemble"]
 
@@ -165,11 +168,15 @@ class _Regs:
 class Harness:
     """A machine under test."""
 
-    def __init__(self, mem: int = 64 << 20, icount: int = 1, **config) -> None:
+    def __init__(self, mem: int = 64 << 20, icount: int = 1, trace: bool = False, **config) -> None:
         self._chars = [SerialCapture(), SerialCapture()]
         self.debugcon = SerialCapture()
+        if trace:
+            config["tracer"] = Tracer()
         self.machine = Machine(MachineConfig(mem=mem, ns_per_insn=icount, serial=list(self._chars),
                                              debugcon=self.debugcon, **config))
+        # trace=True: what the machine (and a VM kernel on it) reports, for assertions (testing/trace.py).
+        self.trace: TraceView | None = TraceView(self.machine.tracer) if self.machine.tracer is not None else None
         self._ports = [SerialPort(self, i, c) for i, c in enumerate(self._chars)]
         self._input_timers: list = []
         self.regs = _Regs(self.machine)

@@ -4,7 +4,7 @@
                    [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
                    [--serial-timing baud|instant] [--io-cost NS] [--no-reboot] [--rtc-base DATE]
                    [--drive file=IMG[,index=N][,format=raw][,media=disk][,snapshot=on]]... [-hda IMG] [-hdb IMG]
-                   [--snapshot] [--vga FILE|-]
+                   [--snapshot] [--vga FILE|-] [--trace FILE] [--vcd FILE]
                    [--gdb [HOST]:PORT [--wait-gdb]]
     vmk build MANIFEST -o IMAGE [-v]
     vmk debug [HOST]:PORT [--batch FILE]
@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vga", default=None, metavar="FILE|-",
                    help="write the VGA text screen to FILE (- for stdout): each line once, when the cursor "
                         "leaves it, and the cursor's line at the end")
+    b.add_argument("--trace", default=None, metavar="FILE",
+                   help="write a Perfetto trace (protobuf, virtual ns: fibers, syscalls, channel flows, "
+                        "interrupts, timer deadlines) to FILE, e.g. run.perfetto-trace; open it in ui.perfetto.dev")
+    b.add_argument("--vcd", default=None, metavar="FILE", help="write the IRQ lines' levels to FILE as a VCD (GTKWave)")
+    b.set_defaults(tracer=None)
 
     bu = sub.add_parser("build", help="build a vmk image (VM kernel settings + containers) from a manifest")
     bu.add_argument("manifest", help="the manifest (TOML); program sources are relative to it")
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.cmd == "boot":
-            return cmd_boot(args)
+            return _traced_boot(args) if args.trace or args.vcd else cmd_boot(args)
         if args.cmd == "build":
             return cmd_build(args)
         if args.cmd == "asm":
@@ -234,7 +239,7 @@ def cmd_boot(args) -> int:
                                             debugcon=debugcon, log=log, realtime_idle=args.idle == "realtime",
                                             serial_timing=args.serial_timing, io_cost_ns=args.io_cost,
                                             rtc_base=rtc_base, cmos=cmos,
-                                            drives=drives))
+                                            drives=drives, tracer=args.tracer))
         except ValueError as e:
             _close_all(closing, debugcon)
             return _fail(str(e))
@@ -270,6 +275,34 @@ def cmd_boot(args) -> int:
                      EXIT_FAULT)
     _close_all(closing, debugcon)
     return _boot_status(result, machine, stub)
+
+
+def _traced_boot(args) -> int:
+    """``vmk boot`` with --trace/--vcd: one recorder across the boot (and its reboots),
+    written when the boot ends, however it ends."""
+    from vmk.machine.trace import Tracer
+
+    from .trace import perfetto_bytes, vcd_text
+    outs = {}
+    for opt, path, mode in (("--trace", args.trace, "wb"), ("--vcd", args.vcd, "w")):
+        if path is not None:
+            try:
+                outs[opt] = open(path, mode)        # noqa: SIM115 - closed below, after the boot
+            except OSError as e:
+                for f in outs.values():
+                    f.close()
+                return _fail(f"{opt} {path}: {e.strerror}")
+    args.tracer = Tracer()
+    try:
+        return cmd_boot(args)
+    finally:
+        args.tracer.finish()
+        if "--trace" in outs:
+            with outs["--trace"] as f:
+                f.write(perfetto_bytes(args.tracer))
+        if "--vcd" in outs:
+            with outs["--vcd"] as f:
+                f.write(vcd_text(args.tracer))
 
 
 def _rtc_base(args) -> int:
