@@ -10,6 +10,9 @@ rtt-crowded    the same round trip with 10,000 idle fibers in its own container,
                ratio is host-independent)
 rtt-containers channel round trips between two containers (best of
                RTT_REPEATS runs, as the fibers rows)
+rtt-traced     the same with a tracer recording (vmk boot --trace): what tracing
+               costs when on; off, the rows above measure it (zero: every
+               instrumented place is one ``is not None`` test, no call)
 wakeup         interrupt-to-fiber latency in virtual ns: a byte arrives at the
                UART, the echo fiber's recv completes (busy containers around)
 irq-storm      the two scheduling policies side by side on an interrupt-heavy
@@ -202,13 +205,13 @@ def _build(tmp: Path, manifest: str, files: dict[str, str]) -> Path:
     return tmp / "img.img"
 
 
-def _boot(img: Path):
+def _boot(img: Path, tracer: Any = None):
     from vmk.boot.vmkimage import read_image
     from vmk.kernel.pid0 import VMKernel
     from vmk.machine.pc import Machine, MachineConfig
     from vmk.testing.harness import SerialCapture
     com1 = SerialCapture()
-    m = Machine(MachineConfig(mem=256 << 20, serial=[com1]))
+    m = Machine(MachineConfig(mem=256 << 20, serial=[com1], tracer=tracer))
     return m, VMKernel(m, read_image(img)), com1
 
 
@@ -252,12 +255,14 @@ memory = "64K"
     return ours, raw
 
 
-def _rtt_containers(tmp: Path, n: int) -> float:
-    """Round trips per host second between two containers (the whole run is the ping-pong)."""
+def _rtt_containers(tmp: Path, n: int, traced: bool = False) -> float:
+    """Round trips per host second between two containers (the whole run is the ping-pong);
+    ``traced``: with a machine/trace.py Tracer recording everything (vmk boot --trace)."""
     files = {"a.c": PINGPONG_C % {"n": n, "mode": 1, "ping": 0, "pong": 1},
              "b.c": PINGPONG_C % {"n": n, "mode": 2, "ping": 0, "pong": 1}}
+    from vmk.machine.trace import Tracer
     from vmk.testing.workloads import ping_pong_manifest
-    m, k, _ = _boot(_build(tmp, ping_pong_manifest("a.c", "b.c"), files))
+    m, k, _ = _boot(_build(tmp, ping_pong_manifest("a.c", "b.c"), files), Tracer() if traced else None)
     t = time.perf_counter()
     k.run(until=60_000_000_000)
     return n / (time.perf_counter() - t)
@@ -451,6 +456,11 @@ def bench_kernel(quick: bool) -> list[Row]:
         rows.append(("kernel: channel round trips between two containers", f"{two:,.0f}/s",
                      f"target {RTT_TARGET_CONTAINERS:,}/s",
                      "ok" if two >= RTT_TARGET_CONTAINERS else "BELOW TARGET"))
+        # Tracing on (vmk boot --trace): its cost.  Off, the rows above are the measure: the
+        # instrumented places cost one 'is not None' each, no call (the Python calls row).
+        traced = max(_rtt_containers(tmp, n // 4, traced=True) for _ in range(RTT_REPEATS))
+        rows.append(("kernel: the same round trips, traced (every event recorded, no C fast path)",
+                     f"{traced:,.0f}/s", f"time x{two / traced:.1f} untraced", ""))
         for policy in ("global", "per-container"):
             lat, rate = _wakeup(tmp, policy, 10 if quick else 30)
             rows.append((f"kernel: interrupt-to-fiber wakeup, {policy} policy, 2 busy containers",
