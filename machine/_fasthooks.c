@@ -266,16 +266,20 @@ static blockcount *cur_bc;      /* the one CPU running in block mode (for the wi
 static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
 {
     blockcount *b = (blockcount *)ud;
-    if (!b->active)
-        return;
+    /* Inactive (count mode) the hook still decodes each new block once: the
+       decode finds the instructions cpu.py emulates (insn emulation block). */
     uint64_t cr3 = b->cr3p ? *b->cr3p : 0;
     uint64_t k = pc ^ (pc >> 16) ^ (cr3 >> 12) ^ (cr3 >> 28);
     uint32_t h = (uint32_t)((k + ((uint64_t)size << 5)) * 0x9E3779B1u) >> 16;
     bc_entry *e = &b->table[h];
     uint32_t n;
     if (e->pc == pc && e->size == size && e->cr3 == cr3 && e->n) {
+        if (!b->active)
+            return;
         n = e->n;
     } else {
+        if (!b->active && !PyGILState_Check())
+            return;     /* a stock uc.emu_start (GIL released), not CPU.run */
         PyObject *a[3] = {PyLong_FromUnsignedLongLong(pc), PyLong_FromUnsignedLong(size),
                           PyLong_FromUnsignedLongLong(cr3)};
         PyObject *r = call(uc, b->decode, a, 3);
@@ -293,6 +297,8 @@ static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
         e->cr3 = cr3;
         e->size = size;
         e->n = n;
+        if (!b->active)
+            return;
     }
     if (n & BC_PRECISE) {
         /* The block does port I/O: its hooks may need to stop right after
@@ -776,6 +782,8 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
                          "window", (unsigned long long)(uintptr_t)&window_hook);
 }
 
+static PyObject *insn_gateways(PyObject *self, PyObject *unused);   /* insn emulation block, below */
+
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
      "setup(reg_read, reg_write_batch, emu_stop, emu_start, context_save, reg_read_batch, reg_write, "
@@ -795,9 +803,33 @@ static PyMethodDef methods[] = {
     {"bc_clear", bc_clear, METH_O, "bc_clear(address): forget every cached block count"},
     {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter the window hook corrects"},
     {"bc_free", bc_free, METH_O, "bc_free(address)"},
+    {"insn_gateways", insn_gateways, METH_NOARGS, "insn_gateways() -> {name: C function address} (insn emulation)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fasthooks", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__fasthooks(void) { return PyModule_Create(&module); }
+
+/* ---------------------------------------------------------------- insn emulation
+ *
+ * Instructions Unicorn gets wrong (RDMSR/WRMSR of IA32_APIC_BASE and IA32_TSC,
+ * IRET to an outer privilege level with FS/GS) are found by cpu.py when it
+ * decodes a new block, and get a single-address UC_HOOK_CODE through this
+ * gateway: callable(address, size) runs before the instruction (see
+ * machine/insnemu.py).
+ */
+static void gw_code(void *uc, uint64_t address, uint32_t size, void *ud)
+{
+    PyObject *a[2] = {PyLong_FromUnsignedLongLong(address), PyLong_FromUnsignedLong(size)};
+    PyObject *r = call(uc, ud, a, 2);
+    drop(a, 2);
+    Py_XDECREF(r);
+}
+
+static PyObject *insn_gateways(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("{s:K}", "code", (unsigned long long)(uintptr_t)&gw_code);
+}

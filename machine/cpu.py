@@ -41,8 +41,12 @@ Everything Unicorn does not do architecturally is done here or in
 * ``in``/``out`` are not permission-checked by Unicorn: the port bus checks
   IOPL/CPL itself (``Machine._port_allowed``).
 
-Not modelled: SMM, VMX, the x2APIC MSRs, rdmsr/wrmsr trapping (Unicorn cannot
-hook them, so IA32_APIC_BASE reads 0), CR8, AVX (Unicorn has none).
+* RDMSR/WRMSR cannot be hooked (IA32_APIC_BASE and IA32_TSC read 0), IRET to
+  ring 3 zeroes the base of an FS/GS it nulls, RDRAND returns host randomness:
+  single-address code hooks added when a block is first decoded, and RDRAND
+  hidden (machine/insnemu.py).
+
+Not modelled: SMM, VMX, the x2APIC MSRs, CR8, AVX (Unicorn has none).
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ from typing import Callable
 from unicorn import (
     UC_ARCH_X86,
     UC_HOOK_BLOCK,
+    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -71,6 +76,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from . import _fasthooks
+from .insnemu import EMULATED_MNEMONICS, IRET_MNEMONICS, InsnEmu, iret_nulls
 
 __all__ = ["CPU", "Reg", "GPR_NAMES", "Stop", "CpuEvent", "EFLAGS", "Ctx"]
 
@@ -387,6 +393,7 @@ class CPU:
         self._skip_to: int | None = None      # block mode: resume past an aborted MMIO store
         if self.BLOCK_MODE_DEFAULT:
             self.block_mode = True
+        self._insn_emu_init()
         # Quirk: with a plain `until` address Unicorn probes that address's
         # page at every emu_start; under paging the probe of our never-reached
         # 0xFFFF...FFFF fails and overwrites CR2 and env->error_code (a guest
@@ -668,18 +675,32 @@ class CPU:
     BLOCK_INSNS_MAX = 1 << 18            # decoded blocks kept for the in-block index
 
     def _decode_block(self, pc: int, size: int, cr3: int) -> int:
-        """Instructions in the translated block [pc, pc+size) (at least 1); keeps
-        their addresses for :meth:`_block_index`."""
+        """The block counter's decode (C, on a block's first entry in both run
+        modes): its instruction count (at least 1), with _BC_PRECISE for port
+        I/O; 0 when it hooked an instruction to emulate and restarted the block
+        (not counted: it runs again, translated with the hook)."""
+        addrs, precise, emulated = self._decode_insns(pc, size, cr3)
+        if emulated and self._hook_emulated(emulated, pc, size):
+            return 0
+        return (len(addrs) or 1) | precise
+
+    def _decode_insns(self, pc: int, size: int, cr3: int) -> tuple[tuple[int, ...], int, list[int]]:
+        """Decode [pc, pc+size): (instruction addresses, _BC_PRECISE or 0, addresses
+        of instructions to emulate); keeps the addresses for :meth:`_block_index`."""
         addrs = []
         precise = 0
+        emulated = []
         for a, _, mnemonic, _ in self._cs.disasm_lite(self._block_bytes(pc, size), pc):
             addrs.append(a)
-            if mnemonic.rpartition(" ")[2] in _PORT_IO:
+            m = mnemonic.rpartition(" ")[2]
+            if m in _PORT_IO:
                 precise = _BC_PRECISE
+            elif m in EMULATED_MNEMONICS:
+                emulated.append(a)
         if len(self._block_insns) >= self.BLOCK_INSNS_MAX:
             self._block_insns.clear()
-        self._block_insns[(pc, size, cr3)] = tuple(addrs)
-        return (len(addrs) or 1) | precise
+        t = self._block_insns[(pc, size, cr3)] = tuple(addrs)
+        return t, precise, emulated
 
     def _block_index(self, pc: int, size: int, rip: int) -> int | None:
         """How many instructions of the block entered last (at pc) start before
@@ -689,8 +710,7 @@ class CPU:
         cr3 = self._bc_last_cr3.value
         addrs = self._block_insns.get((pc, size, cr3))
         if addrs is None:
-            self._decode_block(pc, size, cr3)
-            addrs = self._block_insns[(pc, size, cr3)]
+            addrs = self._decode_insns(pc, size, cr3)[0]
         return bisect.bisect_left(addrs, rip)
 
     def _stop_after_store(self) -> bool:
@@ -715,6 +735,133 @@ class CPU:
             _lib.uc_emu_stop(self._uch)
             return True
         return False
+
+    # ------------------------------------------------------------------ insn emulation
+    # What Unicorn gets wrong in RDMSR/WRMSR/IRET, emulated at a single-address
+    # code hook on each such instruction (machine/insnemu.py says what and why).
+    # The hooks are added when _decode_block first sees the instruction; a hook
+    # only reaches code translated after it, so that block is dropped from the
+    # translation cache and restarted before any of it runs.
+
+    # Unicorn 2.1.4's CPUX86State.features (uint64 words FEAT_1_EDX, FEAT_1_ECX,
+    # FEAT_7_0_EBX, ...), measured: found after the regs at the word CPUID leaf 1
+    # returns in ECX (less OSXSAVE and the hypervisor bit, which CPUID computes).
+    _ENV_FEAT_1_ECX = 5640
+    _CPUID_1_ECX_RDRAND = 1 << 30
+
+    def _insn_emu_init(self) -> None:
+        self.insn_emu = InsnEmu()
+        self._emu_hooks: dict[int, int] = {}                 # address -> hook handle
+        self._code_gw = _fasthooks.insn_gateways()["code"]
+        self._emu_cb = self._hook_emulated_insn              # one bound method: the hooks hold its address
+        self._gateway_refs.append(self._emu_cb)
+        env = self._vcpu_env                                  # = &env->regs[0] = the env itself
+        self._env_hflags = ctypes.c_uint32.from_address(env + Ctx.HFLAGS - Ctx.REGS)
+        seg = env + Ctx.SEGS - Ctx.REGS
+        self._env_fs = (ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS),
+                        ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS + 20))
+        self._env_gs = (ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.GS),
+                        ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.GS + 20))
+        self._rsp = RegBatch(self.uc, [X.UC_X86_REG_RSP])
+        self._hide_rdrand()
+        if self._bc is None:
+            # The block counter's hook is what finds new blocks, in count mode too.
+            self.block_mode = True
+            self.block_mode = False
+
+    def _hide_rdrand(self) -> None:
+        """Clear RDRAND from Unicorn's feature word: CPUID.1:ECX[30] reads 0 and
+        the decoder raises #UD, as on QEMU's qemu64 (insnemu.py)."""
+        feat = ctypes.c_uint64.from_address(self._vcpu_env + self._ENV_FEAT_1_ECX)
+        # SSE3 (bit 0) and SSSE3 (bit 9) are set in Unicorn's default model: a
+        # cheap check that the offset still points at FEAT_1_ECX.
+        if feat.value & 0x201 != 0x201:
+            raise RuntimeError("the CPUID feature offset in machine/cpu.py does not match this unicorn build")
+        feat.value &= ~self._CPUID_1_ECX_RDRAND
+        self.uc.ctl_flush_tb()
+
+    def _hook_emulated(self, addresses: list[int], pc: int, size: int) -> bool:
+        """Hook the instructions at ``addresses`` not hooked yet; if any was new,
+        drop the block [pc, pc+size) from the translation cache and restart it
+        at ``pc`` (the block hook runs before the block's first instruction)."""
+        new = [a for a in addresses if a not in self._emu_hooks]
+        if not new:
+            return False
+        for a in new:
+            h = ctypes.c_size_t()
+            status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_CODE, ctypes.c_void_p(self._code_gw),
+                                      ctypes.c_void_p(id(self._emu_cb)),
+                                      ctypes.c_uint64(a), ctypes.c_uint64(a))
+            if status != 0:
+                raise UcError(status)
+            self._emu_hooks[a] = h.value
+        self.uc.ctl_remove_cache(pc, pc + size)
+        if self._running:
+            # Quirk: only the stock reg_write of RIP makes Unicorn leave the
+            # translation block and resume at the new RIP (uc_reg_write_batch,
+            # RegBatch, does not); the block hook runs before the block's
+            # first instruction, so nothing of it has run.
+            self.uc.reg_write(X.UC_X86_REG_RIP, pc)
+        return True
+
+    def _hook_emulated_insn(self, address: int, size: int) -> None:
+        """UC_HOOK_CODE before an RDMSR, WRMSR, IRET or far RET."""
+        fs_sel, fs_flags = self._env_fs
+        gs_sel, gs_flags = self._env_gs
+        code = self._block_bytes(address, size)
+        last = code[-1:]
+        if last in (b"\xcf", b"\xcb") or code[-3:-2] == b"\xca":
+            # IRET / far RET.  Quirk: to an outer privilege level Unicorn zeroes
+            # the base of the FS/GS it nulls; null them here (base kept, as
+            # QEMU 7.2) and Unicorn leaves null selectors alone.
+            if not (fs_sel.value | gs_sel.value) & 0xFFFC:
+                return
+            hf = self._env_hflags.value
+            slot = self._iret_slot(code, hf)
+            frame = ctypes.create_string_buffer(2)
+            if _lib.uc_vmem_read(self.uc._uch, ctypes.c_uint64(self._rsp.read()[0] + slot), 1, frame,
+                                 ctypes.c_size_t(2)) != 0:
+                return                                   # Unicorn raises the fault
+            new_cpl = frame.raw[0] & 3
+            if new_cpl <= hf & HF.CPL_MASK:
+                return
+            for sel, flags in ((fs_sel, fs_flags), (gs_sel, gs_flags)):
+                if iret_nulls(sel.value, flags.value, new_cpl):
+                    sel.value = 0
+            return
+        if code[-2:] not in (b"\x0f\x32", b"\x0f\x30") or self._env_hflags.value & HF.CPL_MASK:
+            return                                       # another instruction here now, or CPL > 0: #GP
+        rax, rcx, rdx = self._acd.read()
+        msr = rcx & 0xFFFF_FFFF
+        if code[-1] == 0x30:
+            self.insn_emu.wrmsr(msr, (rdx & 0xFFFF_FFFF) << 32 | rax & 0xFFFF_FFFF)
+            return                                       # Unicorn's WRMSR runs (and ignores these MSRs)
+        value = self.insn_emu.rdmsr(msr, self.rdtsc)
+        if value is None:
+            return
+        self._ad.write((value & 0xFFFF_FFFF, value >> 32))
+        self._skip_insn(address, size)
+
+    @staticmethod
+    def _iret_slot(code: bytes, hflags: int) -> int:
+        """Stack slot size of an IRET/far RET (its operand size)."""
+        rex_w = len(code) >= 2 and 0x48 <= code[-2] <= 0x4F and code[-2] & 8
+        if hflags & HF.CS64 and rex_w:
+            return 8
+        return 2 if b"\x66" in code[:-1] else 4
+
+    def _skip_insn(self, address: int, size: int) -> None:
+        """From a code hook: the instruction at ``address`` was emulated; go on
+        after it.  It retires as one instruction: count mode counted it before
+        the hook; block mode counted its whole block on entry, and the rest of
+        the block runs again as a new block (counted then), so take it back."""
+        if self._phase1:
+            last_n = self._bc_last_n.value
+            idx = self._block_index(self._bc_last.value, self._bc_last_size.value, address)
+            if last_n and idx is not None:
+                self._bc_counter.value -= last_n - (idx + 1)
+                self._bc_last_n.value = 0
+        self.uc.reg_write(X.UC_X86_REG_RIP, address + size)      # stock: leaves the block (see _hook_emulated)
 
     # ------------------------------------------------------------------ running
     def _stop(self, reason: Stop) -> None:

@@ -283,6 +283,7 @@ class Machine:
         cpu.port_out = self._port_out
         cpu.rdtsc = lambda: self.clock.now
         cpu.cpuid = self._cpuid
+        cpu.insn_emu.log = self._tagged("cpu")
         cpu.fetch_fault = self._fetch_fault
         self.idt = IdtSink(cpu, self.ram.buf, self.ram.size, self._tagged("cpu"))
         self.sink: InterruptSink = self.idt
