@@ -639,8 +639,11 @@ class CPU:
     @block_mode.setter
     def block_mode(self, on: bool) -> None:
         if on and self._bc is None:
-            from capstone import CS_ARCH_X86, CS_MODE_64, Cs
-            self._cs = Cs(CS_ARCH_X86, CS_MODE_64)
+            from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
+            # One decoder per code-segment size: a block is decoded in the mode
+            # it runs in (boot code and xv6 run 32-bit, trampolines 16-bit).
+            self._cs64, self._cs32, self._cs16 = (Cs(CS_ARCH_X86, m) for m in (CS_MODE_64, CS_MODE_32, CS_MODE_16))
+            self._env_hflags = ctypes.c_uint32.from_address(self._vcpu_env + Ctx.HFLAGS - Ctx.REGS)
             self._bc = _fasthooks.bc_new(self._decode_block, self._env_cr3_address())
             self._block_insns: dict[tuple[int, int, int], tuple[int, ...]] = {}
             self._bc_counter = ctypes.c_uint64.from_address(self._bc)
@@ -690,7 +693,7 @@ class CPU:
         addrs = []
         precise = 0
         emulated = []
-        for a, _, mnemonic, _ in self._cs.disasm_lite(self._block_bytes(pc, size), pc):
+        for a, _, mnemonic, _ in self._cs_now().disasm_lite(self._block_bytes(pc, size), pc):
             addrs.append(a)
             m = mnemonic.rpartition(" ")[2]
             if m in _PORT_IO:
@@ -701,6 +704,13 @@ class CPU:
             self._block_insns.clear()
         t = self._block_insns[(pc, size, cr3)] = tuple(addrs)
         return t, precise, emulated
+
+    def _cs_now(self):
+        """The decoder for the code segment running now (live env hflags: the
+        block being decoded is the one the CPU is in).  Decoding 32-bit code as
+        64-bit miscounts it (0x41 is `inc ecx` there, a REX prefix here)."""
+        hf = self._env_hflags.value
+        return self._cs64 if hf & HF.CS64 else self._cs32 if hf & HF.CS32 else self._cs16
 
     def _block_index(self, pc: int, size: int, rip: int) -> int | None:
         """How many instructions of the block entered last (at pc) start before
@@ -726,7 +736,8 @@ class CPU:
         idx = self._block_index(last, size, rip) if n else None
         if idx is None:
             return False
-        for _, length, mnemonic, ops in self._cs.disasm_lite(self._block_bytes(rip, min(15, last + size - rip)), rip, 1):
+        for _, length, mnemonic, ops in self._cs_now().disasm_lite(self._block_bytes(rip, min(15, last + size - rip)),
+                                                                   rip, 1):
             if mnemonic != "mov" or "ptr [" not in ops.partition(",")[0]:
                 return False
             self._bc_counter.value -= n - (idx + 1)
