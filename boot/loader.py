@@ -19,9 +19,11 @@ Before the entry, the interrupt controllers, PIT and COM1 are left as a PC
 BIOS leaves them, with its data area, MP and ACPI tables in memory and the
 memory map it reports (``firmware.py``), as on QEMU.
 
-Where vmk puts its own boot data (low memory, below the kernel):
-GDT 0x8000, multiboot info 0x9000 (command line, memory map and names follow
-it), long-mode page tables 0x10000-0x15FFF.
+Where vmk puts its own boot data: GDT 0x8000, multiboot info 0x9000 and the
+memory map after it, long-mode page tables 0x10000-0x15FFF (low memory, below
+the kernel); the module list, command lines, loader name and the modules on
+the pages after the kernel's image, as QEMU places them
+(``_write_multiboot_info``).
 
 A malformed or unsupported image raises :class:`ImageError` whose message
 names the file and what is wrong with it.
@@ -42,7 +44,7 @@ from vmk.machine.pc import Machine
 
 from .firmware import E820_RAM, bios_state, memory_map
 
-__all__ = ["ImageError", "BootInfo", "load_kernel", "load_kernel_bytes", "enter_protected_mode", "enter_long_mode", "MULTIBOOT_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC"]
+__all__ = ["ImageError", "BootInfo", "load_kernel", "load_kernel_bytes", "split_initrd", "enter_protected_mode", "enter_long_mode", "MULTIBOOT_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC"]
 
 MULTIBOOT_MAGIC = 0x1BADB002
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
@@ -54,6 +56,7 @@ MB_FLAG_AOUT_KLUDGE = 1 << 16
 
 # multiboot_info.flags bits (multiboot spec 0.6.96 §3.3)
 MBI_MEM = 1 << 0
+MBI_BOOTDEV = 1 << 1
 MBI_CMDLINE = 1 << 2
 MBI_MODS = 1 << 3
 MBI_MMAP = 1 << 6
@@ -61,6 +64,11 @@ MBI_LOADER_NAME = 1 << 9
 
 GDT_ADDR = 0x8000
 MBI_ADDR = 0x9000
+MBI_SIZE = 0x58                    # up to boot_loader_name (multiboot spec 0.6.96 §3.3), APM/VBE not given
+MB_MOD_SIZE = 16                   # mod_start, mod_end, string, reserved
+BOOT_DEVICE = 0x8000FFFF           # BIOS drive 0x80, no partition: what QEMU reports
+LOADER_NAME = b"vmk"
+PAGE = 0x1000
 PML4_ADDR = 0x10000
 BOOT_DATA_END = PML4_ADDR + 0x6000
 LONG_MODE_STACK = 0x80000
@@ -100,17 +108,22 @@ class BootInfo:
     symbols: dict[str, int] = field(default_factory=dict)
 
 
-def load_kernel(machine: Machine, path: str, cmdline: str = "") -> BootInfo:
-    """Load a kernel file into RAM and set the CPU state to its entry."""
+def load_kernel(machine: Machine, path: str, cmdline: str = "", initrd: list[str] | None = None) -> BootInfo:
+    """Load a kernel file into RAM and set the CPU state to its entry.
+
+    ``cmdline`` is QEMU's ``-append`` (the kernel sees ``"PATH CMDLINE"``),
+    ``initrd`` the multiboot modules, one ``"FILE [ARGS]"`` string each (QEMU's
+    ``-initrd "FILE ARGS,FILE2"`` as :func:`split_initrd` cuts it)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ImageError(f"{path}: cannot read: {e.strerror}") from None
-    return load_kernel_bytes(machine, data, path, cmdline)
+    return load_kernel_bytes(machine, data, path, cmdline, initrd)
 
 
-def load_kernel_bytes(machine: Machine, data: bytes, path: str = "<image>", cmdline: str = "") -> BootInfo:
+def load_kernel_bytes(machine: Machine, data: bytes, path: str = "<image>", cmdline: str = "",
+                      initrd: list[str] | None = None) -> BootInfo:
     if len(data) < 4:
         raise ImageError(f"{path}: file is too short ({len(data)} bytes) to be a kernel")
     header = _find_multiboot(data)
@@ -130,7 +143,7 @@ def load_kernel_bytes(machine: Machine, data: bytes, path: str = "<image>", cmdl
             info = _load_elf(machine, elf, data, path, "multiboot")
         if flags & 0xFFFC & ~(MB_FLAG_MEMINFO | MB_FLAG_VIDEO) & 0xFFFF:
             raise ImageError(f"{path}: multiboot header requires unsupported features (flags {flags:#x})")
-        info.mbi = _write_multiboot_info(machine, cmdline or path, path)
+        info.mbi = _write_multiboot_info(machine, info, f"{path} {cmdline}", initrd or [])
         bios_state(machine)
         enter_protected_mode(machine, info.entry, info.mbi)
         return info
@@ -140,7 +153,7 @@ def load_kernel_bytes(machine: Machine, data: bytes, path: str = "<image>", cmdl
             if elf["e_machine"] != "EM_X86_64":
                 raise ImageError(f"{path}: ELF64 for {elf['e_machine']}, not x86-64")
             info = _load_elf(machine, elf, data, path, "elf64")
-            info.mbi = _write_multiboot_info(machine, cmdline or path, path)
+            info.mbi = _write_multiboot_info(machine, info, f"{path} {cmdline}", initrd or [])
             bios_state(machine)
             enter_long_mode(machine, info.entry, info.mbi)
             return info
@@ -260,27 +273,95 @@ def _load_aout_kludge(machine: Machine, data: bytes, path: str, off: int) -> Boo
 
 
 # ---------------------------------------------------------------------- boot data
-def _write_multiboot_info(machine: Machine, cmdline: str, loader_path: str) -> int:
+def split_initrd(spec: str) -> list[str]:
+    """QEMU's ``-initrd`` value as a list of modules: items separated by ``,``,
+    where ``,,`` stands for a comma inside an item (QEMU's option-value
+    escaping, measured on QEMU 7.2); a trailing comma adds nothing."""
+    items: list[str] = []
+    i = 0
+    while i < len(spec):
+        item = []
+        while i < len(spec):
+            if spec[i] == ",":
+                if spec[i + 1:i + 2] != ",":
+                    break
+                i += 1
+            item.append(spec[i])
+            i += 1
+        items.append("".join(item))
+        i += 1                                  # the separating comma
+    return items
+
+
+def _page_align(n: int) -> int:
+    return (n + PAGE - 1) & ~(PAGE - 1)
+
+
+def _write_multiboot_info(machine: Machine, kernel: BootInfo, cmdline: str, initrd: list[str]) -> int:
+    """The multiboot information (spec 0.6.96 §3.3) as QEMU 7.2's -kernel leaves it.
+
+    Discussion: measured on QEMU with tests/guest/mbmods.c.  flags = MEM |
+    BOOTDEV | CMDLINE | MODS | MMAP | LOADER_NAME (MODS even with no module),
+    boot_device 0x8000FFFF.  The command line is "KERNEL-PATH ARGS" (with the
+    space even when ARGS is empty).  On the first page boundary after the
+    kernel's image (its lowest load address plus its page-aligned size)
+    comes the module list (16 bytes a module), then the module strings, the
+    command line and the loader name; the modules follow, each from the next
+    page boundary, at start + page_align(previous end - start): an empty
+    module shares its address with the next.  A module's string is its whole
+    -initrd item ("FILE ARGS"); the file is the item up to the first space.
+    The info structure and the memory map stay in low memory (0x9000)."""
     mmap = memory_map(machine.ram.size)
     upper = next(length for base, length, kind in mmap if base == KERNEL_MIN and kind == E820_RAM)
     mmap_bytes = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in mmap)
+    blobs = []
+    for item in initrd:
+        name = item.split(" ", 1)[0]
+        try:
+            with open(name, "rb") as f:
+                blobs.append(f.read())
+        except OSError as e:
+            raise ImageError(f"{name}: cannot read multiboot module: {e.strerror}") from None
+    strings = [item.encode() + b"\0" for item in initrd]
     cmd = cmdline.encode() + b"\0"
-    name = b"vmk\0"
-    cmd_addr = MBI_ADDR + 0x80
+    name = LOADER_NAME + b"\0"
+    info_page = kernel.load_start + _page_align(kernel.load_end - kernel.load_start)
+    mods_addr = info_page
+    addr = mods_addr + MB_MOD_SIZE * len(initrd)
+    string_addrs = []
+    for s in strings:
+        string_addrs.append(addr)
+        addr += len(s)
+    cmd_addr = addr
     name_addr = cmd_addr + len(cmd)
-    mmap_addr = (name_addr + len(name) + 7) & ~7
-    if mmap_addr + len(mmap_bytes) > PML4_ADDR:
-        raise ImageError("kernel command line is too long (max about 20 KiB)")
-    flags = MBI_MEM | MBI_CMDLINE | MBI_MMAP | MBI_LOADER_NAME
-    mbi = bytearray(0x80)
-    struct.pack_into("<III", mbi, 0, flags, LOW_MEM_END >> 10, upper >> 10)
-    struct.pack_into("<I", mbi, 16, cmd_addr)
+    mod_base = info_page + _page_align(name_addr + len(name) - info_page)
+    mods = []
+    offset = mod_base
+    for blob in blobs:
+        mods.append((offset, offset + len(blob)))
+        offset = _page_align(offset + len(blob))
+    top = max([name_addr + len(name)] + [end for _, end in mods])
+    ram_end = next(base + length for base, length, kind in mmap if base == KERNEL_MIN and kind == E820_RAM)
+    if top > ram_end:
+        raise ImageError(f"the kernel, its command line and {len(blobs)} multiboot module(s) end at {top:#x}, "
+                         f"past the {ram_end >> 20} MiB of RAM below the PCI hole (try --mem)")
+    mmap_addr = (MBI_ADDR + MBI_SIZE + 7) & ~7
+    flags = MBI_MEM | MBI_BOOTDEV | MBI_CMDLINE | MBI_MODS | MBI_MMAP | MBI_LOADER_NAME
+    mbi = bytearray(MBI_SIZE)
+    struct.pack_into("<IIIIIII", mbi, 0, flags, LOW_MEM_END >> 10, upper >> 10, BOOT_DEVICE, cmd_addr,
+                     len(initrd), mods_addr)
     struct.pack_into("<II", mbi, 44, len(mmap_bytes), mmap_addr)
     struct.pack_into("<I", mbi, 64, name_addr)
     machine.write_physical(MBI_ADDR, bytes(mbi))
+    machine.write_physical(mmap_addr, mmap_bytes)
+    machine.write_physical(info_page, b"".join(struct.pack("<IIII", start, end, string_addr, 0)
+                                               for (start, end), string_addr in zip(mods, string_addrs)))
+    for s, a in zip(strings, string_addrs):
+        machine.write_physical(a, s)
     machine.write_physical(cmd_addr, cmd)
     machine.write_physical(name_addr, name)
-    machine.write_physical(mmap_addr, mmap_bytes)
+    for (start, _), blob in zip(mods, blobs):
+        machine.write_physical(start, blob)
     return MBI_ADDR
 
 

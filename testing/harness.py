@@ -185,9 +185,11 @@ class Harness:
 
     # -- construction
     @classmethod
-    def boot(cls, path: str, cmdline: str = "", **kw) -> "Harness":
+    def boot(cls, path: str, cmdline: str = "", initrd: list[str] | None = None, **kw) -> "Harness":
+        """Load a kernel as ``vmk boot``/QEMU ``-kernel`` does: ``cmdline`` is
+        ``-append``, ``initrd`` the multiboot modules ("FILE [ARGS]" each)."""
         h = cls(**kw)
-        h.boot_info = load_kernel(h.machine, path, cmdline)
+        h.boot_info = load_kernel(h.machine, path, cmdline, initrd)
         return h
 
     @classmethod
