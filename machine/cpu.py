@@ -591,11 +591,47 @@ class CPU:
         self._stop(Stop.EVENT)
         return True
 
+    # Loads and stores to physical addresses with nothing there (neither RAM nor
+    # a device window): on QEMU 7.2 (measured: a store to 128 MiB with -m 128
+    # is dropped, the load after it reads 0) and on a PC they go nowhere; xv6
+    # frees pages up to its PHYSTOP (224 MiB) whatever the RAM size.  With
+    # ``unassigned_ok`` the hole around the address (at most the 2 MiB-aligned
+    # chunk, intersected with the gap between mapped regions) becomes a window
+    # that reads 0 and ignores writes, reported once per chunk through
+    # ``unassigned_log``; off, the access stops the CPU with a report (a wild
+    # pointer, what someone debugging their own kernel wants to see).  An
+    # instruction fetch from nowhere always stops.
+    UNASSIGNED_CHUNK = 2 << 20
+    unassigned_ok = False
+    unassigned_log: Callable[[str], None] | None = None
+
     def _hook_unmapped(self, access, address, size, value):
         kind = {19: "read", 20: "write", 21: "fetch"}.get(access, "access")
         rip = self._rip.read()[0]
+        if self.unassigned_ok and kind != "fetch" and self._map_open_bus(address, kind, rip):
+            return True
         self.error = f"unmapped physical memory {kind} at {address:#x} (size {size}) by RIP {rip:#x}"
         return False
+
+    def _map_open_bus(self, address: int, kind: str, rip: int) -> bool:
+        lo = address & ~(self.UNASSIGNED_CHUNK - 1)
+        hi = lo + self.UNASSIGNED_CHUNK
+        for begin, end, _ in self.uc.mem_regions():          # end is inclusive
+            if begin <= address <= end:
+                return False
+            if end < address:
+                lo = max(lo, end + 1)
+            elif begin > address:
+                hi = min(hi, begin)
+        lo &= ~0xFFF
+        hi = (hi + 0xFFF) & ~0xFFF
+        if lo >= hi:
+            return False
+        self.map_mmio(lo, hi - lo, _open_bus_read, _open_bus_write)
+        if self.unassigned_log is not None:
+            self.unassigned_log(f"physical {kind} at {address:#x} by RIP {rip:#x} hits no RAM or device: "
+                                f"[{lo:#x}, {hi:#x}) now reads 0 and ignores writes, as on QEMU")
+        return True
 
     # ------------------------------------------------------------------ block mode
     # Discussion: Unicorn's count mode calls a helper before every instruction
@@ -1290,6 +1326,14 @@ class CPU:
 # Descriptor-cache flag words (QEMU layout: the descriptor's high dword).
 _CS64_FLAGS = 0x00A09B00      # P, DPL0, S, code exec/read accessed, L=1, G
 _DATA_FLAGS = 0x00CF9300      # P, DPL0, S, data r/w accessed, B=1, G
+
+
+def _open_bus_read(offset: int, size: int) -> int:
+    return 0
+
+
+def _open_bus_write(offset: int, size: int, value: int) -> None:
+    pass
 
 
 def _u32(b, off: int) -> int:

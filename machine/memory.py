@@ -8,8 +8,10 @@ MMIO window at 3 GiB (the IO-APIC at 0xFEC00000, the LAPIC at 0xFEE00000).
 The MMIO bus maps device windows with Unicorn's ``mmio_map`` (the lookup is
 done in C, per page); the Python side keeps a sorted table for the debugger's
 physical accesses.  An access to a physical address that is neither RAM nor a
-device window stops the CPU with a report (``CPU._hook_unmapped``): on a real
-PC it would read all-ones, but a wild pointer is what users want to see.
+device window reads 0 and drops the store, as on QEMU 7.2, reported once
+per 2 MiB (``CPU._hook_unmapped``; real kernels such as xv6 touch RAM they
+assume is there); ``MachineConfig.unassigned_ok=False`` makes it stop the
+CPU with a report instead, for hunting wild pointers.
 
 A window may have an access *cost* (``cost_ns``): virtual ns each guest load
 or store to it takes beyond the instruction's own time, charged to the clock

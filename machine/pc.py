@@ -134,6 +134,10 @@ class MachineConfig:
     # COM1/COM2 transmit timing: "baud" (the PC16550D: bytes leave at the
     # programmed rate) or "instant" (QEMU: at the THR write, IRQ not gated on OUT2).
     serial_timing: SerialTiming | str = SerialTiming.BAUD
+    # A load or store to a physical address with no RAM or device behind it: True
+    # (QEMU, a PC) reads 0 and drops the write, reported once per 2 MiB; False
+    # stops the machine with a report (Why.ERROR), for hunting wild pointers.
+    unassigned_ok: bool = True
     # CPUs the firmware tables describe (MP table, MADT); the machine runs one for now.
     cpus: int = 1
     # The RTC's date at virtual time 0 (seconds since 1970, UTC; default 2000-01-01T00:00:00),
@@ -176,6 +180,8 @@ class Machine:
         self.cpu = CPU()
         self.ram = RAM(self.cpu.uc, cfg.mem)
         self.cpu.attach_ram(self.ram.host_address, self.ram.size)
+        self.cpu.unassigned_ok = cfg.unassigned_ok
+        self.cpu.unassigned_log = self._tagged("memory")
         if cfg.io_cost_ns < 0:
             raise ValueError(f"an I/O port access cannot cost {cfg.io_cost_ns} ns")
         self.mmio = MmioBus(self.cpu.map_mmio, self.clock.charge)
