@@ -45,7 +45,8 @@ class PortBus:
         self.unmapped_reads = 0
         self.unmapped_writes = 0
 
-    def map(self, base: int, count: int, device: PortDevice, name: str = "", cost_ns: int | None = None) -> None:
+    def map(self, base: int, count: int, device: PortDevice, name: str = "",
+            cost_ns: int | None = None) -> None:
         """Map ``count`` ports from ``base``; ``cost_ns`` overrides the bus's access cost for them."""
         for port in range(base, base + count):
             if self._slots[port] is not None:
