@@ -2,8 +2,9 @@
 
 Start-up is part of every ``vmk boot`` (tools/bench.py poll-qemu compares the
 whole process with QEMU): pyelftools, the vmk image format, the debugger, the
-GDB stub, the bench, keystone and prompt_toolkit each cost milliseconds to
-import and a bare-metal boot needs none of them.  Each check runs in a fresh
+GDB stub, the bench, keystone, prompt_toolkit and socket (only the tcp: serial
+back end uses it) each cost milliseconds to import and a bare-metal boot needs
+none of them.  Each check runs in a fresh
 interpreter and lists what it found.
 """
 from __future__ import annotations
@@ -17,13 +18,13 @@ from pathlib import Path
 NOT_FOR_THE_CLI = ("keystone", "capstone", "prompt_toolkit", "elftools", "vmk.tools.debugshell",
                    "vmk.tools.bench", "vmk.tools.bench_debug", "vmk.tools.bench_kernel", "vmk.tools.gdbstub",
                    "vmk.tools.rsp", "vmk.tools.build", "vmk.boot.vmkimage", "vmk.kernel", "vmk.hal",
-                   "vmk.testing")
+                   "vmk.testing", "socket")
 # Never needed to boot a bare-metal ELF kernel (capstone is: block mode decodes
 # its translation blocks with it).
 NOT_FOR_A_KERNEL_BOOT = ("keystone", "prompt_toolkit", "vmk.tools.debugshell", "vmk.tools.bench",
                          "vmk.tools.bench_debug", "vmk.tools.bench_kernel", "vmk.tools.gdbstub", "vmk.tools.rsp",
                          "vmk.tools.build", "vmk.tools.kernelview", "vmk.tools.vmview", "vmk.boot.vmkimage",
-                         "vmk.kernel", "vmk.hal", "vmk.testing")
+                         "vmk.kernel", "vmk.hal", "vmk.testing", "socket")
 
 RUN = """
 import json, sys
