@@ -804,6 +804,9 @@ class CPU:
         self._gateway_refs.append(self._emu_cb)
         env = self._vcpu_env                                  # = &env->regs[0] = the env itself
         self._env_hflags = ctypes.c_uint32.from_address(env + Ctx.HFLAGS - Ctx.REGS)
+        # The live hflags word (CPL in bits 0-1), valid inside hooks too: the
+        # port bus reads the CPL from it without a register read.
+        self.live_hflags = self._env_hflags
         seg = env + Ctx.SEGS - Ctx.REGS
         self._env_fs = (ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS),
                         ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS + 20))

@@ -294,6 +294,10 @@ class Machine:
         self.idt = IdtSink(cpu, self.ram.buf, self.ram.size, self._tagged("cpu"))
         self.sink: InterruptSink = self.idt
         self.port_allowed: Callable[[int, int], bool] = self._port_allowed_iopl
+        # At CPL 0 the IOPL policy allows every port: the bus skips asking it
+        # (two register reads per IN/OUT) while it is the policy in force.
+        self._iopl_policy = self.port_allowed
+        self._hflags = self.cpu.live_hflags
         self.interrupts_taken = 0
         self._io_fault_rax: int | None = None     # RAX before a faulting IN (restored: the fault wins)
         self._pollers: list[CharDev] = [c for c in serial if c.fileno() is not None]
@@ -386,7 +390,7 @@ class Machine:
 
     # ------------------------------------------------------------------ ports
     def _port_in(self, port: int, size: int) -> int:
-        if not self.port_allowed(port, size):
+        if (self._hflags.value & 3 or self.port_allowed is not self._iopl_policy) and not self.port_allowed(port, size):
             self._io_fault()
             return 0
         value = self.ports.read(port, size)
@@ -396,7 +400,7 @@ class Machine:
         return value
 
     def _port_out(self, port: int, size: int, value: int) -> None:
-        if not self.port_allowed(port, size):
+        if (self._hflags.value & 3 or self.port_allowed is not self._iopl_policy) and not self.port_allowed(port, size):
             self._io_fault()
             return
         self.ports.write(port, size, value)
