@@ -852,6 +852,9 @@ class Machine:
             "clock": self.clock.snapshot(),
             "instructions": self.instructions,
             "devices": {name: dev.snapshot() for name, dev in self._devices().items()},
+            "aps": [{"cpu": bytes(p.cpu.uc.context_save()), "halted": p.cpu.halted, "state": p.state.value,
+                     "sipis": p.sipis} for p in self.processors[1:]],
+            "per_cpu_instructions": [p.instructions for p in self.processors],
         }
 
     def restore(self, snap: dict) -> None:
@@ -867,6 +870,17 @@ class Machine:
             dev.restore(snap["devices"][name])
         self.cpu.uc.ctl_flush_tb()
         self.cpu.flush_tlb()
+        for p, n in zip(self.processors, snap.get("per_cpu_instructions", [])):
+            p.instructions = n
+        for p, ap in zip(self.processors[1:], snap.get("aps", [])):
+            ctx = p.cpu.uc.context_save()
+            ctypes.memmove(ctx.context, ap["cpu"], len(ap["cpu"]))
+            p.cpu.uc.context_restore(ctx)
+            p.cpu.invalidate_ctx()
+            p.cpu.halted, p.state = ap["halted"], ApState(ap["state"])
+            p.sipis = ap["sipis"]
+            p.cpu.uc.ctl_flush_tb()
+            p.cpu.flush_tlb()
 
     def _devices(self) -> dict:
         # Restore order matters: sources first (they drive lines on restore),
@@ -875,7 +889,8 @@ class Machine:
                 "acpi_pm": self.acpi_pm,
                 "rtc": self.rtc, "pci": self.pci, "i8042": self.i8042, "port92": self.port92, "hpet": self.hpet,
                 "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic,
-                "ide0": self.ide[0], "ide1": self.ide[1], "vga": self.vga}
+                "ide0": self.ide[0], "ide1": self.ide[1], "vga": self.vga,
+                **{f"lapic{k}": lapic for k, lapic in enumerate(self.lapics) if k}}
 
 
 _SHADOW = RunResult(Why.STOPPED, "interrupt shadow")
