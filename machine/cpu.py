@@ -323,9 +323,15 @@ class CPU:
       ``rdtsc() -> int``, ``cpuid(leaf, subleaf) -> (eax, ebx, ecx, edx) | None``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, apic_id: int = 0, bsp: bool = True) -> None:
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.uc = uc
+        # Which processor this is (machine/smp.py): its initial APIC ID (CPUID
+        # leaf 1 EBX[31:24], the MP table and MADT) and whether it is the
+        # bootstrap processor (IA32_APIC_BASE bit 8).  An AP is a UC_MODE_64
+        # instance too: its SIPI state is real mode patched into the context.
+        self.apic_id = apic_id
+        self.bsp = bsp
         self._uch = ctypes.cast(uc._uch, ctypes.c_void_p).value
         # Quirk: Unicorn leaves the x87/SSE control state zeroed (FCW 0: every x87
         # exception unmasked, 24-bit precision; MXCSR 0: every SSE exception
@@ -797,7 +803,7 @@ class CPU:
     _CPUID_1_ECX_RDRAND = 1 << 30
 
     def _insn_emu_init(self) -> None:
-        self.insn_emu = InsnEmu()
+        self.insn_emu = InsnEmu(bsp=self.bsp)
         self._emu_hooks: dict[int, int] = {}                 # address -> hook handle
         self._code_gw = _fasthooks.insn_gateways()["code"]
         self._emu_cb = self._hook_emulated_insn              # one bound method: the hooks hold its address

@@ -96,13 +96,15 @@ def iret_nulls(selector: int, flags: int, new_cpl: int) -> bool:
 class InsnEmu:
     """The MSR state Unicorn does not keep, and the values the hooks load."""
 
-    def __init__(self, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, log: Callable[[str], None] | None = None, bsp: bool = True) -> None:
         self.log: Callable[[str], None] = log or (lambda msg: None)
         self._logged: set[str] = set()
-        self.apic_base = int(APIC_BASE_RESET)
+        # An AP's IA32_APIC_BASE has the BSP bit clear (0xFEE00800), SDM §10.4.4.
+        self._reset_value = int(APIC_BASE_RESET) if bsp else int(APIC_BASE_RESET) & ~int(ApicBase.BSP)
+        self.apic_base = self._reset_value
 
     def reset(self) -> None:
-        self.apic_base = int(APIC_BASE_RESET)
+        self.apic_base = self._reset_value
 
     def _log_once(self, key: str, msg: str) -> None:
         if key not in self._logged:

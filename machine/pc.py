@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Protocol
 
+from unicorn import UC_PROT_ALL
+
 from .chardev import CharDev, NullChar
 from .clock import Clock, cannot_shorten
 from .cpu import CPU, EFLAGS, HF, CpuEvent, Ctx, Reg, Stop
@@ -52,6 +54,9 @@ from .irq import IrqLine
 from .memory import RAM, MmioBus
 from .mmu import PageFault, Paging, translate
 from .ports import PortBus
+from . import smp
+from .devices.apicbus import ApicBus
+from .smp import MAX_CPUS, SMP_QUANTUM_NS, ApState, Processor
 from .trace import Tracer
 from .x86 import EXCEPTION_NAMES, IdtSink, TripleFault
 
@@ -138,8 +143,11 @@ class MachineConfig:
     # (QEMU, a PC) reads 0 and drops the write, reported once per 2 MiB; False
     # stops the machine with a report (Why.ERROR), for hunting wild pointers.
     unassigned_ok: bool = True
-    # CPUs the firmware tables describe (MP table, MADT); the machine runs one for now.
+    # CPUs (1..255): each its own Unicorn instance over the same RAM, APIC IDs 0..N-1 as the
+    # MP table and MADT list them; CPU 0 boots, the others wait for INIT-SIPI-SIPI (machine/smp.py).
     cpus: int = 1
+    # With cpus > 1: one CPU's turn in the round-robin, in virtual ns (machine/smp.py).
+    smp_quantum_ns: int = SMP_QUANTUM_NS
     # The RTC's date at virtual time 0 (seconds since 1970, UTC; default 2000-01-01T00:00:00),
     # and the 128 CMOS bytes to start with (a reboot keeps them; None: what SeaBIOS leaves).
     rtc_base: int = DEFAULT_BASE
@@ -180,11 +188,18 @@ class Machine:
         self.cpu = CPU()
         self.ram = RAM(self.cpu.uc, cfg.mem)
         self.cpu.attach_ram(self.ram.host_address, self.ram.size)
-        self.cpu.unassigned_ok = cfg.unassigned_ok
-        self.cpu.unassigned_log = self._tagged("memory")
         if cfg.io_cost_ns < 0:
             raise ValueError(f"an I/O port access cannot cost {cfg.io_cost_ns} ns")
-        self.mmio = MmioBus(self.cpu.map_mmio, self.clock.charge)
+        # --- SMP (issue 12): CPUs 1..N-1, each its own Unicorn over the same RAM (machine/smp.py).
+        if not 1 <= cfg.cpus <= MAX_CPUS:
+            raise ValueError(f"{cfg.cpus} CPUs: a PC with xAPICs has 1 to {MAX_CPUS} (8-bit APIC IDs, 0xFF broadcast)")
+        if cfg.smp_quantum_ns < self.ns_per_insn:
+            raise ValueError(f"an SMP turn of {cfg.smp_quantum_ns} ns is shorter than one instruction")
+        self.cpus = [self.cpu] + [CPU(apic_id=k, bsp=False) for k in range(1, cfg.cpus)]
+        for ap in self.cpus[1:]:
+            ap.uc.mem_map_ptr(0, self.ram.size, UC_PROT_ALL, self.ram.host_address)
+            ap.attach_ram(self.ram.host_address, self.ram.size)
+        self.mmio = MmioBus(self.cpu.map_mmio if cfg.cpus == 1 else self._map_mmio_all, self.clock.charge)
         self.ports = PortBus(self.log, cfg.io_cost_ns)
         self._port_cost = self.ports.cost
         self.instructions = 0
@@ -197,11 +212,20 @@ class Machine:
         self.isa_irq = [IrqLine(f"irq{n}") for n in range(16)]
         self.pic = PICPair(log=self._tagged("pic"))
         self.lapic = LocalAPIC(self.clock, log=self._tagged("lapic"))
+        # SMP: one local APIC per CPU on the APIC bus, which also routes the IO-APIC's messages.
+        self.lapics = [self.lapic] + [LocalAPIC(self.clock, log=self._tagged(f"lapic{k}"), apic_id=k, bsp=False)
+                                      for k in range(1, cfg.cpus)]
+        self.apic_bus = None if cfg.cpus == 1 else ApicBus(
+            self.lapics, init=self._smp_init, startup=self._smp_startup, received=self._smp_ipi_received,
+            log=self._tagged("apic-bus"))
         # Version 0x20 (with the EOI register), QEMU's default for current pc machines.
-        self.ioapic = IOAPIC(self.lapic.accept, log=self._tagged("ioapic"), version=0x20)
-        self.lapic.eoi_broadcast = self.ioapic.eoi
+        self.ioapic = IOAPIC(self.lapic.accept, log=self._tagged("ioapic"), version=0x20,
+                             route=None if self.apic_bus is None else self.apic_bus.ioapic_message)
+        for k, lapic in enumerate(self.lapics):
+            lapic.eoi_broadcast = self.ioapic.eoi
+            lapic.on_change = self._interrupt_became_pending if cfg.cpus == 1 else \
+                (lambda k=k: self._smp_interrupt_pending(k))
         self.lapic.extint_ack = self.pic.acknowledge
-        self.lapic.on_change = self._interrupt_became_pending
         self.pic.intr.connect(self.lapic.set_lint0)
         for n, line in enumerate(self.isa_irq):
             line.connect(lambda level, n=n: self.pic.set_irq(n, level))
@@ -259,7 +283,8 @@ class Machine:
                               log=self._tagged("acpi"))
         ports.map(ACPI_PM_BASE, PM_IO_SIZE, self.acpi_pm, "acpi-pm")
         mmio_cost = dict(cfg.mmio_cost_ns)
-        self.mmio.map(LAPIC_BASE, 0x1000, self.lapic, "lapic", mmio_cost.pop("lapic", 0))
+        self._lapic_cost = mmio_cost.pop("lapic", 0)
+        self.mmio.map(LAPIC_BASE, 0x1000, self.lapic, "lapic", self._lapic_cost)
 
         # --- IDE (PIIX legacy ports) and VGA text mode
         drives = list(cfg.drives) + [None] * (4 - len(cfg.drives))
@@ -284,15 +309,27 @@ class Machine:
         self.mmio.map(HPET_BASE, 0x1000, self.hpet, "hpet")
 
         # --- CPU wiring
-        cpu = self.cpu
-        cpu.port_in = self._port_in
-        cpu.port_out = self._port_out
-        cpu.rdtsc = lambda: self.clock.now
-        cpu.cpuid = self._cpuid
-        cpu.insn_emu.log = self._tagged("cpu")
-        cpu.fetch_fault = self._fetch_fault
-        self.idt = IdtSink(cpu, self.ram.buf, self.ram.size, self._tagged("cpu"))
+        for cpu in self.cpus:
+            cpu.port_in = self._port_in
+            cpu.port_out = self._port_out
+            cpu.rdtsc = lambda: self.clock.now
+            cpu.cpuid = self._cpuid
+            cpu.insn_emu.log = self._tagged("cpu" if cpu.bsp else f"cpu{cpu.apic_id}")
+            cpu.fetch_fault = self._fetch_fault
+            cpu.unassigned_ok = cfg.unassigned_ok
+            cpu.unassigned_log = self._tagged("memory")
+        self.idt = IdtSink(self.cpu, self.ram.buf, self.ram.size, self._tagged("cpu"))
         self.sink: InterruptSink = self.idt
+        # SMP: the CPUs in turn order; self.cpu/lapic/idt/sink are the running one's (_select).
+        self.processors: list[Processor] = []
+        self._cpuid1: tuple[int, int, int, int] | None = None
+        if cfg.cpus > 1:
+            self.processors = [Processor(0, self.cpu, self.lapic, self.idt)] + [
+                Processor(k, self.cpus[k], self.lapics[k],
+                          IdtSink(self.cpus[k], self.ram.buf, self.ram.size, self._tagged(f"cpu{k}")))
+                for k in range(1, cfg.cpus)]
+            self._current = self.processors[0]
+            self._cpuid1 = smp.native_cpuid(1)
         self.port_allowed: Callable[[int, int], bool] = self._port_allowed_iopl
         # At CPL 0 the IOPL policy allows every port: the bus skips asking it
         # (two register reads per IN/OUT) while it is the policy in force.
@@ -320,7 +357,8 @@ class Machine:
         for line in [*self.isa_irq, self.pit_irq, self.rtc_irq]:
             line.tracer = tracer
             tracer.add_line(line.name, line.level)
-        self.lapic.tracer = tracer
+        for lapic in self.lapics:
+            lapic.tracer = tracer
 
     # ------------------------------------------------------------------ helpers
     def _tagged(self, tag: str) -> Callable[[str], None]:
@@ -376,6 +414,68 @@ class Machine:
     def _hpet_level_at(self, pin: int) -> bool:
         line = self.hpet_gsi.get(pin)
         return line is not None and line.level
+
+    # ------------------------------------------------------------------ SMP (machine/smp.py)
+    def _map_mmio_all(self, base: int, size: int, read: Callable, write: Callable) -> None:
+        """Map a device window into every CPU's Unicorn; at LAPIC_BASE each CPU gets its own APIC."""
+        for k, cpu in enumerate(self.cpus):
+            if base == LAPIC_BASE and k > 0:
+                lapic, cost, charge = self.lapics[k], self._lapic_cost, self.clock.charge
+                if cost:
+                    def read(off: int, n: int, lapic=lapic) -> int:
+                        value = lapic.read(off, n)
+                        charge(cost)
+                        return value
+
+                    def write(off: int, n: int, value: int, lapic=lapic) -> None:
+                        lapic.write(off, n, value)
+                        charge(cost)
+                else:
+                    read, write = lapic.read, lapic.write
+            cpu.map_mmio(base, size, read, write)
+
+    def _select(self, p: Processor) -> None:
+        """Make ``p`` the CPU the machine's helpers act on (cpu, lapic, idt, sink, the clock's stops)."""
+        cur = self._current
+        if cur is not p:
+            cur.sink = self.sink               # a sink installed on the machine (a HAL) stays with its CPU
+            self._current = p
+            self.cpu, self.lapic, self.idt, self.sink = p.cpu, p.lapic, p.idt, p.sink
+            self._hflags = p.cpu.live_hflags   # the port bus's CPL is the running CPU's
+        cpu, nspi, clock = p.cpu, self.ns_per_insn, self.clock
+        clock.preempt = cpu.request_stop
+        clock.shorten = lambda t: cpu.limit_slice(max(0, (t - clock.now) // nspi))   # noqa: E731
+
+    def _smp_interrupt_pending(self, k: int) -> None:
+        """LAPIC ``k``: an interrupt may be deliverable; only the running CPU is stopped
+        (the others look at their APIC at the start of their turn)."""
+        if self.cpu is self.cpus[k]:
+            self._interrupt_became_pending()
+
+    def _smp_init(self, k: int) -> None:
+        """INIT to CPU ``k``: its APIC resets and it waits for SIPI (SDM §9.4)."""
+        p = self.processors[k]
+        if k == 0:
+            self.log(f"apic-bus: INIT to the BSP not modelled (no BIOS to reset into), t={self.clock.now} ns")
+            return
+        p.lapic.init_reset()
+        p.state = ApState.WAIT_FOR_SIPI
+        p.cpu.halted = False
+        p.cpu.event = None
+        if self.cpu is p.cpu:
+            p.cpu.request_stop()
+
+    def _smp_startup(self, k: int, vector: int) -> None:
+        """STARTUP to CPU ``k``: if it waits for SIPI, it starts in real mode at vector << 12."""
+        p = self.processors[k]
+        if p.state is not ApState.WAIT_FOR_SIPI:
+            return                              # a second SIPI, or one to a running CPU: ignored
+        smp.start_at_sipi(p.cpu, vector, self._cpuid1[0] if self._cpuid1 else 0)
+        p.state = ApState.RUNNING
+        p.sipis += 1
+
+    def _smp_ipi_received(self, k: int) -> None:
+        self.processors[k].flush_pending = True
 
     def _interrupt_became_pending(self) -> None:
         """LAPIC: an interrupt may be deliverable. Stop the slice now if IF=1;
@@ -450,6 +550,10 @@ class Machine:
             # VMware-style timing leaf: TSC and LAPIC bus frequencies in kHz.
             khz = 1_000_000 // self.ns_per_insn
             return (khz, 1_000_000, 0, 0)
+        if leaf == 1 and self._cpuid1 is not None:
+            # SMP: EBX[31:24] is the initial APIC ID of the CPU that executes it.
+            a, b, c, d = self._cpuid1
+            return (a, (b & 0x00FF_FFFF) | (self.cpu.apic_id << 24), c, d)
         return None
 
     # ------------------------------------------------------------------ memory by linear address
@@ -555,7 +659,7 @@ class Machine:
         with the time it would have left the line.  A time limit, a stop or a
         breakpoint can be resumed, so the transmitters are left as they are
         (``vmk boot`` flushes them itself after ``--max-time``)."""
-        r = self._run(until, max_instructions)
+        r = self._run(until, max_instructions) if not self.processors else smp.run(self, until, max_instructions)
         if r.why in _FINAL:
             for uart in self.uarts:
                 uart.flush_tx()
@@ -760,6 +864,9 @@ class Machine:
             "clock": self.clock.snapshot(),
             "instructions": self.instructions,
             "devices": {name: dev.snapshot() for name, dev in self._devices().items()},
+            "aps": [{"cpu": bytes(p.cpu.uc.context_save()), "halted": p.cpu.halted, "state": p.state.value,
+                     "sipis": p.sipis} for p in self.processors[1:]],
+            "per_cpu_instructions": [p.instructions for p in self.processors],
         }
 
     def restore(self, snap: dict) -> None:
@@ -775,6 +882,17 @@ class Machine:
             dev.restore(snap["devices"][name])
         self.cpu.uc.ctl_flush_tb()
         self.cpu.flush_tlb()
+        for p, n in zip(self.processors, snap.get("per_cpu_instructions", [])):
+            p.instructions = n
+        for p, ap in zip(self.processors[1:], snap.get("aps", [])):
+            ctx = p.cpu.uc.context_save()
+            ctypes.memmove(ctx.context, ap["cpu"], len(ap["cpu"]))
+            p.cpu.uc.context_restore(ctx)
+            p.cpu.invalidate_ctx()
+            p.cpu.halted, p.state = ap["halted"], ApState(ap["state"])
+            p.sipis = ap["sipis"]
+            p.cpu.uc.ctl_flush_tb()
+            p.cpu.flush_tlb()
 
     def _devices(self) -> dict:
         # Restore order matters: sources first (they drive lines on restore),
@@ -783,7 +901,8 @@ class Machine:
                 "acpi_pm": self.acpi_pm,
                 "rtc": self.rtc, "pci": self.pci, "i8042": self.i8042, "port92": self.port92, "hpet": self.hpet,
                 "pic": self.pic, "ioapic": self.ioapic, "lapic": self.lapic,
-                "ide0": self.ide[0], "ide1": self.ide[1], "vga": self.vga}
+                "ide0": self.ide[0], "ide1": self.ide[1], "vga": self.vga,
+                **{f"lapic{k}": lapic for k, lapic in enumerate(self.lapics) if k}}
 
 
 _SHADOW = RunResult(Why.STOPPED, "interrupt shadow")

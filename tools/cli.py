@@ -70,6 +70,20 @@ def _arg(parse):
     return conv
 
 
+def _smp_count(text: str) -> int:
+    """--smp N, or QEMU's N / cpus=N (other QEMU topology keys are not modelled)."""
+    from vmk.machine.smp import MAX_CPUS
+    value = text.split(",")[0]
+    value = value[5:] if value.startswith("cpus=") else value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CPU count") from None
+    if not 1 <= n <= MAX_CPUS:
+        raise argparse.ArgumentTypeError(f"{n} CPUs: a PC with xAPICs has 1 to {MAX_CPUS}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmk", description="vmk: a bare-metal VM kernel on an emulated x86-64 PC")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
@@ -126,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a Perfetto trace (protobuf, virtual ns: fibers, syscalls, channel flows, "
                         "interrupts, timer deadlines) to FILE, e.g. run.perfetto-trace; open it in ui.perfetto.dev")
     b.add_argument("--vcd", default=None, metavar="FILE", help="write the IRQ lines' levels to FILE as a VCD (GTKWave)")
+    # SMP (issue 12): N CPUs, APs waiting for INIT-SIPI-SIPI (machine/smp.py); QEMU spells it -smp N
+    b.add_argument("--smp", "-smp", type=_smp_count, default=1, metavar="N",
+                   help="number of CPUs (1-255; default 1): APIC IDs 0..N-1, CPU 0 boots, the others wait for "
+                        "INIT-SIPI-SIPI; QEMU's -smp N (also cpus=N)")
+    b.add_argument("--smp-quantum", type=_arg(parse_duration), default=None, metavar="DURATION",
+                   help="with --smp: one CPU's turn in the round-robin, in virtual time (default 10us)")
     b.set_defaults(tracer=None)
 
     bu = sub.add_parser("build", help="build a vmk image (VM kernel settings + containers) from a manifest")
@@ -241,7 +261,9 @@ def cmd_boot(args) -> int:
                                             debugcon=debugcon, log=log, realtime_idle=args.idle == "realtime",
                                             serial_timing=args.serial_timing, io_cost_ns=args.io_cost,
                                             rtc_base=rtc_base, cmos=cmos,
-                                            drives=drives, tracer=args.tracer))
+                                            drives=drives, tracer=args.tracer, cpus=args.smp,
+                                            **({} if args.smp_quantum is None
+                                               else {"smp_quantum_ns": args.smp_quantum})))
         except ValueError as e:
             _close_all(closing, debugcon)
             return _fail(str(e))

@@ -1,4 +1,4 @@
-"""IO-APIC (Intel 82093AA) with 24 input pins, for a single CPU.
+"""IO-APIC (Intel 82093AA) with 24 input pins.
 
 Section numbers refer to the 82093AA I/O Advanced Programmable Interrupt
 Controller datasheet (order no. 290566).
@@ -32,7 +32,12 @@ Remote IRR is cleared whenever an entry is written as edge-triggered, like
 QEMU (Linux clears a stuck Remote IRR by switching the entry to edge and
 back on IO-APICs without an EOI register).
 
-Destination (a choice, since there is one CPU): fixed and lowest-priority
+Destination with several CPUs: the machine passes ``route`` (the APIC bus's
+``ioapic_message(vector, level_triggered, mode, dest, logical)``), which
+resolves the destination field (physical or logical) to the local APICs it
+names and arbitrates lowest priority (machine/devices/apicbus.py).
+
+Destination with one CPU (a choice): fixed and lowest-priority
 messages always go to the one local APIC.  When the destination field would
 name no CPU of this machine (physical mode: neither APIC ID 0 nor the 0xFF
 broadcast; logical mode: bit 0 clear, assuming CPU 0 has logical ID bit 0 as
@@ -147,10 +152,12 @@ class IOAPIC:
     """The IO-APIC; ``deliver(vector, level_triggered)`` reaches the local APIC."""
 
     def __init__(self, deliver: Callable[[int, bool], None], log: Log = nolog,
-                 *, version: int = VERSION_82093AA) -> None:
+                 *, version: int = VERSION_82093AA,
+                 route: Callable[[int, bool, int, int, bool], None] | None = None) -> None:
         if version not in SUPPORTED_VERSIONS:
             raise ValueError(f"IO-APIC version must be 0x11 or 0x20, not {version:#x}")
         self._deliver = deliver
+        self._route = route
         self._log = log
         self._version = version
         self._pins = [False] * NUM_PINS      # wire levels, as driven
@@ -257,6 +264,10 @@ class IOAPIC:
         if mode not in (DeliveryMode.FIXED, DeliveryMode.LOWEST):
             self._log(f"ioapic: pin {pin} delivery mode {_mode_name(mode)} not modelled, dropped")
             return False
+        if self._route is not None:
+            self._route(int(entry & Rte.VECTOR), bool(entry & Rte.LEVEL), int(mode),
+                        entry >> DESTINATION_SHIFT, bool(entry & Rte.DEST_LOGICAL))
+            return True
         self._check_destination(pin, entry)
         self._deliver(int(entry & Rte.VECTOR), bool(entry & Rte.LEVEL))
         return True

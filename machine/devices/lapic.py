@@ -1,4 +1,4 @@
-"""Local APIC (xAPIC, MMIO mode) of the single CPU.
+"""Local APIC (xAPIC, MMIO mode), one per CPU.
 
 Section numbers refer to the Intel SDM Vol. 3A, chapter "Advanced Programmable
 Interrupt Controller (APIC)" (chapter 11 since 2023, chapter 10 before; the
@@ -59,9 +59,13 @@ Not modelled
 ------------
 * The IA32_APIC_BASE MSR: Unicorn cannot trap RDMSR/WRMSR of it, so the APIC
   is fixed at 0xFEE00000 and globally enabled; x2APIC mode does not exist.
-* Other CPUs: INIT, SIPI, SMI and IPIs whose destination is not this APIC are
-  logged ("not modelled (single CPU)").  Lowest-priority arbitration, APR
-  (reads 0), RRD (reads 0), focus checking (SVR.9 is stored only).
+* Other CPUs, when the APIC is alone (``bus`` None, a one-CPU machine):
+  INIT, SIPI, SMI and IPIs whose destination is not this APIC are logged
+  ("not modelled (single CPU)").  With a bus (``machine/devices/apicbus.py``,
+  ``--smp N``) the ICR's message goes to the bus, which resolves the
+  destination and delivers it to every APIC it names, this one included.
+  Lowest-priority arbitration is the bus's (deterministic); APR (reads 0),
+  RRD (reads 0), focus checking (SVR.9 is stored only).
 * TSC-deadline timer mode (IA32_TSC_DEADLINE cannot be trapped either): a
   write selecting it is logged, the timer stays idle, the current count reads
   0 and initial-count writes are ignored, as the SDM says for that mode.
@@ -70,7 +74,9 @@ Not modelled
   stored but nothing ever raises them.  EOI-broadcast suppression (version
   bit 24 clear), the CR8 alias of TPR (the machine must sync it if wanted).
 * LVT delivery-status and ICR delivery-status bits always read 0: messages
-  are delivered at once.  LINT polarity (bit 13) is stored only: the inputs
+  are delivered at once (an IPI is in the target's IRR, or has reset or
+  started the target CPU, when the ICR write returns), so the "send pending"
+  state a guest polls for (§11.6.1, bit 12) is never seen.  LINT polarity (bit 13) is stored only: the inputs
   are given as logical assert levels, as on QEMU.
 """
 from __future__ import annotations
@@ -306,7 +312,7 @@ _ONE_SHOT = int(TimerMode.ONE_SHOT)
 
 
 class LocalAPIC:
-    """The local APIC of CPU ``apic_id`` (the only CPU).
+    """The local APIC of CPU ``apic_id`` (``bsp``: of the bootstrap processor).
 
     Wiring done by the machine: ``on_change`` (stop the slice), ``extint_ack``
     (the PIC pair's INTA, returns a vector), ``eoi_broadcast`` (the IO-APIC's
@@ -315,10 +321,16 @@ class LocalAPIC:
     it when it delivers the NMI.
     """
 
-    def __init__(self, clock: Clock, log: Log = nolog, apic_id: int = 0) -> None:
+    def __init__(self, clock: Clock, log: Log = nolog, apic_id: int = 0, bsp: bool = True) -> None:
         self._clock = clock
         self._log = log
         self._reset_id = apic_id & BYTE_MASK
+        # The BSP's APIC leaves reset in virtual-wire mode (LINT0 ExtINT, what the
+        # BIOS leaves); an AP's has every LVT masked (QEMU's apic_reset_common).
+        self._bsp = bsp
+        # The APIC bus (machine/devices/apicbus.py) of a multi-CPU machine: ICR
+        # messages go there.  None: this APIC is alone (IPIs reach itself only).
+        self.bus = None
         self.on_change: Callable[[], None] = _nothing
         self.extint_ack: Callable[[], int] = self._extint_unwired
         self.eoi_broadcast: Callable[[int], None] = self._eoi_unwired
@@ -333,8 +345,25 @@ class LocalAPIC:
 
     # -- reset -----------------------------------------------------------------
     def reset(self) -> None:
-        """QEMU's apic_reset_common for the BSP (see the module docstring)."""
+        """QEMU's apic_reset_common (see the module docstring)."""
         self._id = self._reset_id
+        self._reset_state()
+
+    def init_reset(self) -> None:
+        """An INIT message (§11.4.7.3, §10.4.7.3 before 2023): the power-up state,
+        except the APIC ID (and arbitration ID), which INIT leaves alone."""
+        self._reset_state()
+
+    @property
+    def apic_id(self) -> int:
+        """The APIC ID register's value (bits 31:24), as software set it."""
+        return self._id
+
+    @property
+    def tpr(self) -> int:
+        return self._tpr
+
+    def _reset_state(self) -> None:
         self._tpr = 0
         self._ldr = 0
         self._dfr_model = DFR_FLAT
@@ -345,7 +374,8 @@ class LocalAPIC:
         self._esr = 0                   # value software reads
         self._esr_pending = 0           # errors since the last ESR write
         self._lvt = [int(LvtBit.MASKED)] * len(Lvt)
-        self._lvt[Lvt.LINT0] = int(DeliveryMode.EXTINT) << DELIVERY_MODE_SHIFT
+        if self._bsp:
+            self._lvt[Lvt.LINT0] = int(DeliveryMode.EXTINT) << DELIVERY_MODE_SHIFT
         self._icr_lo = 0
         self._icr_hi = 0
         self._divide = 0
@@ -645,6 +675,13 @@ class LocalAPIC:
         mode = _delivery_mode(lo)
         shorthand = Shorthand((lo & Icr.SHORTHAND) >> SHORTHAND_SHIFT)
         dest = self._icr_hi >> ICR_DEST_SHIFT
+        if self.bus is not None:
+            if mode in (DeliveryMode.FIXED, DeliveryMode.LOWEST) and vector < FIRST_LEGAL_VECTOR:
+                self._log(f"lapic: IPI with illegal vector {vector} not sent")
+                self._error(Esr.SEND_ILLEGAL_VECTOR)
+                return
+            self.bus.send(self, lo, dest)
+            return
         if shorthand == Shorthand.NONE:
             to_self = self._matches(dest, bool(lo & Icr.DEST_LOGICAL))
         else:
@@ -664,6 +701,15 @@ class LocalAPIC:
         else:
             self._log(f"lapic: IPI delivery mode {_mode_name(mode)} to {shorthand.name} dest {dest:#x}: "
                       "not modelled (single CPU)")
+
+    def raise_nmi(self) -> None:
+        """An NMI message (ICR or IO-APIC delivery mode NMI)."""
+        self.nmi_pending = True
+        self._update_irq()
+
+    def matches(self, dest: int, logical: bool) -> bool:
+        """Does a shorthand-free destination name this APIC (§11.6.2)?"""
+        return self._matches(dest, logical)
 
     def _matches(self, dest: int, logical: bool) -> bool:
         """Does a shorthand-free destination name this APIC (§11.6.2)?"""

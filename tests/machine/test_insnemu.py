@@ -185,3 +185,10 @@ def test_iretq_within_ring0_leaves_fs_alone() -> None:
     h, _ = _run(src, True)
     assert rec(h, 0) & 0xFFFF == 0x10
     assert h.machine.cpu.uc.reg_read(X.UC_X86_REG_FS_BASE) == REC + 0x100
+
+
+def test_an_ap_reads_apic_base_without_the_bsp_bit() -> None:
+    """SDM §10.4.4: only the BSP has IA32_APIC_BASE bit 8 set (QEMU: 0xFEE00800 on an AP)."""
+    from vmk.machine.pc import Machine, MachineConfig
+    m = Machine(MachineConfig(mem=16 << 20, cpus=2))
+    assert [c.insn_emu.rdmsr(0x1B, lambda: 0) for c in m.cpus] == [0xFEE00900, 0xFEE00800]

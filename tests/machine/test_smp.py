@@ -1,0 +1,110 @@
+"""Several CPUs: machine construction, INIT-SIPI-SIPI into real mode on a UC_MODE_64
+instance, the context offset of EFER, the round-robin on one clock."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vmk.machine.cpu import CPU
+from vmk.machine.pc import Machine, MachineConfig, Why
+from vmk.machine.smp import CTX_EFER, ApState, efer_from_context
+from vmk.testing import Harness
+
+# 16-bit code the STARTUP vector 0x07 points at (0x7000), hand-encoded:
+# mov ax, cs; mov [0x502], ax; mov ax, 0x1234; mov [0x500], ax; mov eax, cr0; mov [0x504], eax; cli; hlt
+AP_STUB = bytes.fromhex("8cc8" "a30205" "b83412" "a30005" "0f20c0" "66a30405" "fa" "f4")
+
+BSP = """
+    mov rdi, 0xFEE00000
+    mov eax, 0x01000000
+    mov dword ptr [rdi+0x310], eax
+    mov eax, 0x4500
+    mov dword ptr [rdi+0x300], eax
+    mov eax, 0x4607
+    mov dword ptr [rdi+0x300], eax
+    mov dword ptr [rdi+0x300], eax
+    mov rsi, 0x500
+wait:
+    mov ax, word ptr [rsi]
+    cmp ax, 0x1234
+    jne wait
+    cli
+    hlt
+"""
+
+
+def test_one_cpu_is_the_machine_of_before() -> None:
+    m = Machine(MachineConfig())
+    assert m.processors == [] and m.cpus == [m.cpu] and m.apic_bus is None
+    assert m.cpu.apic_id == 0 and m.cpu.bsp
+
+
+@pytest.mark.parametrize("n", [0, 256])
+def test_cpu_count_is_validated(n: int) -> None:
+    with pytest.raises(ValueError, match="1 to 255"):
+        Machine(MachineConfig(cpus=n, mem=16 << 20))
+
+
+def test_cpus_and_apics() -> None:
+    m = Machine(MachineConfig(cpus=3, mem=16 << 20))
+    assert [(c.apic_id, c.bsp) for c in m.cpus] == [(0, True), (1, False), (2, False)]
+    assert [p.state for p in m.processors] == [ApState.RUNNING, ApState.WAIT_FOR_SIPI, ApState.WAIT_FOR_SIPI]
+    assert [a.apic_id for a in m.lapics] == [0, 1, 2]
+    # RAM is shared: a byte written through one Unicorn is seen by the others.
+    m.cpus[2].uc.mem_write(0x1234, b"\x5a")
+    assert m.cpus[1].uc.mem_read(0x1234, 1) == b"\x5a" and m.ram.buf[0x1234] == 0x5A
+
+
+def test_efer_context_offset() -> None:
+    cpu = CPU()
+    cpu.uc.msr_write(0xC000_0080, 0x501)
+    assert efer_from_context(cpu) == 0x501
+    assert struct.unpack_from("<Q", bytes(cpu.uc.context_save()), CTX_EFER)[0] == 0x501
+
+
+def test_init_sipi_starts_an_ap_in_real_mode() -> None:
+    h = Harness.from_asm(BSP, cpus=2)
+    m = h.machine
+    m.write_physical(0x7000, AP_STUB)
+    r = m.run(until=10_000_000)
+    assert r.why == Why.DEAD                     # both CPUs halted with IF=0
+    ap = m.processors[1]
+    assert ap.state is ApState.RUNNING and ap.sipis == 1 and ap.cpu.halted
+    assert struct.unpack_from("<HHI", m.ram.buf, 0x500) == (0x1234, 0x0700, 0x6000_0010)   # CS, CR0 after INIT
+    assert ap.cpu.rip == len(AP_STUB)             # IP, from CS base 0x7000
+    assert efer_from_context(ap.cpu) == 0
+    assert m.instructions == sum(p.instructions for p in m.processors)
+
+
+def test_an_ap_without_sipi_never_runs() -> None:
+    h = Harness.from_asm("cli\nhlt", cpus=4)
+    r = h.machine.run(until=1_000_000)
+    assert r.why == Why.DEAD
+    assert [p.instructions for p in h.machine.processors] == [2, 0, 0, 0]
+
+
+def test_round_robin_turns_share_one_clock() -> None:
+    # Two CPUs spinning: virtual time advances with the instructions of both.
+    h = Harness.from_asm(BSP.replace("cmp ax, 0x1234", "cmp ax, 0x4321"), cpus=2, smp_quantum_ns=1000)
+    m = h.machine
+    m.write_physical(0x7000, bytes.fromhex("ebfe"))            # the AP spins: jmp $
+    r = m.run(until=200_000)
+    assert r.why == Why.TIME_LIMIT
+    a, b = (p.instructions for p in m.processors)
+    assert a + b == m.instructions == m.now                    # 1 ns per instruction, one clock
+    assert abs(a - b) <= 1000 + 20                             # 1 us turns, alternating
+
+
+def test_snapshot_restores_every_cpu() -> None:
+    h = Harness.from_asm(BSP, cpus=2)
+    m = h.machine
+    m.write_physical(0x7000, AP_STUB)
+    snap = m.snapshot()
+    first = m.run(until=10_000_000)
+    after = (m.instructions, m.now, [p.instructions for p in m.processors], m.processors[1].cpu.rip)
+    m.restore(snap)
+    assert m.processors[1].state is ApState.WAIT_FOR_SIPI and m.processors[1].sipis == 0
+    again = m.run(until=10_000_000)
+    assert again.why == first.why
+    assert (m.instructions, m.now, [p.instructions for p in m.processors], m.processors[1].cpu.rip) == after
