@@ -10,6 +10,8 @@
     vmk debug [HOST]:PORT [--batch FILE]
     vmk asm "INSTR; ..." [--addr A] [--bits 64]
     vmk disasm HEXBYTES [--addr A] [--bits 64]
+    vmk demo [NAME]
+    vmk --version
 
 Exit status of ``vmk boot``: the guest's isa-debug-exit status
 (``(value << 1) | 1``, as QEMU); 0 when the guest halts the CPU for good;
@@ -70,6 +72,7 @@ def _arg(parse):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmk", description="vmk: a bare-metal VM kernel on an emulated x86-64 PC")
+    p.add_argument("--version", action="version", version=f"vmk {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     b = sub.add_parser("boot", help="boot a kernel image (multiboot ELF, ELF64) on the emulated PC")
@@ -144,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("hexbytes")
     d.add_argument("--addr", type=lambda s: int(s, 0), default=0)
     d.add_argument("--bits", type=int, choices=(16, 32, 64), default=64)
+
+    de = sub.add_parser("demo", help="print the path of a demo manifest shipped with vmk (no NAME: list them)")
+    de.add_argument("name", nargs="?", default=None, help="the demo: console, pipeline")
     return p
 
 
@@ -165,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_benchmarks(quick=args.quick, only=args.only)
         if args.cmd == "disasm":
             return cmd_disasm(args)
+        if args.cmd == "demo":
+            return cmd_demo(args)
         if args.cmd == "debug":
             from .debugshell import main as debug_main
             return debug_main(args.address, batch=args.batch)
@@ -519,6 +527,28 @@ def cmd_disasm(args) -> int:
         end = ins.address + ins.size
     if end - args.addr < len(code):
         print(f"{end:#018x}: {code[end - args.addr:].hex():<20} (bad)")
+    return 0
+
+
+def _version() -> str:
+    from vmk import __version__
+    return __version__
+
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
+
+
+def cmd_demo(args) -> int:
+    """The demos ship inside the package (vmk/demo/NAME/NAME.toml): print where, for ``vmk build``."""
+    names = sorted(n for n in os.listdir(DEMO_DIR) if os.path.isfile(os.path.join(DEMO_DIR, n, f"{n}.toml"))) \
+        if os.path.isdir(DEMO_DIR) else []
+    if args.name is None:
+        for n in names:
+            print(f"{n:<10} {os.path.join(DEMO_DIR, n, n + '.toml')}")
+        return 0
+    if args.name not in names:
+        return _fail(f"no demo {args.name!r} (demos: {', '.join(names) or 'none installed'})")
+    print(os.path.join(DEMO_DIR, args.name, f"{args.name}.toml"))
     return 0
 
 
