@@ -503,13 +503,12 @@ def _load_vm_image(machine, path: str):
 
 
 def cmd_asm(args) -> int:
-    import keystone
-    mode = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}[args.bits]
+    from .build import assemble_snippet
     try:
-        enc, _ = keystone.Ks(keystone.KS_ARCH_X86, mode).asm(args.source, args.addr)
-    except keystone.KsError as e:
+        code = assemble_snippet(args.source, args.addr, args.bits)
+    except ValueError as e:
         return _fail(f"cannot assemble {args.source!r}: {e}")
-    print(bytes(enc or b"").hex())
+    print(code.hex())
     return 0
 
 
