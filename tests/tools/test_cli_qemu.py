@@ -111,6 +111,17 @@ def test_a_deadlock_is_not_success(tmp_path: Path) -> None:
     assert "every fiber is blocked" in one_line_error(proc)
 
 
+@pytest.mark.parametrize("body, status", [("return 7;", 7), ("*(volatile long *)8 = 1; return 0;", 114)])
+def test_vm_image_status_is_pid_1s_exit_code(tmp_path: Path, body: str, status: int) -> None:
+    """As the README's table says: pid 1's code modulo 256; a page fault ends it with -128 - 14."""
+    (tmp_path / "p.c").write_text('#include "vmk.h"\nint main(void) { ' + body + ' }\n')
+    (tmp_path / "m.toml").write_text('[[program]]\nname = "p"\nsource = "p.c"\n'
+                                     '[[container]]\nname = "p"\nprogram = "p"\nmemory = "256K"\n')
+    assert vmk("build", str(tmp_path / "m.toml"), "-o", str(tmp_path / "m.img")).returncode == 0
+    proc = vmk("boot", str(tmp_path / "m.img"), "--idle", "skip", "--serial", "null")
+    assert proc.returncode == status, proc.stderr
+
+
 @pytest.mark.parametrize("option", ["--serial", "--gdb"])
 def test_a_port_in_use_says_what_to_do(guest_dir: Path, option: str) -> None:
     with socket.socket() as s:
