@@ -789,7 +789,12 @@ class Machine:
         if self.config.realtime_idle and target is not None:
             return self._sleep_until(target)
         if self._pollers:
+            waited_from = time.monotonic()
             got = self._poll_host(True, block=target is None)
+            if target is None and self.config.realtime_idle:
+                # Nothing armed, waiting for input (a prompt): virtual time still follows the host
+                # clock, by the host time this wait took (not by any lag from before it).
+                self.clock.advance_to(self.clock.now + int((time.monotonic() - waited_from) * 1e9))
             if got:
                 return None
         if target is None:

@@ -20,17 +20,19 @@ deterministic machine, drive it in virtual time, and look at it.
 Everything is virtual: ``run_for``/``wait_*`` never sleep, and the same test
 gives the same instruction count, the same interrupt order and the same output
 every time.  The pytest plugin (``vmk.testing.plugin``) adds a ``vmk`` fixture
-that builds harnesses and closes them after the test.
+whose ``boot`` and ``from_asm`` (also spelled ``asm``) are :meth:`Harness.boot`
+and :meth:`Harness.from_asm`.
 """
 from __future__ import annotations
 
-import keystone
+import functools
 
 from vmk.boot.loader import BootInfo, enter_long_mode, enter_protected_mode, load_kernel
 from vmk.machine.chardev import CharDev
 from vmk.machine.cpu import GPR_NAMES, Reg
 from vmk.machine.pc import Machine, MachineConfig, RunResult, Why
 from vmk.machine.trace import Tracer
+from vmk.tools.build import assemble_snippet
 
 from .trace import TraceView
 
@@ -43,12 +45,14 @@ class VmkTimeout(AssertionError):
     """A wait_* ran out of virtual time."""
 
 
+@functools.lru_cache(maxsize=4096)
 def assemble(source: str, addr: int = ASM_ORG, bits: int = 64) -> bytes:
-    """Assemble with keystone.  Note keystone 0.9.2 mis-encodes ``mov reg, [imm]``
-    (emits RIP-relative): use a register base in test code."""
-    mode = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}[bits]
-    enc, _ = keystone.Ks(keystone.KS_ARCH_X86, mode).asm(source, addr)
-    return bytes(enc or b"")
+    """Assemble with keystone (Intel syntax) at ``addr``; ``ValueError`` with keystone's reason if it
+    cannot.  Keystone runs in a child process (``vmk.tools.build.assemble_snippet``): on some input
+    (``.text``, ``.data``) keystone 0.9.2 crashes the process, which would end the whole test run.
+    Results are cached (assembling is a pure function; the child costs a few ms).  Note keystone
+    0.9.2 mis-encodes ``mov reg, [imm]`` (emits RIP-relative): use a register base in test code."""
+    return assemble_snippet(source, addr, bits)
 
 
 class SerialCapture(CharDev):
@@ -88,10 +92,12 @@ class SerialPort:
 
     @property
     def output(self) -> bytes:
+        """Every byte the guest has sent on this port so far (waits do not consume it)."""
         return bytes(self._dev.data)
 
     @property
     def text(self) -> str:
+        """:attr:`output` as text, one character per byte (latin-1: no decoding errors)."""
         return self._dev.data.decode("latin-1")
 
     @property
@@ -166,7 +172,16 @@ class _Regs:
 
 
 class Harness:
-    """A machine under test."""
+    """A machine under test: a :class:`~vmk.machine.pc.Machine` with both UARTs and the 0xE9 debug
+    console captured in memory.
+
+    Build one with :meth:`boot` (a kernel file) or :meth:`from_asm` (assembly in long
+    or protected mode); ``Harness(mem=..., icount=..., **MachineConfig fields)`` is an
+    empty machine.  Attributes: ``machine``, ``regs`` (``h.regs.rax``, assignable),
+    ``debugcon`` (what the guest wrote to port 0xE9: ``.data``), ``boot_info``
+    (after :meth:`boot`: entry point, symbols), ``last_result`` (the last run's
+    :class:`~vmk.machine.pc.RunResult`).
+    """
 
     def __init__(self, mem: int = 64 << 20, icount: int = 1, trace: bool = False, **config) -> None:
         self._chars = [SerialCapture(), SerialCapture()]
@@ -186,8 +201,13 @@ class Harness:
     # -- construction
     @classmethod
     def boot(cls, path: str, cmdline: str = "", initrd: list[str] | None = None, **kw) -> "Harness":
-        """Load a kernel as ``vmk boot``/QEMU ``-kernel`` does: ``cmdline`` is
-        ``-append``, ``initrd`` the multiboot modules ("FILE [ARGS]" each)."""
+        """Load a kernel as ``vmk boot``/QEMU ``-kernel`` does (multiboot ELF32, or ELF64 entered in
+        long mode), ready to run.
+
+        ``cmdline`` is ``-append`` (the multiboot command line is "KERNEL-PATH ARGS", as on QEMU),
+        ``initrd`` the multiboot modules ("FILE [ARGS]" each); ``kw`` go to :class:`Harness`
+        (``mem``, ``icount``, ``trace``) and on to :class:`~vmk.machine.pc.MachineConfig`
+        (e.g. ``io_cost_ns``, ``serial_timing``, ``cpus``).  Symbols are in ``boot_info``."""
         h = cls(**kw)
         h.boot_info = load_kernel(h.machine, path, cmdline, initrd)
         return h
@@ -226,10 +246,15 @@ class Harness:
 
     # -- running
     def run_for(self, ns: int) -> RunResult:
+        """Run for ``ns`` virtual nanoseconds, or less if the guest exits, halts for good or faults.
+
+        The result's ``why`` says which (``Why.TIME_LIMIT`` when the time ran out)."""
         self.last_result = self.machine.run(until=self.machine.now + ns)
         return self.last_result
 
     def run(self, until: int | None = None, max_instructions: int | None = None) -> RunResult:
+        """Run until absolute virtual time ``until`` or ``max_instructions`` more instructions (None: no
+        limit), or until the guest exits, halts for good or faults."""
         self.last_result = self.machine.run(until=until, max_instructions=max_instructions)
         return self.last_result
 
@@ -242,14 +267,17 @@ class Harness:
 
     # -- looking
     def serial(self, n: int = 0) -> SerialPort:
+        """COM1 (``n = 0``) or COM2 (``n = 1``): the guest's output and a way to type."""
         return self._ports[n]
 
     @property
     def now(self) -> int:
+        """The virtual time, in ns since power-on."""
         return self.machine.now
 
     @property
     def instructions(self) -> int:
+        """Instructions the guest has retired so far."""
         return self.machine.instructions
 
     @property
@@ -262,10 +290,13 @@ class Harness:
         return self.machine.read_linear(addr, size)
 
     def write(self, addr: int, data: bytes) -> None:
+        """Store ``data`` at a linear address (through the guest's page tables), as :meth:`read` reads."""
         self.machine.write_linear(addr, data)
 
     def u64(self, addr: int) -> int:
+        """The little-endian 64-bit word at a linear address."""
         return int.from_bytes(self.read(addr, 8), "little")
 
     def u32(self, addr: int) -> int:
+        """The little-endian 32-bit word at a linear address."""
         return int.from_bytes(self.read(addr, 4), "little")

@@ -17,17 +17,22 @@ class _Factory:
         self.made: list[Harness] = []
 
     def boot(self, path: str, **kw) -> Harness:
+        """:meth:`Harness.boot`."""
         h = Harness.boot(path, **kw)
         self.made.append(h)
         return h
 
-    def asm(self, source: str, **kw) -> Harness:
+    def from_asm(self, source: str, **kw) -> Harness:
+        """:meth:`Harness.from_asm`."""
         h = Harness.from_asm(source, **kw)
         self.made.append(h)
         return h
 
+    asm = from_asm                      # the short spelling
+
 
 @pytest.fixture
 def vmk():
-    """Build machines under test: ``vmk.boot(path)`` or ``vmk.asm(source)``."""
+    """Build machines under test: ``vmk.boot(path)``, ``vmk.from_asm(source)`` (or ``vmk.asm(source)``),
+    the same as :meth:`Harness.boot` and :meth:`Harness.from_asm`; ``vmk.made`` lists them."""
     return _Factory()

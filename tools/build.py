@@ -116,7 +116,7 @@ from vmk.boot.vmkimage import (
 from .guestapi import INCLUDE_DIR, generate_inc
 from .units import parse_duration
 
-__all__ = ["BuildError", "build", "build_image", "assemble", "compile_c", "load_elf_program",
+__all__ = ["BuildError", "build", "build_image", "assemble", "assemble_snippet", "compile_c", "load_elf_program",
            "CFLAGS", "LDFLAGS"]
 
 # -mgeneral-regs-only: a guest fiber's saved context is its general registers
@@ -629,6 +629,32 @@ def _in_child(fn: Callable[..., _KsResult], *args: Any) -> _KsResult:
         result.ok = False
         result.error = diag.removeprefix("error: ")
     return result
+
+
+def _ks_snippet(text: str, addr: int, bits: int) -> _KsResult:
+    import keystone
+
+    mode = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}[bits]
+    try:
+        enc, _ = keystone.Ks(keystone.KS_ARCH_X86, mode).asm(text.encode(), addr, as_bytes=True)
+    except keystone.KsError as e:
+        return _KsResult(False, errno=e.errno, error=str(e))
+    return _KsResult(True, bytes(enc or b""))
+
+
+def assemble_snippet(text: str, addr: int = 0, bits: int = 64) -> bytes:
+    """Assemble ``text`` (keystone, Intel syntax) at ``addr`` in a forked child, as :func:`assemble` does.
+
+    For ``vmk asm``, the debugger's ``asm`` and the test kit: keystone 0.9.2 crashes
+    the process on some inputs (``.text``, ``.data``); here a crash, like any
+    keystone error, is a ``ValueError`` with one line.
+    """
+    if bits not in (16, 32, 64):
+        raise ValueError(f"bits must be 16, 32 or 64, not {bits}")
+    result = _in_child(_ks_snippet, text, addr, bits)
+    if not result.ok:
+        raise ValueError(result.error)
+    return result.code
 
 
 def assemble(name: str, text: bytes | str, path: str, *, source: str | None = None,

@@ -10,13 +10,19 @@
     vmk debug [HOST]:PORT [--batch FILE]
     vmk asm "INSTR; ..." [--addr A] [--bits 64]
     vmk disasm HEXBYTES [--addr A] [--bits 64]
+    vmk demo [NAME]
+    vmk --version
+
+QEMU's spellings of these options work too (``vmk -kernel K -m 256 -serial
+stdio -s -S -icount shift=0 -nographic -d guest_errors``): see :func:`_qemu_spellings`.
 
 Exit status of ``vmk boot``: the guest's isa-debug-exit status
-(``(value << 1) | 1``, as QEMU); 0 when the guest halts the CPU for good;
-124 when ``--max-time`` runs out (like ``timeout(1)``); 2 for a usage error or
-an image that cannot be booted; 3 for an emulation error (or more than 100
-reboots in a row);
-130 after Ctrl-C; 70 (sysexits' EX_SOFTWARE) when vmk itself fails (a bug in vmk,
+(``(value << 1) | 1``, as QEMU); 0 when the guest halts the CPU with interrupts
+off; 4 when it halts with interrupts on and nothing can ever wake it (a deadlock:
+no timer, no input to come; in a VM image, every fiber blocked); 124 when
+``--max-time`` runs out (like ``timeout(1)``); 2 for a usage error or an image
+that cannot be booted; 3 for an emulation error (or more than 100 reboots in a
+row); 130 after Ctrl-C; 70 (sysexits' EX_SOFTWARE) when vmk itself fails (a bug in vmk,
 never the guest's doing): the guest's output so far is flushed first, and one
 line names what was running and the file the traceback was written to.
 A reset of the machine (0xCF9, the keyboard controller's 0xFE, port 0x92) or a
@@ -32,7 +38,9 @@ with one line naming the manifest or source FILE:LINE.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import sys
 
 # Heavy modules are imported where they are first used (tests/tools/test_lazy_imports.py
@@ -45,10 +53,11 @@ from .units import format_ns, parse_duration, parse_size
 
 MAX_REBOOTS = 100
 
-__all__ = ["main", "EXIT_USAGE", "EXIT_TIME_LIMIT", "EXIT_FAULT", "EXIT_INTERRUPTED", "EXIT_BUG"]
+__all__ = ["main", "EXIT_USAGE", "EXIT_TIME_LIMIT", "EXIT_FAULT", "EXIT_DEADLOCK", "EXIT_INTERRUPTED", "EXIT_BUG"]
 
 EXIT_USAGE = 2
 EXIT_FAULT = 3
+EXIT_DEADLOCK = 4             # halted with interrupts on, nothing can wake it (even: never an isa-debug-exit status)
 EXIT_TIME_LIMIT = 124
 EXIT_INTERRUPTED = 130
 EXIT_BUG = 70                 # sysexits.h EX_SOFTWARE: an internal error of vmk
@@ -86,6 +95,7 @@ def _smp_count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmk", description="vmk: a bare-metal VM kernel on an emulated x86-64 PC")
+    p.add_argument("--version", action="version", version=f"vmk {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     b = sub.add_parser("boot", help="boot a kernel image (multiboot ELF, ELF64) on the emulated PC")
@@ -103,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--debugcon", default=None, metavar="SPEC", help="port 0xE9 debug console back end")
     b.add_argument("--mem", type=_arg(parse_size), default=128 << 20, metavar="SIZE",
                    help="guest RAM: MiB, or with K/M/G suffix (default 128)")
-    b.add_argument("--max-time", type=_arg(parse_duration), default=None, metavar="DURATION",
-                   help="stop after this much virtual time (e.g. 10s, 500ms); exit status 124")
+    b.add_argument("--max-time", type=_arg(_duration_with_unit), default=None, metavar="DURATION",
+                   help="stop after this much virtual time, with a unit: ns, us, ms or s (e.g. 10s, 500ms); "
+                        "exit status 124")
     b.add_argument("--icount", type=int, default=1, metavar="NS",
                    help="virtual nanoseconds per instruction (default 1: a 1 GHz CPU)")
     b.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line (multiboot)")
@@ -171,11 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("hexbytes")
     d.add_argument("--addr", type=lambda s: int(s, 0), default=0)
     d.add_argument("--bits", type=int, choices=(16, 32, 64), default=64)
+
+    de = sub.add_parser("demo", help="print the path of a demo manifest shipped with vmk (no NAME: list them)")
+    de.add_argument("name", nargs="?", default=None, help="the demo: console, pipeline")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        argv = _qemu_spellings(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as e:
+        return _fail(str(e))
     args = parser.parse_args(argv)
     if args.cmd is None:
         parser.print_help()
@@ -192,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_benchmarks(quick=args.quick, only=args.only)
         if args.cmd == "disasm":
             return cmd_disasm(args)
+        if args.cmd == "demo":
+            return cmd_demo(args)
         if args.cmd == "debug":
             from .debugshell import main as debug_main
             return debug_main(args.address, batch=args.batch)
@@ -233,7 +253,7 @@ def cmd_boot(args) -> int:
     except (ValueError, OSError) as e:
         for dev in devs:
             dev.close()
-        return _fail(f"{opt}: {e}")
+        return _fail(f"{opt}: {_os_error_text(e) if isinstance(e, OSError) else e}")
     for dev in devs:
         path = getattr(dev, "path", None)
         if path and type(dev).__name__ == "PtyChar":
@@ -381,8 +401,8 @@ def _boot_once(args, machine, devs, debugcon, gdb_addr, until, screen=None):
             try:
                 host, port = stub.listen()
             except OSError as e:
-                return (_fail(f"--gdb {args.gdb}: cannot listen on {gdb_addr[0]}:{gdb_addr[1]}: {e.strerror}"),
-                        None, None)
+                return (_fail(f"--gdb {args.gdb}: cannot listen on {gdb_addr[0]}:{gdb_addr[1]}: "
+                              f"{_os_error_text(e)}"), None, None)
             sys.stderr.write(f"vmk: gdb stub listening on {host}:{port}\n")
             sys.stderr.flush()
             result = stub.run(until=until)
@@ -410,7 +430,9 @@ def _boot_status(result, machine, stub) -> int:
                      EXIT_TIME_LIMIT)
     if result.why == Why.DEAD:
         sys.stderr.write(f"vmk: {result.message}\n")
-        return 0
+        # cli; hlt is how a bare-metal kernel says it is done (QEMU would sit there: we end, with 0);
+        # halted with interrupts on and no timer or input to come is a hang (a VM image: every fiber blocked).
+        return EXIT_DEADLOCK if machine.cpu.interrupts_enabled() else 0
     if result.why == Why.INTERRUPTED:
         return _fail(f"interrupted (t={t})", EXIT_INTERRUPTED)
     if stub is not None and stub.killed:
@@ -555,13 +577,12 @@ def _load_vm_image(machine, path: str):
 
 
 def cmd_asm(args) -> int:
-    import keystone
-    mode = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}[args.bits]
+    from .build import assemble_snippet
     try:
-        enc, _ = keystone.Ks(keystone.KS_ARCH_X86, mode).asm(args.source, args.addr)
-    except keystone.KsError as e:
+        code = assemble_snippet(args.source, args.addr, args.bits)
+    except ValueError as e:
         return _fail(f"cannot assemble {args.source!r}: {e}")
-    print(bytes(enc or b"").hex())
+    print(code.hex())
     return 0
 
 
@@ -579,6 +600,190 @@ def cmd_disasm(args) -> int:
         end = ins.address + ins.size
     if end - args.addr < len(code):
         print(f"{end:#018x}: {code[end - args.addr:].hex():<20} (bad)")
+    return 0
+
+
+# ---------------------------------------------------------------------- QEMU's spellings
+
+_QEMU_LOG_ITEMS = {"out_asm", "in_asm", "op", "op_opt", "op_ind", "op_plugin", "int", "exec", "cpu", "fpu",
+                   "mmu", "pcall", "cpu_reset", "unimp", "guest_errors", "page", "nochain", "plugin", "strace",
+                   "tid", "vpu", "invalid_mem", "help"}
+_QEMU_LOG_MAPPED = {"guest_errors", "unimp"}       # what vmk's device log (-d) reports
+
+
+def _qemu_spellings(argv: list[str]) -> list[str]:
+    """Translate QEMU's options of ``vmk boot`` to vmk's own; ValueError: one line, for what vmk cannot do.
+
+    ``-kernel FILE`` (``vmk -kernel FILE`` means ``vmk boot FILE``), ``-m [size=]SIZE``,
+    ``-serial SPEC`` (the first COM1, the next COM2; ``mon:stdio`` is stdio,
+    ``none`` is null, a ``tcp:`` server's ``,server,nowait`` options are what vmk
+    does anyway), ``-s`` (``--gdb :1234``), ``-S`` (``--wait-gdb``), ``-gdb
+    tcp:[HOST]:PORT``, ``-icount [shift=]N[,sleep=on|off][,align=...]`` (``--icount
+    2**N``; sleep=off is ``--idle skip``), ``-nographic`` and ``-display none``
+    (vmk draws nothing), ``-d guest_errors,unimp`` (``-d``), ``-monitor none``,
+    ``-device isa-debug-exit[,iobase=0xf4][,iosize=...]`` (always there).  The
+    rest is left to the parser (``-no-reboot``, ``-rtc``, ``-drive``, ``-hdX``,
+    ``-snapshot`` are spelled there).
+    """
+    if not argv or argv[0] != "boot":
+        if "-kernel" not in argv or argv[0] in ("build", "debug", "bench", "asm", "disasm", "demo"):
+            return argv
+        argv = ["boot", *argv]
+    out = ["boot"]
+    serials = 0
+    i = 1
+
+    def value(opt: str) -> str:
+        nonlocal i
+        i += 1
+        if i >= len(argv):
+            raise ValueError(f"{opt} needs a value")
+        return argv[i]
+
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            out += argv[i:]
+            break
+        if tok == "-kernel":
+            out.append(value(tok))
+        elif tok == "-m":
+            out += ["--mem", value(tok).removeprefix("size=").split(",")[0]]
+        elif tok == "-serial":
+            if serials == 2:
+                raise ValueError("-serial: vmk's PC has two UARTs (COM1, COM2)")
+            out += ["--serial" if serials == 0 else "--serial2", _qemu_chardev(value(tok))]
+            serials += 1
+        elif tok == "-s":
+            out += ["--gdb", ":1234"]
+        elif tok == "-S":
+            out.append("--wait-gdb")
+        elif tok == "-gdb":
+            spec = value(tok)
+            if not spec.startswith("tcp:"):
+                raise ValueError(f"-gdb {spec}: vmk's stub listens on TCP only: -gdb tcp::PORT (or --gdb :PORT)")
+            out += ["--gdb", spec.removeprefix("tcp:").split(",")[0]]
+        elif tok == "-icount":
+            out += _qemu_icount(value(tok))
+        elif tok == "-nographic":
+            pass                                  # vmk draws no screen; serial is stdio already
+        elif tok == "-display":
+            spec = value(tok)
+            if spec != "none":
+                raise ValueError(f"-display {spec}: vmk draws no screen (see --vga for the text screen)")
+        elif tok == "-d":
+            out.append("-d")
+            if i + 1 < len(argv) and _qemu_log_list(argv[i + 1]):
+                i += 1                            # QEMU's -d LIST; else vmk's own -d flag
+        elif tok == "-monitor":
+            spec = value(tok)
+            if spec != "none":
+                raise ValueError(f"-monitor {spec}: vmk has no QEMU monitor; its commands are gdb 'monitor' "
+                                 "commands: --gdb :PORT, then gdb or 'vmk debug :PORT'")
+        elif tok == "-device":
+            spec = value(tok)
+            name, _, opts = spec.partition(",")
+            iobase = dict(o.partition("=")[::2] for o in opts.split(",") if o).get("iobase", "0xf4")
+            if name != "isa-debug-exit" or iobase.lower() not in ("0xf4", "244"):
+                raise ValueError(f"-device {spec}: vmk's PC is fixed (isa-debug-exit at 0xf4 is always there); "
+                                 "disks: -drive / -hda")
+        else:
+            out.append(tok)
+        i += 1
+    return out
+
+
+def _qemu_chardev(spec: str) -> str:
+    if spec == "mon:stdio":
+        return "stdio"                            # the monitor multiplexer is not there: plain stdio
+    if spec == "none":
+        return "null"
+    if spec.startswith("tcp:"):
+        head, *opts = spec.split(",")
+        for o in opts:
+            if o not in ("server", "server=on", "nowait", "wait=off", "nodelay", "nodelay=on"):
+                raise ValueError(f"-serial {spec}: vmk's tcp: back end is a server that does not wait "
+                                 f"(server=on,wait=off); {o!r} is not supported")
+        return head
+    return spec
+
+
+def _qemu_icount(spec: str) -> list[str]:
+    opts = {}
+    for i, part in enumerate(spec.split(",")):
+        key, eq, val = part.partition("=")
+        if not eq and i == 0:
+            key, val = "shift", part
+        opts[key] = val
+    out = []
+    shift = opts.pop("shift", "0")
+    if not shift.isdigit() or int(shift) > 10:
+        raise ValueError(f"-icount {spec}: shift must be 0..10 (2**shift ns per instruction); vmk's time is "
+                         "always instruction-counted, so shift=auto has no meaning")
+    out += ["--icount", str(1 << int(shift))]
+    sleep = opts.pop("sleep", None)               # QEMU's default, on, is vmk's: --idle realtime
+    if sleep not in (None, "on", "off"):
+        raise ValueError(f"-icount {spec}: sleep must be on or off")
+    if sleep is not None:
+        out += ["--idle", "realtime" if sleep == "on" else "skip"]
+    opts.pop("align", None)                       # host-timing alignment: vmk never runs ahead of itself
+    if opts:
+        raise ValueError(f"-icount {spec}: {', '.join(opts)} not supported (shift, sleep, align are)")
+    return out
+
+
+def _qemu_log_list(text: str) -> bool:
+    """True if ``text`` is QEMU's -d LIST (then it must be what vmk logs); False: not a log list at all."""
+    items = text.split(",")
+    if not all(i in _QEMU_LOG_ITEMS or i.startswith("trace:") for i in items):
+        return False
+    unsupported = [i for i in items if i not in _QEMU_LOG_MAPPED]
+    if unsupported:
+        raise ValueError(f"-d {text}: vmk cannot log {', '.join(unsupported)}; it logs guest_errors and "
+                         "unimp (-d); for instructions and interrupts use --gdb")
+    return True
+
+
+def _duration_with_unit(text: str) -> int:
+    """--max-time: a duration with its unit; a bare number is refused (was it ns or s?)."""
+    if re.fullmatch(r"\s*\d+(\.\d+)?\s*", text):
+        raise ValueError(f"bad duration {text!r}: give a unit, ns, us, ms or s (e.g. {text.strip()}s or "
+                         f"{text.strip()}ms)")
+    return parse_duration(text)
+
+
+def _os_error_text(e: OSError) -> str:
+    """An OSError as a user reads it: the reason, and for the usual ones what to do about it."""
+    text = e.strerror or str(e)
+    if e.errno == errno.EADDRINUSE:
+        return (f"{text}: another program (another vmk, a QEMU?) holds this port; pick another port, "
+                "or end that program ('ss -ltnp' names it)")
+    if e.errno == errno.EACCES:
+        return f"{text}: ports below 1024 need root; pick a port above 1023"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"{text}: this host has no such address; use 127.0.0.1 (this host only) or 0.0.0.0 (all)"
+    return text
+
+
+def _version() -> str:
+    from vmk import __version__
+    return __version__
+
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
+
+
+def cmd_demo(args) -> int:
+    """The demos ship inside the package (vmk/demo/NAME/NAME.toml): print where, for ``vmk build``."""
+    names = sorted(n for n in os.listdir(DEMO_DIR) if os.path.isfile(os.path.join(DEMO_DIR, n, f"{n}.toml"))) \
+        if os.path.isdir(DEMO_DIR) else []
+    if args.name is None:
+        for n in names:
+            print(f"{n:<10} {os.path.join(DEMO_DIR, n, n + '.toml')}")
+        return 0
+    if args.name not in names:
+        return _fail(f"no demo {args.name!r} (demos: {', '.join(names) or 'none installed'})")
+    print(os.path.join(DEMO_DIR, args.name, f"{args.name}.toml"))
     return 0
 
 

@@ -575,17 +575,15 @@ def _split_statements(source: str) -> list[str]:
 
 def assemble_checked(source: str, addr: int, bits: int = 64) -> bytes:
     """Assemble one statement at a time and refuse any that does not disassemble to itself."""
-    import keystone
-    ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64 if bits == 64 else keystone.KS_MODE_32)
+    from .build import assemble_snippet         # keystone in a child: '.text' crashes it
     md = _capstone(bits)
     code = bytearray()
     for stmt in _split_statements(source):
         at = addr + len(code)
         try:
-            enc, _ = ks.asm(stmt, at)
-        except keystone.KsError as e:
+            data = assemble_snippet(stmt, at, 64 if bits == 64 else 32)
+        except ValueError as e:
             raise CommandError(f"cannot assemble {stmt!r}: {e}") from None
-        data = bytes(enc or b"")
         if not data:
             raise CommandError(f"keystone produced no code for {stmt!r}")
         problem = check_round_trip(stmt, data, at, md)
