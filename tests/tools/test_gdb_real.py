@@ -177,3 +177,17 @@ def test_info_threads_lists_the_fibers_of_a_vm_image(tmp_path: Path, boot) -> No
     assert serial.read_bytes().decode().splitlines() == [
         "[20 ms] tick 1", "[40 ms] tick 2", "[60 ms] tick 3", "[80 ms] tick 4", "[100 ms] tick 5",
         "[100 ms] done"]
+
+
+def test_stepi_costs_no_register_packet(guest_dir: Path, tmp_path: Path, boot) -> None:
+    """The stop reply carries pc, sp and fp (expedited registers), so gdb's stepi reads
+    no register file ('g', 1 KiB of hex per step): one round trip less per step."""
+    vm = boot(guest_dir / "benchloop.elf", tmp_path / "com1.txt", "--wait-gdb", "--append", "iters=1000000")
+    out = run_gdb(vm.port, guest_dir / "benchloop.elf64", [
+        "break *bench_loop", "continue", "set debug remote 1", "stepi", "stepi", "stepi", "stepi",
+        "stepi", "stepi", "set debug remote 0", "info registers rip", "kill"])
+    stepping = out[out.index("[remote]"):]
+    assert stepping.count("Sending packet: $vCont;s") == 6, stepping
+    assert "Sending packet: $g#" not in stepping and "Sending packet: $p" not in stepping, stepping
+    assert "bench_loop" in out.split("rip")[-1], out                 # and it stepped round the loop
+    assert vm.wait() == 0

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 
 import capstone
 import pytest
-from vmk.machine.debug import REGISTERS, BreakKind, Debug, WatchKind
+from vmk.machine.debug import REG_INDEX, REGISTERS, BreakKind, Debug, WatchKind
 from vmk.machine.pc import Why
 from vmk.testing import Harness
 from vmk.testing.baremetal import install_runtime
@@ -95,7 +95,10 @@ def test_supported_attached_and_thread_queries() -> None:
     assert stub.handle(b"Hg5") == b"E01"
     extra = unhex(stub.handle(b"qThreadExtraInfo,1")).decode()
     assert "bare metal" in extra and "long mode" in extra
-    assert stub.handle(b"?") == b"T05thread:1;"
+    stop = stub.handle(b"?")
+    assert stop.startswith(b"T05thread:1;")
+    # pc, sp and fp are expedited (so gdb's stepi needs no 'g'), with the values 'p' reads
+    assert stop == b"T05thread:1;" + b"".join(b"%02x:%s;" % (n, stub.handle(b"p%x" % n)) for n in (6, 7, 16))
     assert stub.handle(b"vCont?") == b"vCont;c;C;s;S"
     assert stub.handle(b"vCont;c") == Resume(step=False)
     assert stub.handle(b"vCont;s:1;c") == Resume(step=True)
@@ -185,6 +188,31 @@ def test_memory_read_write_and_errors() -> None:
     assert stub.handle(b"m7fff00000000,4") == b"E14"          # not mapped by the page tables
     assert stub.handle(b"mfee00000,4") == b"E14"              # MMIO is not read by the debugger
     assert stub.handle(b"mffffffffffffffff,4") == b"E14"
+
+
+def test_memory_reads_follow_page_table_and_cr3_changes() -> None:
+    """The debugger keeps translations between two runs (gdb reads the same pages many
+    times per stop); a page-table write (M) or a CR3 write (P) must be seen at once."""
+    h = Harness.from_asm(LOOP, mem=16 << 20)
+    stub = stub_for(h)
+    q = lambda addr: struct.unpack("<Q", unhex(stub.handle(f"m{addr:x},8".encode())))[0]  # noqa: E731
+    cr3 = int.from_bytes(unhex(stub.handle(f"p{REG_INDEX['cr3']:x}".encode())), "little")
+    pd = q(q(cr3 & ~0xFFF) & ~0xFFF) & ~0xFFF                 # PML4[0] -> PDPT[0] -> page directory
+    for phys, text in ((0x200000, b"AAAA"), (0x400000, b"BBBB"), (0x800000, b"CCCC")):
+        h.machine.write_physical(phys, text)
+    assert unhex(stub.handle(b"m200000,4")) == b"AAAA"
+    # Re-point the 2 MiB page at 0x200000 to 0x400000 through gdb's memory write.
+    assert stub.handle(f"M{pd + 8:x},8:".encode() + rsp.hexlify(struct.pack("<Q", 0x400000 | 0x83))) == b"OK"
+    assert unhex(stub.handle(b"m200000,4")) == b"BBBB"
+    # A new address space (0x200000 -> 0x800000, the rest as before) through a CR3 write.
+    pml4, pdpt, pd2 = 0x600000, 0x601000, 0x602000
+    h.machine.write_physical(pml4, struct.pack("<Q", pdpt | 3))
+    h.machine.write_physical(pdpt, struct.pack("<Q", pd2 | 3))
+    h.machine.write_physical(pd2, struct.pack("<QQ", 0x83, 0x800000 | 0x83))
+    assert stub.handle(f"P{REG_INDEX['cr3']:x}=".encode() + rsp.hexlify(struct.pack("<Q", pml4))) == b"OK"
+    assert unhex(stub.handle(b"m200000,4")) == b"CCCC"
+    assert stub.handle(b"m400000,4") == b"E14"                 # no longer mapped
+    assert isinstance(stub.handle(b"vCont;s"), Resume)
 
 
 # ======================================================= machine/debug.py: breakpoints, steps, watchpoints
