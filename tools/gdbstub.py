@@ -317,6 +317,9 @@ class GdbStub:
                 return None                      # e.g. a stop meant for a client that left meanwhile
             return result
         self._stopped = True
+        # gdb takes the stop reply's thread (the one on the CPU) as the stub's
+        # Hg thread from now on (remote.c, record_currthread): do the same.
+        self._g_thread = None
         if why == Why.BREAKPOINT:
             self._report(self._stop_reply(Signal.TRAP, self.debug.stop_event))
         elif why == Why.STOPPED:

@@ -724,6 +724,24 @@ def test_kernel_view_threads_registers_and_commands(monkeypatch) -> None:
     assert "uart-rx blocked" in stub.run_monitor("fibers")
 
 
+def test_a_stop_makes_the_stopped_thread_the_register_thread(served, monkeypatch) -> None:
+    """gdb records the stop reply's thread as the stub's Hg thread (remote.c keeps no
+    other): after a stop, 'g' must read that thread, not the one selected before."""
+    h = Harness.from_asm(LOOP)
+    s = served(h, view=FakeKernel(h.machine))
+    r = s.connect()
+    rip = REG_INDEX["rip"]
+    assert r.request(b"Hg2") == b"OK"
+    assert int.from_bytes(unhex(r.request(f"p{rip:x}".encode())), "little") == 0xDEAD000
+    stop = r.request(b"vCont;s")
+    assert stop.startswith(b"T05") and b"thread:1;" in stop
+    after = addrs(h)[1]
+    assert int.from_bytes(unhex(r.request(f"p{rip:x}".encode())), "little") == after
+    assert b"x" not in r.request(b"g")                         # the CPU's full register file
+    r.kill()
+    s.join()
+
+
 # ====================================================================== fuzz
 NOT_FUZZED = (b"k", b"vKill", b"M", b"X", b"G", b"P", b"D", b"qRcmd")   # would end or change the guest
 
