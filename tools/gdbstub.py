@@ -23,7 +23,9 @@ input, through ``machine.add_host_input``:
 * a new client connecting to a free-running machine stops it (as QEMU does).
 
 Without a client the machine runs freely; a gdb may attach at any time.
-Detaching (``D``) removes every breakpoint and lets the machine run on.  The
+Detaching (``D``) removes every breakpoint and lets the machine run on, except
+under ``--wait-gdb`` (QEMU's ``-S``) before any client continued it: then a
+client that detaches or disconnects leaves it stopped for the next one.  The
 guest exiting ends the session with ``W``; a dead or faulted machine is
 reported as a stop (with an ``O`` console line saying why) so it can be
 inspected, and ends the session on the next resume.
@@ -194,6 +196,9 @@ class GdbStub:
         self._last_sent = b""
         self._last_stop = self._stop_reply(Signal.TRAP)
         self._g_thread: int | None = None       # Hg: whose registers g/p read (None: the CPU's)
+        # --wait-gdb (QEMU's -S): the machine does not run until a client continues it;
+        # a client that leaves before that leaves it stopped for the next one.
+        self._held = wait
         self._next_poll = 0.0
         self._client_input = _ClientInput(self)
         self._xml = target_xml().encode()
@@ -253,10 +258,7 @@ class GdbStub:
         self.listen()
         try:
             if self.wait and self.client is None:
-                self.log(f"waiting for gdb on {self.host}:{self.port}")
-                while self.client is None:
-                    select.select([self.listener], [], [], None)
-                    self._accept()
+                self._wait_for_client()
             while True:
                 if self.client is not None and self._stopped:
                     action = self._serve()
@@ -267,7 +269,11 @@ class GdbStub:
                         self._drop_client()
                         if self.final is not None:
                             return self.final
+                        if self._held:
+                            self._wait_for_client()
                         continue
+                    if not action.step:
+                        self._held = False
                     if self.final is not None:
                         if self.final.why == Why.DEAD and not self.machine.cpu.halted:
                             self.final = None                    # the client gave it a new RIP
@@ -287,6 +293,18 @@ class GdbStub:
             return RunResult(Why.INTERRUPTED, f"interrupted at t={self.machine.now} ns")
         finally:
             self.close()
+
+    def _wait_for_client(self) -> None:
+        """--wait-gdb: the machine stays stopped until a client connects."""
+        self.log(f"waiting for gdb on {self.host}:{self.port}")
+        assert self.listener is not None
+        while self.client is None:
+            select.select([self.listener], [], [], None)
+            self._accept()
+
+    def _left(self) -> str:
+        """What happens to the machine when the client goes (for the log)."""
+        return "the machine stays stopped (--wait-gdb)" if self._held else "the machine runs on"
 
     # ------------------------------------------------------------------ running the machine
     def _resume(self, action: Resume, until: int | None) -> RunResult:
@@ -382,7 +400,7 @@ class GdbStub:
         except OSError:
             data = b""
         if not data:
-            self.log("gdb disconnected; the machine runs on")
+            self.log(f"gdb disconnected; {self._left()}")
             self._drop_client()
             return 0
         for ev in self.decoder.feed(data):
@@ -442,7 +460,7 @@ class GdbStub:
                 except OSError:
                     data = b""
                 if not data:
-                    self.log("gdb disconnected; the machine runs on")
+                    self.log(f"gdb disconnected; {self._left()}")
                     return _Action.DISCONNECTED
                 self._queued.extend(self.decoder.feed(data))
             elif self.listener in ready:
@@ -495,7 +513,7 @@ class GdbStub:
         try:
             self.client.sendall(data)
         except OSError:                           # gone, or not reading its replies
-            self.log("gdb connection lost; the machine runs on")
+            self.log(f"gdb connection lost; {self._left()}")
             self._drop_client()
 
     # ================================================================== packets
@@ -657,7 +675,7 @@ class GdbStub:
     # -- session
     def _h_detach(self, p: bytes) -> Reply:
         self._send(b"OK")
-        self.log("gdb detached; the machine runs on")
+        self.log(f"gdb detached; {self._left()}")
         return _Action.DETACH
 
     def _h_kill(self, p: bytes) -> Reply:

@@ -599,6 +599,34 @@ def test_detach_lets_the_machine_run_to_the_end(served) -> None:
     assert h.regs.rcx == 5000
 
 
+@pytest.mark.parametrize("leave", ["detach", "disconnect"])
+def test_wait_gdb_stays_stopped_until_a_client_continues(served, leave: str) -> None:
+    """--wait-gdb is QEMU's -S: a client that leaves before it continued the machine
+    (here after one step) leaves it stopped for the next client, which finds it as it was."""
+    h = Harness.from_asm(LOOP)
+    a = addrs(h)
+    s = served(h, wait=True)
+    r = s.connect()
+    assert r.request(b"vCont;s").startswith(b"T05")
+    if leave == "detach":
+        r.detach()
+    else:
+        r.close()
+    r2 = s.connect()                                        # the stub waited for it
+    assert r2.read_registers()["rip"] == a[1] and h.machine.instructions == 1
+    assert any("stays stopped" in line for line in s.logs), s.logs
+    r2.detach()                                             # still never continued: still held
+    r3 = s.connect()
+    assert h.machine.instructions == 1
+    r3.set_point(True, 0, a[3], 1)
+    assert r3.resume(step=False).signal == 5 and h.machine.instructions == 3
+    r3.detach()                                             # continued once: now it runs on
+    r4 = s.connect()                                        # attaching stops the running machine
+    assert h.machine.instructions > 3
+    r4.kill()
+    s.join()
+
+
 def test_guest_exit_is_reported_to_the_client(served) -> None:
     h = Harness.from_asm("mov al, 3; out 0xf4, al")
     s = served(h)
