@@ -9,7 +9,8 @@ Commands are plain functions ``cmd(target, out, arg)`` in one table
 (:data:`COMMANDS`): ``target`` is the connection plus the shell's state
 (breakpoint numbers, symbols), ``out`` where to print, ``arg`` the rest of the
 line.  A command that fails raises :class:`CommandError`; ``--batch FILE``
-runs a script and stops with status 1 at the first failure.
+runs a script and stops with status 1 at the first failure, killing the
+machine (``vmk boot`` ends) so that nothing is left running unattended.
 
 Interactive use has history (``~/.vmk_debug_history``), tab completion of
 commands, registers and symbols (readline), and ``help``.  Without a terminal
@@ -1064,6 +1065,12 @@ def _run_batch(t: Target, out: TextIO, lines: list[str]) -> int:
         except (CommandError, RemoteError) as e:
             out.flush()
             sys.stderr.write(f"vmk: line {number}: {line.strip()}: {e}\n")
+            # A failed script must not leave the machine running unattended
+            # (a CI job would wait for it for ever): end it, as 'kill' does.
+            try:
+                t.remote.kill()
+            except (RemoteError, OSError):
+                pass
             return 1
         out.flush()
     return 0

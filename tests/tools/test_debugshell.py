@@ -297,14 +297,15 @@ def test_batch_stops_at_the_first_failing_command(guest_dir: Path, tmp_path: Pat
     try:
         proc = subprocess.run([*VMK, "debug", f"127.0.0.1:{vm.port}", "--batch", str(script)],
                               capture_output=True, text=True, timeout=120)
-        status = vm.wait()                    # the shell left: the machine runs on to the end
+        status = vm.wait()                    # the failed script killed the machine: vmk boot ended
     finally:
         vm.kill()
     assert proc.returncode == 1
     assert proc.stdout.count("(vmk) regs") == 1
     err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("vmk: line 2: x/4xb") and "cannot access memory" in err[0]
-    assert status == 1 and b"done" in serial.read_bytes()
+    assert status == 0 and "killed by the debugger" in vm.stderr, vm.stderr
+    assert b"done" not in serial.read_bytes()
 
 
 def test_commands_from_a_pipe_without_a_terminal(guest_dir: Path, tmp_path: Path) -> None:
@@ -312,11 +313,16 @@ def test_commands_from_a_pipe_without_a_terminal(guest_dir: Path, tmp_path: Path
     try:
         proc = subprocess.run([*VMK, "debug", f":{vm.port}"], input="regs rip\nfrobnicate\nquit\n",
                               capture_output=True, text=True, timeout=120)
-        vm.wait()
+        # quit detached before anything continued the machine: under --wait-gdb
+        # it stays stopped, waiting for the next debugger (QEMU's -S)
+        again = subprocess.run([*VMK, "debug", f":{vm.port}"], input="regs rip\nkill\n",
+                               capture_output=True, text=True, timeout=120)
+        assert vm.wait() == 0
     finally:
         vm.kill()
     assert proc.returncode == 0, proc.stderr
     assert "rip       0x10000c" in proc.stdout and "error: unknown command 'frobnicate'" in proc.stdout
+    assert "rip       0x10000c" in again.stdout and "killed" in again.stdout
 
 
 def test_debug_usage_errors(tmp_path: Path) -> None:
