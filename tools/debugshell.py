@@ -393,9 +393,9 @@ class Target:
             name = tok[1:].lower()
             name = {"pc": "rip", "sp": "rsp", "fp": "rbp", "rflags": "eflags"}.get(name, name)
             regs = regs if regs is not None else self.remote.read_registers()
-            if name not in regs:
+            if name not in regs and name not in REGISTER_VIEWS:
                 raise CommandError(f"no register {tok}")
-            return regs[name]
+            return register_value(regs, name)
         try:
             return int(tok, 0)
         except ValueError:
@@ -412,16 +412,47 @@ class Target:
 
 
 # ====================================================================== commands
+def _register_views() -> dict[str, tuple[str, int, int]]:
+    """Partial-register names -> (full register, shift, bits): eax, ax, al, ah, r8d, ..."""
+    views: dict[str, tuple[str, int, int]] = {}
+    for x in "abcd":
+        full = f"r{x}x"
+        views.update({f"e{x}x": (full, 0, 32), f"{x}x": (full, 0, 16), f"{x}l": (full, 0, 8),
+                      f"{x}h": (full, 8, 8)})
+    for x in ("si", "di", "bp", "sp"):
+        views.update({f"e{x}": (f"r{x}", 0, 32), x: (f"r{x}", 0, 16), f"{x}l": (f"r{x}", 0, 8)})
+    for i in range(8, 16):
+        views.update({f"r{i}d": (f"r{i}", 0, 32), f"r{i}w": (f"r{i}", 0, 16), f"r{i}b": (f"r{i}", 0, 8),
+                      f"r{i}l": (f"r{i}", 0, 8)})
+    views.update({"eip": ("rip", 0, 32), "ip": ("rip", 0, 16), "rflags": ("eflags", 0, 32),
+                  "flags": ("eflags", 0, 16)})
+    return views
+
+
+REGISTER_VIEWS = _register_views()
+
+
+def register_value(regs: dict[str, int], name: str) -> int:
+    """A register by name, or a 32/16/8-bit view of one (eax, ax, al, ah, r8d, ...)."""
+    name = name.lstrip("$").lower()
+    if name in regs:
+        return regs[name]
+    view = REGISTER_VIEWS.get(name)
+    if view is None or view[0] not in regs:
+        raise CommandError(f"no register {name!r}")
+    full, shift, bits = view
+    return (regs[full] >> shift) & ((1 << bits) - 1)
+
+
 def cmd_regs(t: Target, out: TextIO, arg: str) -> None:
-    """regs [all|NAME...]: registers (all: with x87, SSE)."""
+    """regs [all|NAME...]: registers (all: with x87, SSE); NAME may be a part (eax, ax, al, r8d)."""
     regs = t.remote.read_registers()
     names = arg.split()
     if names and names != ["all"]:
         for n in names:
+            v = register_value(regs, n)
             n = n.lstrip("$").lower()
-            if n not in regs:
-                raise CommandError(f"no register {n!r}")
-            out.write(f"{n:<9} {regs[n]:#x} ({regs[n]})\n")
+            out.write(f"{n:<9} {v:#x} ({v})\n")
         return
     gprs = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]

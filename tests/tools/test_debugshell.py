@@ -167,6 +167,16 @@ def test_regs_x_and_disas(session) -> None:
     assert "CR0=" in regs and "FS_BASE=" in regs
     assert "XMM15=" in s.run("regs all")
     assert s.run("regs rip") == "rip       0x100000 (1048576)\n"
+    s.run("set $rax 0x1122334455667788")
+    s.run("set $r9 0xfedcba9876543210")
+    # 32/16/8-bit names are views of the 64-bit registers
+    assert s.run("regs eax ax al ah $r9d r9w r9b eip") == (
+        "eax       0x55667788 (1432778632)\nax        0x7788 (30600)\nal        0x88 (136)\n"
+        "ah        0x77 (119)\nr9d       0x76543210 (1985229328)\nr9w       0x3210 (12816)\n"
+        "r9b       0x10 (16)\neip       0x100000 (1048576)\n")
+    assert s.run("x/1xb $eax - 0x55567788") == "0000000000100000: 0x48\n"    # in expressions too
+    with pytest.raises(CommandError, match="no register 'exx'"):
+        s.run("regs exx")
     assert "mov rbx, 0x200000" in s.run("x/2i $pc")
     s.run("step 3")
     assert s.run(f"x/8xb {DATA:#x}") == "0000000000200000: 0x48 0x47 0x46 0x45 0x44 0x43 0x42 0x41\n"

@@ -131,6 +131,12 @@ def test_target_description_matches_g_packet() -> None:
     for must in ("cs", "gs", "fs_base", "gs_base", "k_gs_base", "cr0", "cr3", "cr4", "cr8", "efer", "st0",
                  "st7", "fctrl", "fop", "xmm0", "xmm15", "mxcsr"):
         assert must in names
+    # x87 and SSE data registers are in the general set (no group), as in QEMU's description:
+    # LLDB's plain 'register read' shows that set only
+    groups = {r.get("name"): r.get("group") for r in root.iter("reg")}
+    general = [n for n in names if groups[n] is None]
+    assert general[-1] == "xmm15" and {"st0", "st7", "xmm0", "efer"} <= set(general)
+    assert groups["fctrl"] == "float" and groups["mxcsr"] == "vector"
     features = {f.get("name") for f in root.iter("feature")}
     assert {"org.gnu.gdb.i386.core", "org.gnu.gdb.i386.sse", "org.gnu.gdb.i386.segments"} <= features
     g = stub.handle(b"g")
