@@ -41,6 +41,7 @@ __all__ = ["Remote", "RemoteError", "StopReply", "Target", "CommandError", "COMM
            "parse_x_format", "check_round_trip"]
 
 CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 5.0     # for the stub's first reply (it polls its socket every few ms even while running)
 REPLY_TIMEOUT = 30.0
 MAX_READ = 0x800            # bytes per 'm' request
 HISTORY = os.path.expanduser("~/.vmk_debug_history")
@@ -116,8 +117,17 @@ class Remote:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = rsp.Decoder()
         self.no_ack = False
+        self.interrupted = False            # Ctrl-C came during the last resume
         self._events: list[rsp.Event] = []
-        self.features = self.request(b"qSupported:swbreak+;hwbreak+;vContSupported+;xmlRegisters=i386")
+        try:
+            self.features = self.request(b"qSupported:swbreak+;hwbreak+;vContSupported+;xmlRegisters=i386",
+                                         timeout=HANDSHAKE_TIMEOUT)
+        except RemoteError as e:
+            # Something accepted the connection but no stub answers (not a stub,
+            # or a stub busy with another debugger): say so instead of waiting.
+            self.close()
+            raise RemoteError(f"no GDB stub answers at {host}:{port} ({e}; another debugger attached, "
+                              "or not a stub?)") from None
         if b"QStartNoAckMode+" in self.features and self.request(b"QStartNoAckMode") == b"OK":
             self.no_ack = True
         self.registers = self._read_layout()
@@ -271,15 +281,15 @@ class Remote:
     # -- running
     def resume(self, step: bool) -> StopReply:
         """Continue or step; wait for the stop (Ctrl-C sends the interrupt and keeps waiting)."""
+        self.interrupted = False
         self._send(b"vCont;s" if step else b"vCont;c")
-        interrupted = False
         while True:
             try:
                 reply = self._next_packet(None)
             except KeyboardInterrupt:
-                if interrupted:
+                if self.interrupted:
                     raise
-                interrupted = True
+                self.interrupted = True
                 self.sock.sendall(rsp.INTERRUPT)
                 continue
             if _is_console(reply):
@@ -844,6 +854,11 @@ def cmd_points(t: Target, out: TextIO, arg: str) -> None:
                   + (f" len {p.length}" if p.kind != "break" else "") + "\n")
 
 
+def _report_where_now(t: Target, out: TextIO) -> None:
+    pc = t.remote.read_registers().get("rip", 0)
+    out.write(f"stopped at {pc:#x} {t.symbolize(pc)}".rstrip() + "\n")
+
+
 def _report_stop(t: Target, out: TextIO, stop: StopReply) -> None:
     if stop.exited is not None:
         t.exited = True
@@ -879,17 +894,30 @@ def _running(t: Target) -> None:
 
 
 def cmd_step(t: Target, out: TextIO, arg: str) -> None:
-    """step [N]: execute N instructions (default 1)."""
+    """step [N]: execute N instructions (default 1); Ctrl-C stops after the current one."""
     _running(t)
     n = int(arg, 0) if arg.strip() else 1
     if n <= 0:
         raise CommandError("usage: step [N] with N >= 1")
     stop = None
-    for _ in range(n):
-        stop = t.remote.resume(step=True)
-        if stop.exited is not None or stop.signal != 5 or stop.reason:
-            break
-    assert stop is not None
+    done = 0
+    interrupted = False
+    try:
+        for _ in range(n):
+            stop = t.remote.resume(step=True)
+            done += 1
+            if t.remote.interrupted:
+                interrupted = True
+                break
+            if stop.exited is not None or stop.signal != 5 or stop.reason:
+                break
+    except KeyboardInterrupt:              # Ctrl-C between two steps: the machine is stopped
+        interrupted = True
+    if interrupted and done < n:
+        out.write(f"interrupted after {done} of {n} steps\n")
+    if stop is None:
+        _report_where_now(t, out)
+        return
     _report_stop(t, out, stop)
 
 

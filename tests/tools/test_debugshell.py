@@ -3,6 +3,7 @@ round trip, and the gdb scenario again as a ``--batch`` script."""
 from __future__ import annotations
 
 import io
+import signal
 import socket
 import subprocess
 import sys
@@ -158,6 +159,28 @@ helper:
     mov edx, 5
     ret
 """
+
+
+def test_step_n_stops_at_ctrl_c(session, monkeypatch) -> None:
+    """Ctrl-C during 'step 1000000' (here: SIGINT while the 5th step's reply is awaited)
+    ends the command after that step, with the machine stopped and the session usable."""
+    s = session("loop: inc rax\n jmp loop")
+    remote = s.target.remote
+    calls = 0
+    real = remote._next_packet
+
+    def next_packet(timeout):
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            signal.raise_signal(signal.SIGINT)          # the KeyboardInterrupt a Ctrl-C raises here
+        return real(timeout)
+    monkeypatch.setattr(remote, "_next_packet", next_packet)
+    text = s.run("step 1000000")
+    assert "interrupted after 5 of 1000000 steps" in text, text
+    assert s.h.machine.instructions == 5
+    monkeypatch.setattr(remote, "_next_packet", real)
+    assert s.run("regs rax") == "rax       0x2badb005 (732803077)\n"   # the boot magic + 3 (5 steps)
 
 
 def test_regs_x_and_disas(session) -> None:
@@ -333,6 +356,25 @@ def test_commands_from_a_pipe_without_a_terminal(guest_dir: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     assert "rip       0x10000c" in proc.stdout and "error: unknown command 'frobnicate'" in proc.stdout
     assert "rip       0x10000c" in again.stdout and "killed" in again.stdout
+
+
+def test_connecting_where_no_stub_answers_fails_in_one_line(monkeypatch) -> None:
+    """A port that accepts connections but never answers (not a stub, or a stub serving
+    another debugger): the shell gives up after HANDSHAKE_TIMEOUT with a one-line error."""
+    from vmk.tools import debugshell
+    monkeypatch.setattr(debugshell, "HANDSHAKE_TIMEOUT", 0.2)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)                                        # the kernel accepts; nobody answers
+    port = silent.getsockname()[1]
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    try:
+        assert debugshell.main(f":{port}", out=io.StringIO()) == 1
+    finally:
+        silent.close()
+    text = err.getvalue()
+    assert text.count("\n") == 1 and text.startswith(f"vmk: no GDB stub answers at 127.0.0.1:{port}"), text
 
 
 def test_debug_usage_errors(tmp_path: Path) -> None:
