@@ -81,11 +81,11 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from .cpu import EFLAGS, RegBatch
-from .mmu import PageFault
+from .mmu import CR0_PG, PTE_P, PTE_PS, PTE_U, PTE_W, PageFault
 from .pc import Machine, RunResult, Why
 
 __all__ = ["Debug", "DebugError", "BreakKind", "WatchKind", "StopEvent", "RegDef", "REGISTERS",
-           "REG_INDEX", "WHERE_REGISTERS", "HLT_OPCODE"]
+           "REG_INDEX", "WHERE_REGISTERS", "HLT_OPCODE", "PageMapping", "PTE_NX"]
 
 HLT_OPCODE = 0xF4
 PAGE = 0x1000
@@ -114,6 +114,26 @@ class WatchKind(Enum):
     WRITE = "watch"                 # gdb Z2
     READ = "rwatch"                 # gdb Z3
     ACCESS = "awatch"               # gdb Z4
+
+
+PTE_NX = 1 << 63
+_PT_ADDR = 0x000F_FFFF_FFFF_F000
+_LEAF_MASK = {1 << 30: 0x000F_FFFF_C000_0000, 1 << 21: 0x000F_FFFF_FFE0_0000, 1 << 12: _PT_ADDR}
+
+
+@dataclass(frozen=True, slots=True)
+class PageMapping:
+    """One present leaf entry of the guest's 4-level page tables."""
+    linear: int                     # canonical linear address of the page
+    size: int                       # 4 KiB, 2 MiB or 1 GiB
+    entry: int                      # the leaf entry as stored
+    user: bool                      # U and W are the AND over every level, NX the OR
+    writable: bool
+    nx: bool
+
+    @property
+    def phys(self) -> int:
+        return self.entry & _LEAF_MASK[self.size]
 
 
 @dataclass(slots=True)
@@ -678,6 +698,39 @@ class Debug:
                 base = -1
             self._pages[page] = base
         return base
+
+    def page_mappings(self) -> list[PageMapping] | None:
+        """Every present page of the current address space, in linear order (a walk of
+        the 4-level tables from CR3, read-only: A/D bits are left alone); None when
+        paging is off.  Raises DebugError for 32-bit paging (not walked here)."""
+        pg = self.machine.paging()
+        if not pg.cr0 & CR0_PG:
+            return None
+        if not pg.lma:
+            raise DebugError("only 4-level (long mode) page tables are walked")
+        buf, size = self.machine.ram.buf, self.machine.ram.size
+        unpack = struct.unpack_from
+        out: list[PageMapping] = []
+
+        def walk(table: int, level: int, base: int, user: bool, writable: bool, nx: bool) -> None:
+            shift = 12 + 9 * level
+            if table + 4096 > size:
+                return                            # a table outside RAM reads as not present
+            entries = unpack("<512Q", buf, table)
+            for i, e in enumerate(entries):
+                if not e & PTE_P:
+                    continue
+                lin = base | (i << shift)
+                u, w, x = user and bool(e & PTE_U), writable and bool(e & PTE_W), nx or bool(e & PTE_NX)
+                if level == 0 or (e & PTE_PS and level in (1, 2)):
+                    if lin & (1 << 47):
+                        lin |= 0xFFFF_0000_0000_0000  # canonical
+                    out.append(PageMapping(lin, 1 << shift, e, u, w, x))
+                else:
+                    walk(e & _PT_ADDR, level - 1, lin, u, w, x)
+
+        walk(pg.cr3 & _PT_ADDR, 3, 0, True, True, False)
+        return out
 
     def forget(self) -> None:
         """The machine changed behind the debugger's back: translate memory afresh."""

@@ -50,6 +50,7 @@ from enum import Enum
 from typing import Callable
 
 from vmk.machine.debug import (
+    PTE_NX,
     REG_INDEX,
     REGISTERS,
     BreakKind,
@@ -205,6 +206,7 @@ class GdbStub:
         self._next_poll = 0.0
         self._client_input = _ClientInput(self)
         self._xml = target_xml().encode()
+        self._mmap_xml = b""
         self._handlers: dict[str, Callable[[bytes], Reply]] = {
             "?": self._h_stop_reason, "g": self._h_read_regs, "G": self._h_write_regs,
             "p": self._h_read_reg, "P": self._h_write_reg, "m": self._h_read_mem, "M": self._h_write_mem,
@@ -230,6 +232,8 @@ class GdbStub:
                                        "step-irq [on|off]: take pending interrupts during a single step"),
             "symbols": MonitorCommand(self._m_symbols, "symbols [TEXT]: kernel symbols (address, name)"),
             "symbol": MonitorCommand(self._m_symbol, "symbol NAME: the address of a kernel symbol"),
+            "info": MonitorCommand(self._m_info, "info mem|tlb: the page tables, in QEMU's format "
+                                                 "(GEF and pwndbg parse it)"),
         }
         self.monitor.update(self.view.monitor_commands())
 
@@ -689,7 +693,7 @@ class GdbStub:
         return _Action.KILL
 
     def _h_supported(self, p: bytes) -> Reply:
-        return (f"PacketSize={PACKET_SIZE:x};qXfer:features:read+;swbreak+;hwbreak+;"
+        return (f"PacketSize={PACKET_SIZE:x};qXfer:features:read+;qXfer:memory-map:read+;swbreak+;hwbreak+;"
                 f"vContSupported+;QStartNoAckMode+").encode()
 
     def _h_no_ack(self, p: bytes) -> Reply:
@@ -697,13 +701,21 @@ class GdbStub:
 
     def _h_xfer(self, p: bytes) -> Reply:
         parts = p.split(b":")
-        if len(parts) != 5 or parts[1] != b"features" or parts[2] != b"read":
+        if len(parts) != 5 or parts[1] not in (b"features", b"memory-map") or parts[2] != b"read":
             return b""
-        if parts[3] != b"target.xml":
+        if parts[1] == b"memory-map":
+            if parts[3]:
+                return b"E00"
+            if _addr_len(parts[4])[0] == 0:
+                self._mmap_xml = self._memory_map()      # made at the first chunk, served from there
+            doc = self._mmap_xml
+        elif parts[3] != b"target.xml":
             return b"E00"
+        else:
+            doc = self._xml
         off, length = _addr_len(parts[4])
-        chunk = self._xml[off:off + min(length, PACKET_SIZE - 1)]
-        more = off + len(chunk) < len(self._xml)
+        chunk = doc[off:off + min(length, PACKET_SIZE - 1)]
+        more = off + len(chunk) < len(doc)
         return (b"m" if more else b"l") + rsp.escape(chunk)
 
     def _h_attached(self, p: bytes) -> Reply:
@@ -832,6 +844,57 @@ class GdbStub:
         if args[0] not in self.symbols:
             raise ValueError(f"no symbol {args[0]!r}")
         return f"{self.symbols[args[0]]:#x}"
+
+    def _m_info(self, args: list[str]) -> str:
+        # Discussion: the text is QEMU's 'info mem' / 'info tlb' for x86-64
+        # (4-level paging), because GEF and pwndbg parse it: info mem is
+        # "START-END SIZE urw" per run of pages with the same user/write
+        # rights (U and W ANDed over the levels), info tlb "LINEAR: PHYS
+        # XGPDACTUW" per leaf entry (its own bits; P is the large-page bit).
+        if args not in (["mem"], ["tlb"]):
+            raise ValueError("usage: info mem | info tlb")
+        pages = self.debug.page_mappings()
+        if pages is None:
+            return "PG disabled"
+        if args == ["tlb"]:
+            bits = ((PTE_NX, "X"), (1 << 8, "G"), (1 << 7, "P"), (1 << 6, "D"), (1 << 5, "A"), (1 << 4, "C"),
+                    (1 << 3, "T"), (1 << 2, "U"), (1 << 1, "W"))
+            lines = []
+            for p in pages:
+                e = p.entry & ~(1 << 7) if p.size == 0x1000 else p.entry      # bit 7 of a PTE is PAT
+                lines.append(f"{p.linear:016x}: {p.phys:016x} " + "".join(c if e & b else "-" for b, c in bits))
+            return "\n".join(lines)
+        runs: list[list] = []                          # [start, end, user, writable]
+        for p in pages:
+            last = runs[-1] if runs else None
+            if last is not None and last[1] == p.linear and last[2:] == [p.user, p.writable]:
+                last[1] = p.linear + p.size
+            else:
+                runs.append([p.linear, p.linear + p.size, p.user, p.writable])
+        return "\n".join(f"{a:016x}-{b & 0xFFFF_FFFF_FFFF_FFFF:016x} {b - a:016x} {'u' if u else '-'}r{'w' if w else '-'}"
+                         for a, b, u, w in runs)
+
+    def _memory_map(self) -> bytes:
+        """GDB's memory-map XML: guest RAM as "ram" where gdb's (linear) addresses reach
+        it: physical RAM at its own addresses, and each mapped run of the current
+        page tables that is RAM-backed."""
+        ram = self.machine.ram.size
+        spans = [(0, ram)]
+        try:
+            pages = self.debug.page_mappings() or []
+        except DebugError:
+            pages = []
+        for p in pages:
+            if p.phys < ram and p.linear >= spans[-1][1]:
+                end = p.linear + min(p.size, ram - p.phys)
+                if spans[-1][1] == p.linear:
+                    spans[-1] = (spans[-1][0], end)
+                else:
+                    spans.append((p.linear, end))
+        body = "".join(f'  <memory type="ram" start="{a:#x}" length="{b - a:#x}"/>\n' for a, b in spans)
+        return ('<?xml version="1.0"?>\n<!DOCTYPE memory-map PUBLIC "+//IDN gnu.org//DTD GDB Memory Map V1.0//EN"'
+                ' "http://sourceware.org/gdb/gdb-memory-map.dtd">\n<memory-map>\n' + body
+                + "</memory-map>\n").encode()
 
     def _m_irq(self, args: list[str]) -> str:
         m = self.machine

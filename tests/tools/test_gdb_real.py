@@ -191,3 +191,19 @@ def test_stepi_costs_no_register_packet(guest_dir: Path, tmp_path: Path, boot) -
     assert "Sending packet: $g#" not in stepping and "Sending packet: $p" not in stepping, stepping
     assert "bench_loop" in out.split("rip")[-1], out                 # and it stepped round the loop
     assert vm.wait() == 0
+
+
+def test_monitor_info_mem_tlb_and_memory_map(guest_dir: Path, tmp_path: Path, boot) -> None:
+    """'monitor info mem' / 'info tlb' in QEMU's text (what GEF and pwndbg parse), and
+    gdb's own memory regions from qXfer:memory-map (RAM)."""
+    vm = boot(guest_dir / "gdbtarget.elf", tmp_path / "com1.txt", "--wait-gdb")
+    out = run_gdb(vm.port, guest_dir / "gdbtarget.elf64", [
+        "monitor info mem", "info mem", "break checkpoint", "continue", "monitor info mem",
+        "monitor info tlb", "x/1xb &message_key", "kill"])
+    assert "PG disabled" in out                                 # at the multiboot entry
+    assert "Using memory regions provided by the target." in out    # gdb's 'info mem': the RAM
+    assert "0x0000000000000000 0x0000000008000000 rw nocache" in out, out
+    assert "0000000000000000-0000000100000000 0000000100000000 -rw" in out, out
+    assert "0000000000200000: 0000000000200000 --P" in out, out
+    assert "<message_key>:\t0x41" in out
+    assert vm.wait() == 0

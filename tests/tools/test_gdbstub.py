@@ -221,6 +221,46 @@ def test_memory_reads_follow_page_table_and_cr3_changes() -> None:
     assert isinstance(stub.handle(b"vCont;s"), Resume)
 
 
+def test_monitor_info_mem_and_tlb_in_qemu_format_and_the_memory_map() -> None:
+    """GEF and pwndbg parse QEMU's 'info mem'/'info tlb' text; gdb reads the memory map."""
+    h = Harness.from_asm(LOOP, mem=16 << 20)
+    stub = stub_for(h)
+    assert stub.run_monitor("info mem") == "0000000000000000-0000000100000000 0000000100000000 -rw"
+    # An address space: 2 MiB identity page, then a 4 KiB user read-only NX page and a user
+    # rw page (accessed, dirty), and a global 1 GiB supervisor page at the top (PML4[511]).
+    pml4, pdpt, pd, pt, top = 0x600000, 0x601000, 0x602000, 0x603000, 0x604000
+    w = h.machine.write_physical
+    w(pml4, struct.pack("<Q", pdpt | 7))
+    w(pml4 + 511 * 8, struct.pack("<Q", top | 3))
+    w(pdpt, struct.pack("<Q", pd | 7))
+    w(top + 511 * 8, struct.pack("<Q", 0 | 0x183))              # 1 GiB page, G
+    w(pd, struct.pack("<QQ", 0x83, pt | 7))
+    w(pt, struct.pack("<QQ", 0x800000 | 5 | (1 << 63), 0x801000 | 0x67))
+    assert stub.handle(f"P{REG_INDEX['cr3']:x}=".encode() + rsp.hexlify(struct.pack("<Q", pml4))) == b"OK"
+    assert stub.run_monitor("info mem") == (
+        "0000000000000000-0000000000200000 0000000000200000 -rw\n"
+        "0000000000200000-0000000000201000 0000000000001000 ur-\n"
+        "0000000000201000-0000000000202000 0000000000001000 urw\n"
+        "ffffffffc0000000-0000000000000000 0000000040000000 -rw")      # the end wraps to 0
+    assert stub.run_monitor("info tlb") == (
+        "0000000000000000: 0000000000000000 --P-----W\n"
+        "0000000000200000: 0000000000800000 X------U-\n"
+        "0000000000201000: 0000000000801000 ---DA--UW\n"
+        "ffffffffc0000000: 0000000000000000 -GP-----W")
+    assert stub.run_monitor("info regs").startswith("error: usage: info mem")
+    assert "qXfer:memory-map:read+" in stub.handle(b"qSupported").decode()
+    reply = stub.handle(b"qXfer:memory-map:read::0,1000")
+    assert reply[:1] == b"l"
+    mm = ET.fromstring(rsp.unescape(reply[1:]))
+    assert [(m.get("type"), int(m.get("start"), 16), int(m.get("length"), 16)) for m in mm.iter("memory")] == [
+        ("ram", 0, 16 << 20), ("ram", 0xFFFF_FFFF_C000_0000, 16 << 20)]   # RAM, and where the top page reaches it
+    assert stub.handle(b"qXfer:memory-map:read:x:0,10") == b"E00"
+    w(pml4, bytes(8))
+    w(pml4 + 511 * 8, bytes(8))
+    stub.debug.forget()
+    assert stub.run_monitor("info mem") == ""                     # nothing mapped
+
+
 # ======================================================= machine/debug.py: breakpoints, steps, watchpoints
 @pytest.mark.parametrize("icount", [1, 3])
 def test_breakpoint_stops_before_the_instruction_with_exact_time(icount: int) -> None:
