@@ -207,3 +207,18 @@ def test_monitor_info_mem_tlb_and_memory_map(guest_dir: Path, tmp_path: Path, bo
     assert "0000000000200000: 0000000000200000 --P" in out, out
     assert "<message_key>:\t0x41" in out
     assert vm.wait() == 0
+
+
+@pytest.mark.parametrize("kind", ["rwatch", "awatch"])
+def test_read_watchpoint_sees_reads_by_an_interrupt_handler(guest_dir: Path, tmp_path: Path, boot,
+                                                            kind: str) -> None:
+    """timer_ticks is read only by the LAPIC timer's handler (until the end): a read or
+    access watchpoint on it stops in h_timer, right after the reading instruction."""
+    vm = boot(guest_dir / "gdbtarget.elf", tmp_path / "com1.txt", "--wait-gdb")
+    out = run_gdb(vm.port, guest_dir / "gdbtarget.elf64", [
+        "break checkpoint", "continue", "delete", f"{kind} timer_ticks", "continue", "bt 1", "continue",
+        "bt 1", "kill"])
+    assert out.count("in h_timer (") + out.count("#0  h_timer (") >= 2, out
+    assert ("Hardware read watchpoint 2: timer_ticks" if kind == "rwatch"
+            else "Hardware access (read/write) watchpoint 2: timer_ticks") in out, out
+    assert vm.wait() == 0
