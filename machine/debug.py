@@ -80,7 +80,7 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from .cpu import EFLAGS, RegBatch
+from .cpu import EFLAGS, HF, RegBatch
 from .mmu import CR0_PG, PTE_P, PTE_PS, PTE_U, PTE_W, PageFault
 from .pc import Machine, RunResult, Why
 
@@ -489,11 +489,46 @@ class Debug:
         hold = self.hold_interrupts_on_step and not self.cpu.halted
         self.machine.hold_interrupts = hold
         self._step_from = self.machine.instructions
+        rip, before = self.cpu.rip, self._batch.read()
         try:
-            return self.cont(until=until, max_instructions=1)
+            result = self.cont(until=until, max_instructions=1)
+            if self._aborted_write(rip, before):
+                # Discussion: a store into the page of its own translation
+                # (self-modifying code) makes QEMU abandon the translation block
+                # and restart the instruction in a one-instruction block; the
+                # count budget was spent on the abandoned attempt, so the step
+                # ends before the restart and the next step does the same, for
+                # ever.  A budget of 2 covers attempt and restart; as in a run
+                # without the debugger, such a store costs two counts (here
+                # plus the one of the abandoned step: one instruction of
+                # virtual time more than that run).
+                self._step_from = self.machine.instructions
+                result = self.cont(until=until, max_instructions=2)
+            return result
         finally:
             self.machine.hold_interrupts = False
             self._step_from = None
+
+    def _aborted_write(self, rip: int, before: tuple[int, ...]) -> bool:
+        """Did the last step count an instruction that did nothing at all, and
+        is that instruction one that cannot legitimately stay in place?"""
+        cpu = self.cpu
+        if (self.stop_event is None or self.stop_event.kind != "step" or cpu.rip != rip or cpu.halted
+                or cpu.event is not None or self.machine.instructions != self._step_from + 1
+                or self._batch.read() != before):
+            return False
+        try:
+            code = self.read_memory(rip, 15)
+        except DebugError:
+            return False
+        from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_INT, CS_GRP_IRET, CS_GRP_JUMP, CS_GRP_RET, \
+            CS_MODE_32, CS_MODE_64, Cs
+        md = Cs(CS_ARCH_X86, CS_MODE_64 if cpu.hflags() & HF.CS64 else CS_MODE_32)
+        md.detail = True
+        insn = next(md.disasm(code, rip), None)
+        if insn is None or insn.prefix[0] in (0xF2, 0xF3):            # rep: an iteration stays in place
+            return False
+        return not any(insn.group(g) for g in (CS_GRP_JUMP, CS_GRP_CALL, CS_GRP_RET, CS_GRP_INT, CS_GRP_IRET))
 
     def _prepare(self) -> None:
         self.stop_event = None

@@ -339,6 +339,51 @@ def test_step_over_a_breakpoint_under_rip() -> None:
     assert h.machine.cpu.rip == a[3] and h.instructions == 3
 
 
+def test_step_over_a_store_into_its_own_page_advances() -> None:
+    """Self-modifying code: QEMU restarts a store into the page of its own translation;
+    the step used to spend its one-instruction budget on the abandoned attempt and never
+    get past the store.  A self-loop and a rep iteration still stay in place, one count each."""
+    h = Harness.from_asm("""
+        lea rbx, [rip + patched]
+        mov byte ptr [rbx], 0x90
+        nop
+    patched:
+        int3
+        mov rcx, 3
+        lea rdi, [rip + buf]
+        rep stosb
+    spin:
+        jmp spin
+    buf:
+        nop
+        nop
+        nop
+        nop
+    """)
+    lea, store, nop, patched, mov_rcx, lea_rdi, rep, spin = addrs(h)[:8]
+    d = Debug(h.machine)
+    d.step()
+    assert h.machine.cpu.rip == store
+    d.step()
+    assert h.machine.cpu.rip == nop                             # past the store
+    assert h.read(patched, 1) == b"\x90"                        # which happened once
+    d.step()
+    d.step()
+    assert h.machine.cpu.rip == mov_rcx                         # the patched byte ran as a nop
+    d.step()
+    d.step()
+    counts = []
+    for _ in range(4):                                          # rep: one iteration per step
+        start = h.instructions
+        d.step()
+        counts.append((h.machine.cpu.rip, h.regs.rcx, h.instructions - start))
+    assert counts == [(rep, 2, 1), (rep, 1, 1), (rep, 0, 1), (spin, 0, 1)]
+    for _ in range(3):                                          # a self-loop: one count per step
+        start = h.instructions
+        d.step()
+        assert h.machine.cpu.rip == spin and h.instructions - start == 1
+
+
 TIMER_GUEST = """
     mov rbx, 0xfee00000
     mov dword ptr [rbx+0x350], 0x10000
