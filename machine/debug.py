@@ -80,12 +80,12 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from .cpu import EFLAGS, RegBatch
-from .mmu import PageFault
+from .cpu import EFLAGS, HF, RegBatch
+from .mmu import CR0_PG, PTE_P, PTE_PS, PTE_U, PTE_W, PageFault
 from .pc import Machine, RunResult, Why
 
 __all__ = ["Debug", "DebugError", "BreakKind", "WatchKind", "StopEvent", "RegDef", "REGISTERS",
-           "REG_INDEX", "HLT_OPCODE"]
+           "REG_INDEX", "WHERE_REGISTERS", "HLT_OPCODE", "PageMapping", "PTE_NX"]
 
 HLT_OPCODE = 0xF4
 PAGE = 0x1000
@@ -114,6 +114,26 @@ class WatchKind(Enum):
     WRITE = "watch"                 # gdb Z2
     READ = "rwatch"                 # gdb Z3
     ACCESS = "awatch"               # gdb Z4
+
+
+PTE_NX = 1 << 63
+_PT_ADDR = 0x000F_FFFF_FFFF_F000
+_LEAF_MASK = {1 << 30: 0x000F_FFFF_C000_0000, 1 << 21: 0x000F_FFFF_FFE0_0000, 1 << 12: _PT_ADDR}
+
+
+@dataclass(frozen=True, slots=True)
+class PageMapping:
+    """One present leaf entry of the guest's 4-level page tables."""
+    linear: int                     # canonical linear address of the page
+    size: int                       # 4 KiB, 2 MiB or 1 GiB
+    entry: int                      # the leaf entry as stored
+    user: bool                      # U and W are the AND over every level, NX the OR
+    writable: bool
+    nx: bool
+
+    @property
+    def phys(self) -> int:
+        return self.entry & _LEAF_MASK[self.size]
 
 
 @dataclass(slots=True)
@@ -162,6 +182,9 @@ REGISTERS: tuple[RegDef, ...] = (
     + (RegDef("mxcsr", 32, "i386_mxcsr", _SSE),)
 )
 REG_INDEX = {r.name: i for i, r in enumerate(REGISTERS)}
+# What a debugger needs to show where the CPU stopped (frame pointer, stack pointer, pc):
+# the GDB stub sends them with every stop reply, so gdb's stepi needs no 'g'.
+WHERE_REGISTERS = tuple(REG_INDEX[n] for n in ("rbp", "rsp", "rip"))
 
 # Registers read in one ctypes batch (u64 each): GPRs, rip, rflags, selectors, bases, CRs.
 _BATCH_NAMES = (_GPR_ORDER + ("rip", "eflags") + _SEG_ORDER
@@ -267,6 +290,14 @@ class Debug:
         # Called after every slice while running (the GDB stub polls its socket here).
         self.host_poll: Callable[[], None] | None = None
         self._batch = RegBatch(self.uc, [_UC_ID[n] for n in _BATCH_NAMES])
+        self._where_batch = RegBatch(self.uc, [_UC_ID[REGISTERS[i].name] for i in WHERE_REGISTERS])
+        # Linear page -> physical page for debugger memory access, valid while
+        # the machine has not run since (see _page_map).
+        self._pages: dict[int, int] = {}
+        self._pages_key: tuple[int, int] | None = None
+        self._pg = None
+        # Unicorn's exit list as last set; breakpoints change it lazily (see _sync_exits).
+        self._synced_exits: frozenset[int] = frozenset()
         self._raw_batch = _RawBatch(self.uc, _RAW_NAMES)
         self._raw = (ctypes.c_uint8 * 16)()
         self.uc.ctl_exits_enabled(True)
@@ -315,24 +346,37 @@ class Debug:
             return True
 
     def _arm(self, bp: _Exit) -> None:
+        # An exit breakpoint reaches Unicorn when the machine next runs (_sync_exits).
         if self._needs_hook(bp.addr):
             bp.hook = self.uc.hook_add(UC_HOOK_CODE, self._on_code_hook, None, bp.addr, bp.addr)
             self.cpu.precise += 1                # its stop is exact in count mode only
-        self._sync_exits()
-        self._drop_translations(bp.addr)
+            self._drop_translations(bp.addr)
 
     def _disarm(self, bp: _Exit) -> None:
         if bp.hook is not None:
             self.uc.hook_del(bp.hook)
             bp.hook = None
             self.cpu.precise -= 1
-        self._sync_exits()
-        self._drop_translations(bp.addr)
+            self._drop_translations(bp.addr)
 
     def _sync_exits(self) -> None:
-        exits = [a for a, bp in self._bps.items() if bp.hook is None and a != self._disarmed]
-        self.uc.ctl_set_exits(exits)
-        self.cpu.exit_addresses = frozenset(exits)
+        """Give Unicorn the armed exit breakpoints, if they changed since the last time.
+
+        Discussion: gdb removes every breakpoint when the target stops and
+        inserts them again before it resumes (z0/Z0 around each stepi), so the
+        set usually comes back unchanged; syncing only before a run makes
+        that pair free instead of two exit-list updates and two translation
+        drops.  Called from _prepare and _rearm, i.e. before every slice the
+        debugger runs."""
+        exits = frozenset(a for a, bp in self._bps.items() if bp.hook is None and a != self._disarmed)
+        old = self._synced_exits
+        if exits == old:
+            return
+        self.uc.ctl_set_exits(list(exits))
+        self.cpu.exit_addresses = exits
+        self._synced_exits = exits
+        for addr in exits ^ old:
+            self._drop_translations(addr)
 
     def _drop_translations(self, addr: int) -> None:
         # Exits and code hooks are decided when an instruction is translated.
@@ -422,6 +466,7 @@ class Debug:
                 self.uc.hook_del(h)
             self.cpu.precise -= 1
         self._watches.clear()
+        self._sync_exits()                       # the machine may run on without the debugger
 
     # ------------------------------------------------------------------ running
     def cont(self, until: int | None = None, max_instructions: int | None = None) -> RunResult:
@@ -431,6 +476,7 @@ class Debug:
             result = self.runner(until=until, max_instructions=max_instructions)
         finally:
             self._finish()
+            self.forget()
         stepped = result.why == Why.STOPPED and result.message in (STEP_MESSAGE, STEP_STOP)
         if stepped and self.stop_event is None:
             self.stop_event = StopEvent("step", self.cpu.rip)
@@ -443,11 +489,46 @@ class Debug:
         hold = self.hold_interrupts_on_step and not self.cpu.halted
         self.machine.hold_interrupts = hold
         self._step_from = self.machine.instructions
+        rip, before = self.cpu.rip, self._batch.read()
         try:
-            return self.cont(until=until, max_instructions=1)
+            result = self.cont(until=until, max_instructions=1)
+            if self._aborted_write(rip, before):
+                # Discussion: a store into the page of its own translation
+                # (self-modifying code) makes QEMU abandon the translation block
+                # and restart the instruction in a one-instruction block; the
+                # count budget was spent on the abandoned attempt, so the step
+                # ends before the restart and the next step does the same, for
+                # ever.  A budget of 2 covers attempt and restart; as in a run
+                # without the debugger, such a store costs two counts (here
+                # plus the one of the abandoned step: one instruction of
+                # virtual time more than that run).
+                self._step_from = self.machine.instructions
+                result = self.cont(until=until, max_instructions=2)
+            return result
         finally:
             self.machine.hold_interrupts = False
             self._step_from = None
+
+    def _aborted_write(self, rip: int, before: tuple[int, ...]) -> bool:
+        """Did the last step count an instruction that did nothing at all, and
+        is that instruction one that cannot legitimately stay in place?"""
+        cpu = self.cpu
+        if (self.stop_event is None or self.stop_event.kind != "step" or cpu.rip != rip or cpu.halted
+                or cpu.event is not None or self.machine.instructions != self._step_from + 1
+                or self._batch.read() != before):
+            return False
+        try:
+            code = self.read_memory(rip, 15)
+        except DebugError:
+            return False
+        from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_INT, CS_GRP_IRET, CS_GRP_JUMP, CS_GRP_RET, \
+            CS_MODE_32, CS_MODE_64, Cs
+        md = Cs(CS_ARCH_X86, CS_MODE_64 if cpu.hflags() & HF.CS64 else CS_MODE_32)
+        md.detail = True
+        insn = next(md.disasm(code, rip), None)
+        if insn is None or insn.prefix[0] in (0xF2, 0xF3):            # rep: an iteration stays in place
+            return False
+        return not any(insn.group(g) for g in (CS_GRP_JUMP, CS_GRP_CALL, CS_GRP_RET, CS_GRP_INT, CS_GRP_IRET))
 
     def _prepare(self) -> None:
         self.stop_event = None
@@ -455,9 +536,8 @@ class Debug:
         if rip in self._bps:
             # Step over the breakpoint under RIP (the x86 RF flag's job).
             self._disarmed = rip
-            self._sync_exits()
-            self._drop_translations(rip)
             self.machine.slice_limit = _one
+        self._sync_exits()
         self.machine.after_slice = self._after_slice
 
     def _finish(self) -> None:
@@ -470,7 +550,6 @@ class Debug:
         self.machine.slice_limit = None
         if addr in self._bps:
             self._sync_exits()
-            self._drop_translations(addr)
 
     def _after_slice(self) -> None:
         if self._disarmed is not None:
@@ -509,6 +588,10 @@ class Debug:
         for i in _OTHER_PLAN:
             out[i] = self._read_other(REGISTERS[i])
         return out
+
+    def read_where(self) -> list[tuple[int, bytes]]:
+        """(index, little-endian value) of each of :data:`WHERE_REGISTERS`, in one batch read."""
+        return [(i, v.to_bytes(8, "little")) for i, v in zip(WHERE_REGISTERS, self._where_batch.read())]
 
     def read_register(self, index: int) -> bytes:
         if not 0 <= index < len(REGISTERS):
@@ -570,6 +653,8 @@ class Debug:
             if name == "rip":
                 self.cpu.halted = False          # a new RIP: run from there
                 self.cpu.event = None
+        self.cpu.invalidate_ctx()                # written behind the CPU's context copy (paging())
+        self.forget()                            # CR0/CR3/CR4 or memory seen through them may change
 
     def write_registers(self, values: list[bytes]) -> None:
         """Write every register (a gdb ``G`` packet); unchanged ones are left alone."""
@@ -587,18 +672,16 @@ class Debug:
         Stops at the first byte that is not mapped to RAM (MMIO is not read:
         device registers can have side effects); raises :class:`DebugError`
         if not even the first byte can be read."""
-        m = self.machine
+        ram = self.machine.ram
         out = bytearray()
-        try:
-            pg = m.paging()
-        except Exception as e:          # noqa: BLE001 - a CPU state the MMU cannot walk
-            raise DebugError(f"cannot read memory: {e}") from None
         addr &= _MASK64
         while size > 0:
-            n = min(size, PAGE - (addr & (PAGE - 1)))
-            if not self._ram_backed(addr, n, pg):
+            off = addr & (PAGE - 1)
+            n = min(size, PAGE - off)
+            base = self._page_map(addr - off)
+            if base < 0 or not ram.contains(base + off, n):
                 break
-            out += m.read_linear(addr, n, pg=pg)
+            out += ram.view[base + off:base + off + n]
             addr = (addr + n) & _MASK64
             size -= n
         if not out and size:
@@ -608,20 +691,85 @@ class Debug:
     def write_memory(self, addr: int, data: bytes) -> None:
         """Write guest RAM at a linear address; all or nothing."""
         m = self.machine
-        try:
-            pg = m.paging()
-        except Exception as e:          # noqa: BLE001
-            raise DebugError(f"cannot write memory: {e}") from None
         addr &= _MASK64
         pos = 0
         while pos < len(data):
             a = (addr + pos) & _MASK64
             n = min(len(data) - pos, PAGE - (a & (PAGE - 1)))
-            if not self._ram_backed(a, n, pg):
+            base = self._page_map(a & ~(PAGE - 1))
+            if base < 0 or not m.ram.contains(base + (a & (PAGE - 1)), n):
                 raise DebugError(f"cannot access memory at {a:#x}")
             pos += n
         if data:
-            m.write_linear(addr, data, pg=pg)
+            m.write_linear(addr, data, pg=self._pg)
+            self._pages.clear()                  # it may have been a page table
+
+    def _page_map(self, page: int) -> int:
+        """The physical address of linear page ``page``, or -1 if it is not mapped.
+
+        Discussion: gdb reads the same few pages many times per stop (the
+        instruction at pc, 64-byte windows around it), so translations are
+        kept until the machine runs again.  Page tables change only by guest
+        instructions, by pid 0 while the machine runs (even when no
+        instruction retires nor time passes: a container started at t=0), or
+        through write_memory / write_register (which drop the map); so the map
+        is dropped by every run through cont/step, and keyed on (instructions
+        retired, virtual time) for runs that bypass the debugger.  Whoever
+        changes the machine otherwise calls :meth:`forget`."""
+        m = self.machine
+        key = (m.instructions, m.clock.now)
+        if key != self._pages_key:
+            self._pages.clear()
+            self._pages_key = key
+            try:
+                self._pg = m.paging()
+            except Exception as e:          # noqa: BLE001 - a CPU state the MMU cannot walk
+                raise DebugError(f"cannot access memory: {e}") from None
+        base = self._pages.get(page)
+        if base is None:
+            try:
+                base = m.translate(page, pg=self._pg)
+            except (PageFault, IndexError, ValueError, struct.error):
+                base = -1
+            self._pages[page] = base
+        return base
+
+    def page_mappings(self) -> list[PageMapping] | None:
+        """Every present page of the current address space, in linear order (a walk of
+        the 4-level tables from CR3, read-only: A/D bits are left alone); None when
+        paging is off.  Raises DebugError for 32-bit paging (not walked here)."""
+        pg = self.machine.paging()
+        if not pg.cr0 & CR0_PG:
+            return None
+        if not pg.lma:
+            raise DebugError("only 4-level (long mode) page tables are walked")
+        buf, size = self.machine.ram.buf, self.machine.ram.size
+        unpack = struct.unpack_from
+        out: list[PageMapping] = []
+
+        def walk(table: int, level: int, base: int, user: bool, writable: bool, nx: bool) -> None:
+            shift = 12 + 9 * level
+            if table + 4096 > size:
+                return                            # a table outside RAM reads as not present
+            entries = unpack("<512Q", buf, table)
+            for i, e in enumerate(entries):
+                if not e & PTE_P:
+                    continue
+                lin = base | (i << shift)
+                u, w, x = user and bool(e & PTE_U), writable and bool(e & PTE_W), nx or bool(e & PTE_NX)
+                if level == 0 or (e & PTE_PS and level in (1, 2)):
+                    if lin & (1 << 47):
+                        lin |= 0xFFFF_0000_0000_0000  # canonical
+                    out.append(PageMapping(lin, 1 << shift, e, u, w, x))
+                else:
+                    walk(e & _PT_ADDR, level - 1, lin, u, w, x)
+
+        walk(pg.cr3 & _PT_ADDR, 3, 0, True, True, False)
+        return out
+
+    def forget(self) -> None:
+        """The machine changed behind the debugger's back: translate memory afresh."""
+        self._pages_key = None
 
     def _ram_backed(self, addr: int, n: int, pg) -> bool:
         m = self.machine

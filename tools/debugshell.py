@@ -9,7 +9,8 @@ Commands are plain functions ``cmd(target, out, arg)`` in one table
 (:data:`COMMANDS`): ``target`` is the connection plus the shell's state
 (breakpoint numbers, symbols), ``out`` where to print, ``arg`` the rest of the
 line.  A command that fails raises :class:`CommandError`; ``--batch FILE``
-runs a script and stops with status 1 at the first failure.
+runs a script and stops with status 1 at the first failure, killing the
+machine (``vmk boot`` ends) so that nothing is left running unattended.
 
 Interactive use has history (``~/.vmk_debug_history``), tab completion of
 commands, registers and symbols (readline), and ``help``.  Without a terminal
@@ -40,6 +41,7 @@ __all__ = ["Remote", "RemoteError", "StopReply", "Target", "CommandError", "COMM
            "parse_x_format", "check_round_trip"]
 
 CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 5.0     # for the stub's first reply (it polls its socket every few ms even while running)
 REPLY_TIMEOUT = 30.0
 MAX_READ = 0x800            # bytes per 'm' request
 HISTORY = os.path.expanduser("~/.vmk_debug_history")
@@ -115,8 +117,17 @@ class Remote:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = rsp.Decoder()
         self.no_ack = False
+        self.interrupted = False            # Ctrl-C came during the last resume
         self._events: list[rsp.Event] = []
-        self.features = self.request(b"qSupported:swbreak+;hwbreak+;vContSupported+;xmlRegisters=i386")
+        try:
+            self.features = self.request(b"qSupported:swbreak+;hwbreak+;vContSupported+;xmlRegisters=i386",
+                                         timeout=HANDSHAKE_TIMEOUT)
+        except RemoteError as e:
+            # Something accepted the connection but no stub answers (not a stub,
+            # or a stub busy with another debugger): say so instead of waiting.
+            self.close()
+            raise RemoteError(f"no GDB stub answers at {host}:{port} ({e}; another debugger attached, "
+                              "or not a stub?)") from None
         if b"QStartNoAckMode+" in self.features and self.request(b"QStartNoAckMode") == b"OK":
             self.no_ack = True
         self.registers = self._read_layout()
@@ -270,15 +281,15 @@ class Remote:
     # -- running
     def resume(self, step: bool) -> StopReply:
         """Continue or step; wait for the stop (Ctrl-C sends the interrupt and keeps waiting)."""
+        self.interrupted = False
         self._send(b"vCont;s" if step else b"vCont;c")
-        interrupted = False
         while True:
             try:
                 reply = self._next_packet(None)
             except KeyboardInterrupt:
-                if interrupted:
+                if self.interrupted:
                     raise
-                interrupted = True
+                self.interrupted = True
                 self.sock.sendall(rsp.INTERRUPT)
                 continue
             if _is_console(reply):
@@ -392,9 +403,9 @@ class Target:
             name = tok[1:].lower()
             name = {"pc": "rip", "sp": "rsp", "fp": "rbp", "rflags": "eflags"}.get(name, name)
             regs = regs if regs is not None else self.remote.read_registers()
-            if name not in regs:
+            if name not in regs and name not in REGISTER_VIEWS:
                 raise CommandError(f"no register {tok}")
-            return regs[name]
+            return register_value(regs, name)
         try:
             return int(tok, 0)
         except ValueError:
@@ -411,16 +422,47 @@ class Target:
 
 
 # ====================================================================== commands
+def _register_views() -> dict[str, tuple[str, int, int]]:
+    """Partial-register names -> (full register, shift, bits): eax, ax, al, ah, r8d, ..."""
+    views: dict[str, tuple[str, int, int]] = {}
+    for x in "abcd":
+        full = f"r{x}x"
+        views.update({f"e{x}x": (full, 0, 32), f"{x}x": (full, 0, 16), f"{x}l": (full, 0, 8),
+                      f"{x}h": (full, 8, 8)})
+    for x in ("si", "di", "bp", "sp"):
+        views.update({f"e{x}": (f"r{x}", 0, 32), x: (f"r{x}", 0, 16), f"{x}l": (f"r{x}", 0, 8)})
+    for i in range(8, 16):
+        views.update({f"r{i}d": (f"r{i}", 0, 32), f"r{i}w": (f"r{i}", 0, 16), f"r{i}b": (f"r{i}", 0, 8),
+                      f"r{i}l": (f"r{i}", 0, 8)})
+    views.update({"eip": ("rip", 0, 32), "ip": ("rip", 0, 16), "rflags": ("eflags", 0, 32),
+                  "flags": ("eflags", 0, 16)})
+    return views
+
+
+REGISTER_VIEWS = _register_views()
+
+
+def register_value(regs: dict[str, int], name: str) -> int:
+    """A register by name, or a 32/16/8-bit view of one (eax, ax, al, ah, r8d, ...)."""
+    name = name.lstrip("$").lower()
+    if name in regs:
+        return regs[name]
+    view = REGISTER_VIEWS.get(name)
+    if view is None or view[0] not in regs:
+        raise CommandError(f"no register {name!r}")
+    full, shift, bits = view
+    return (regs[full] >> shift) & ((1 << bits) - 1)
+
+
 def cmd_regs(t: Target, out: TextIO, arg: str) -> None:
-    """regs [all|NAME...]: registers (all: with x87, SSE)."""
+    """regs [all|NAME...]: registers (all: with x87, SSE); NAME may be a part (eax, ax, al, r8d)."""
     regs = t.remote.read_registers()
     names = arg.split()
     if names and names != ["all"]:
         for n in names:
+            v = register_value(regs, n)
             n = n.lstrip("$").lower()
-            if n not in regs:
-                raise CommandError(f"no register {n!r}")
-            out.write(f"{n:<9} {regs[n]:#x} ({regs[n]})\n")
+            out.write(f"{n:<9} {v:#x} ({v})\n")
         return
     gprs = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
@@ -810,6 +852,11 @@ def cmd_points(t: Target, out: TextIO, arg: str) -> None:
                   + (f" len {p.length}" if p.kind != "break" else "") + "\n")
 
 
+def _report_where_now(t: Target, out: TextIO) -> None:
+    pc = t.remote.read_registers().get("rip", 0)
+    out.write(f"stopped at {pc:#x} {t.symbolize(pc)}".rstrip() + "\n")
+
+
 def _report_stop(t: Target, out: TextIO, stop: StopReply) -> None:
     if stop.exited is not None:
         t.exited = True
@@ -845,17 +892,30 @@ def _running(t: Target) -> None:
 
 
 def cmd_step(t: Target, out: TextIO, arg: str) -> None:
-    """step [N]: execute N instructions (default 1)."""
+    """step [N]: execute N instructions (default 1); Ctrl-C stops after the current one."""
     _running(t)
     n = int(arg, 0) if arg.strip() else 1
     if n <= 0:
         raise CommandError("usage: step [N] with N >= 1")
     stop = None
-    for _ in range(n):
-        stop = t.remote.resume(step=True)
-        if stop.exited is not None or stop.signal != 5 or stop.reason:
-            break
-    assert stop is not None
+    done = 0
+    interrupted = False
+    try:
+        for _ in range(n):
+            stop = t.remote.resume(step=True)
+            done += 1
+            if t.remote.interrupted:
+                interrupted = True
+                break
+            if stop.exited is not None or stop.signal != 5 or stop.reason:
+                break
+    except KeyboardInterrupt:              # Ctrl-C between two steps: the machine is stopped
+        interrupted = True
+    if interrupted and done < n:
+        out.write(f"interrupted after {done} of {n} steps\n")
+    if stop is None:
+        _report_where_now(t, out)
+        return
     _report_stop(t, out, stop)
 
 
@@ -1062,6 +1122,12 @@ def _run_batch(t: Target, out: TextIO, lines: list[str]) -> int:
         except (CommandError, RemoteError) as e:
             out.flush()
             sys.stderr.write(f"vmk: line {number}: {line.strip()}: {e}\n")
+            # A failed script must not leave the machine running unattended
+            # (a CI job would wait for it for ever): end it, as 'kill' does.
+            try:
+                t.remote.kill()
+            except (RemoteError, OSError):
+                pass
             return 1
         out.flush()
     return 0

@@ -3,6 +3,7 @@ round trip, and the gdb scenario again as a ``--batch`` script."""
 from __future__ import annotations
 
 import io
+import signal
 import socket
 import subprocess
 import sys
@@ -160,6 +161,28 @@ helper:
 """
 
 
+def test_step_n_stops_at_ctrl_c(session, monkeypatch) -> None:
+    """Ctrl-C during 'step 1000000' (here: SIGINT while the 5th step's reply is awaited)
+    ends the command after that step, with the machine stopped and the session usable."""
+    s = session("loop: inc rax\n jmp loop")
+    remote = s.target.remote
+    calls = 0
+    real = remote._next_packet
+
+    def next_packet(timeout):
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            signal.raise_signal(signal.SIGINT)          # the KeyboardInterrupt a Ctrl-C raises here
+        return real(timeout)
+    monkeypatch.setattr(remote, "_next_packet", next_packet)
+    text = s.run("step 1000000")
+    assert "interrupted after 5 of 1000000 steps" in text, text
+    assert s.h.machine.instructions == 5
+    monkeypatch.setattr(remote, "_next_packet", real)
+    assert s.run("regs rax") == "rax       0x2badb005 (732803077)\n"   # the boot magic + 3 (5 steps)
+
+
 def test_regs_x_and_disas(session) -> None:
     s = session(PROGRAM)
     regs = s.run("regs")
@@ -167,6 +190,16 @@ def test_regs_x_and_disas(session) -> None:
     assert "CR0=" in regs and "FS_BASE=" in regs
     assert "XMM15=" in s.run("regs all")
     assert s.run("regs rip") == "rip       0x100000 (1048576)\n"
+    s.run("set $rax 0x1122334455667788")
+    s.run("set $r9 0xfedcba9876543210")
+    # 32/16/8-bit names are views of the 64-bit registers
+    assert s.run("regs eax ax al ah $r9d r9w r9b eip") == (
+        "eax       0x55667788 (1432778632)\nax        0x7788 (30600)\nal        0x88 (136)\n"
+        "ah        0x77 (119)\nr9d       0x76543210 (1985229328)\nr9w       0x3210 (12816)\n"
+        "r9b       0x10 (16)\neip       0x100000 (1048576)\n")
+    assert s.run("x/1xb $eax - 0x55567788") == "0000000000100000: 0x48\n"    # in expressions too
+    with pytest.raises(CommandError, match="no register 'exx'"):
+        s.run("regs exx")
     assert "mov rbx, 0x200000" in s.run("x/2i $pc")
     s.run("step 3")
     assert s.run(f"x/8xb {DATA:#x}") == "0000000000200000: 0x48 0x47 0x46 0x45 0x44 0x43 0x42 0x41\n"
@@ -297,14 +330,15 @@ def test_batch_stops_at_the_first_failing_command(guest_dir: Path, tmp_path: Pat
     try:
         proc = subprocess.run([*VMK, "debug", f"127.0.0.1:{vm.port}", "--batch", str(script)],
                               capture_output=True, text=True, timeout=120)
-        status = vm.wait()                    # the shell left: the machine runs on to the end
+        status = vm.wait()                    # the failed script killed the machine: vmk boot ended
     finally:
         vm.kill()
     assert proc.returncode == 1
     assert proc.stdout.count("(vmk) regs") == 1
     err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("vmk: line 2: x/4xb") and "cannot access memory" in err[0]
-    assert status == 1 and b"done" in serial.read_bytes()
+    assert status == 0 and "killed by the debugger" in vm.stderr, vm.stderr
+    assert b"done" not in serial.read_bytes()
 
 
 def test_commands_from_a_pipe_without_a_terminal(guest_dir: Path, tmp_path: Path) -> None:
@@ -312,11 +346,35 @@ def test_commands_from_a_pipe_without_a_terminal(guest_dir: Path, tmp_path: Path
     try:
         proc = subprocess.run([*VMK, "debug", f":{vm.port}"], input="regs rip\nfrobnicate\nquit\n",
                               capture_output=True, text=True, timeout=120)
-        vm.wait()
+        # quit detached before anything continued the machine: under --wait-gdb
+        # it stays stopped, waiting for the next debugger (QEMU's -S)
+        again = subprocess.run([*VMK, "debug", f":{vm.port}"], input="regs rip\nkill\n",
+                               capture_output=True, text=True, timeout=120)
+        assert vm.wait() == 0
     finally:
         vm.kill()
     assert proc.returncode == 0, proc.stderr
     assert "rip       0x10000c" in proc.stdout and "error: unknown command 'frobnicate'" in proc.stdout
+    assert "rip       0x10000c" in again.stdout and "killed" in again.stdout
+
+
+def test_connecting_where_no_stub_answers_fails_in_one_line(monkeypatch) -> None:
+    """A port that accepts connections but never answers (not a stub, or a stub serving
+    another debugger): the shell gives up after HANDSHAKE_TIMEOUT with a one-line error."""
+    from vmk.tools import debugshell
+    monkeypatch.setattr(debugshell, "HANDSHAKE_TIMEOUT", 0.2)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)                                        # the kernel accepts; nobody answers
+    port = silent.getsockname()[1]
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    try:
+        assert debugshell.main(f":{port}", out=io.StringIO()) == 1
+    finally:
+        silent.close()
+    text = err.getvalue()
+    assert text.count("\n") == 1 and text.startswith(f"vmk: no GDB stub answers at 127.0.0.1:{port}"), text
 
 
 def test_debug_usage_errors(tmp_path: Path) -> None:

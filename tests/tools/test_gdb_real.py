@@ -177,3 +177,48 @@ def test_info_threads_lists_the_fibers_of_a_vm_image(tmp_path: Path, boot) -> No
     assert serial.read_bytes().decode().splitlines() == [
         "[20 ms] tick 1", "[40 ms] tick 2", "[60 ms] tick 3", "[80 ms] tick 4", "[100 ms] tick 5",
         "[100 ms] done"]
+
+
+def test_stepi_costs_no_register_packet(guest_dir: Path, tmp_path: Path, boot) -> None:
+    """The stop reply carries pc, sp and fp (expedited registers), so gdb's stepi reads
+    no register file ('g', 1 KiB of hex per step): one round trip less per step."""
+    vm = boot(guest_dir / "benchloop.elf", tmp_path / "com1.txt", "--wait-gdb", "--append", "iters=1000000")
+    out = run_gdb(vm.port, guest_dir / "benchloop.elf64", [
+        "break *bench_loop", "continue", "set debug remote 1", "stepi", "stepi", "stepi", "stepi",
+        "stepi", "stepi", "set debug remote 0", "info registers rip", "kill"])
+    stepping = out[out.index("[remote]"):]
+    assert stepping.count("Sending packet: $vCont;s") == 6, stepping
+    assert "Sending packet: $g#" not in stepping and "Sending packet: $p" not in stepping, stepping
+    assert "bench_loop" in out.split("rip")[-1], out                 # and it stepped round the loop
+    assert vm.wait() == 0
+
+
+def test_monitor_info_mem_tlb_and_memory_map(guest_dir: Path, tmp_path: Path, boot) -> None:
+    """'monitor info mem' / 'info tlb' in QEMU's text (what GEF and pwndbg parse), and
+    gdb's own memory regions from qXfer:memory-map (RAM)."""
+    vm = boot(guest_dir / "gdbtarget.elf", tmp_path / "com1.txt", "--wait-gdb")
+    out = run_gdb(vm.port, guest_dir / "gdbtarget.elf64", [
+        "monitor info mem", "info mem", "break checkpoint", "continue", "monitor info mem",
+        "monitor info tlb", "x/1xb &message_key", "kill"])
+    assert "PG disabled" in out                                 # at the multiboot entry
+    assert "Using memory regions provided by the target." in out    # gdb's 'info mem': the RAM
+    assert "0x0000000000000000 0x0000000008000000 rw nocache" in out, out
+    assert "0000000000000000-0000000100000000 0000000100000000 -rw" in out, out
+    assert "0000000000200000: 0000000000200000 --P" in out, out
+    assert "<message_key>:\t0x41" in out
+    assert vm.wait() == 0
+
+
+@pytest.mark.parametrize("kind", ["rwatch", "awatch"])
+def test_read_watchpoint_sees_reads_by_an_interrupt_handler(guest_dir: Path, tmp_path: Path, boot,
+                                                            kind: str) -> None:
+    """timer_ticks is read only by the LAPIC timer's handler (until the end): a read or
+    access watchpoint on it stops in h_timer, right after the reading instruction."""
+    vm = boot(guest_dir / "gdbtarget.elf", tmp_path / "com1.txt", "--wait-gdb")
+    out = run_gdb(vm.port, guest_dir / "gdbtarget.elf64", [
+        "break checkpoint", "continue", "delete", f"{kind} timer_ticks", "continue", "bt 1", "continue",
+        "bt 1", "kill"])
+    assert out.count("in h_timer (") + out.count("#0  h_timer (") >= 2, out
+    assert ("Hardware read watchpoint 2: timer_ticks" if kind == "rwatch"
+            else "Hardware access (read/write) watchpoint 2: timer_ticks") in out, out
+    assert vm.wait() == 0

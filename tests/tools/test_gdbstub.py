@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 
 import capstone
 import pytest
-from vmk.machine.debug import REGISTERS, BreakKind, Debug, WatchKind
+from vmk.machine.debug import REG_INDEX, REGISTERS, BreakKind, Debug, WatchKind
 from vmk.machine.pc import Why
 from vmk.testing import Harness
 from vmk.testing.baremetal import install_runtime
@@ -95,7 +95,10 @@ def test_supported_attached_and_thread_queries() -> None:
     assert stub.handle(b"Hg5") == b"E01"
     extra = unhex(stub.handle(b"qThreadExtraInfo,1")).decode()
     assert "bare metal" in extra and "long mode" in extra
-    assert stub.handle(b"?") == b"T05thread:1;"
+    stop = stub.handle(b"?")
+    assert stop.startswith(b"T05thread:1;")
+    # pc, sp and fp are expedited (so gdb's stepi needs no 'g'), with the values 'p' reads
+    assert stop == b"T05thread:1;" + b"".join(b"%02x:%s;" % (n, stub.handle(b"p%x" % n)) for n in (6, 7, 16))
     assert stub.handle(b"vCont?") == b"vCont;c;C;s;S"
     assert stub.handle(b"vCont;c") == Resume(step=False)
     assert stub.handle(b"vCont;s:1;c") == Resume(step=True)
@@ -128,6 +131,12 @@ def test_target_description_matches_g_packet() -> None:
     for must in ("cs", "gs", "fs_base", "gs_base", "k_gs_base", "cr0", "cr3", "cr4", "cr8", "efer", "st0",
                  "st7", "fctrl", "fop", "xmm0", "xmm15", "mxcsr"):
         assert must in names
+    # x87 and SSE data registers are in the general set (no group), as in QEMU's description:
+    # LLDB's plain 'register read' shows that set only
+    groups = {r.get("name"): r.get("group") for r in root.iter("reg")}
+    general = [n for n in names if groups[n] is None]
+    assert general[-1] == "xmm15" and {"st0", "st7", "xmm0", "efer"} <= set(general)
+    assert groups["fctrl"] == "float" and groups["mxcsr"] == "vector"
     features = {f.get("name") for f in root.iter("feature")}
     assert {"org.gnu.gdb.i386.core", "org.gnu.gdb.i386.sse", "org.gnu.gdb.i386.segments"} <= features
     g = stub.handle(b"g")
@@ -185,6 +194,71 @@ def test_memory_read_write_and_errors() -> None:
     assert stub.handle(b"m7fff00000000,4") == b"E14"          # not mapped by the page tables
     assert stub.handle(b"mfee00000,4") == b"E14"              # MMIO is not read by the debugger
     assert stub.handle(b"mffffffffffffffff,4") == b"E14"
+
+
+def test_memory_reads_follow_page_table_and_cr3_changes() -> None:
+    """The debugger keeps translations between two runs (gdb reads the same pages many
+    times per stop); a page-table write (M) or a CR3 write (P) must be seen at once."""
+    h = Harness.from_asm(LOOP, mem=16 << 20)
+    stub = stub_for(h)
+    q = lambda addr: struct.unpack("<Q", unhex(stub.handle(f"m{addr:x},8".encode())))[0]  # noqa: E731
+    cr3 = int.from_bytes(unhex(stub.handle(f"p{REG_INDEX['cr3']:x}".encode())), "little")
+    pd = q(q(cr3 & ~0xFFF) & ~0xFFF) & ~0xFFF                 # PML4[0] -> PDPT[0] -> page directory
+    for phys, text in ((0x200000, b"AAAA"), (0x400000, b"BBBB"), (0x800000, b"CCCC")):
+        h.machine.write_physical(phys, text)
+    assert unhex(stub.handle(b"m200000,4")) == b"AAAA"
+    # Re-point the 2 MiB page at 0x200000 to 0x400000 through gdb's memory write.
+    assert stub.handle(f"M{pd + 8:x},8:".encode() + rsp.hexlify(struct.pack("<Q", 0x400000 | 0x83))) == b"OK"
+    assert unhex(stub.handle(b"m200000,4")) == b"BBBB"
+    # A new address space (0x200000 -> 0x800000, the rest as before) through a CR3 write.
+    pml4, pdpt, pd2 = 0x600000, 0x601000, 0x602000
+    h.machine.write_physical(pml4, struct.pack("<Q", pdpt | 3))
+    h.machine.write_physical(pdpt, struct.pack("<Q", pd2 | 3))
+    h.machine.write_physical(pd2, struct.pack("<QQ", 0x83, 0x800000 | 0x83))
+    assert stub.handle(f"P{REG_INDEX['cr3']:x}=".encode() + rsp.hexlify(struct.pack("<Q", pml4))) == b"OK"
+    assert unhex(stub.handle(b"m200000,4")) == b"CCCC"
+    assert stub.handle(b"m400000,4") == b"E14"                 # no longer mapped
+    assert isinstance(stub.handle(b"vCont;s"), Resume)
+
+
+def test_monitor_info_mem_and_tlb_in_qemu_format_and_the_memory_map() -> None:
+    """GEF and pwndbg parse QEMU's 'info mem'/'info tlb' text; gdb reads the memory map."""
+    h = Harness.from_asm(LOOP, mem=16 << 20)
+    stub = stub_for(h)
+    assert stub.run_monitor("info mem") == "0000000000000000-0000000100000000 0000000100000000 -rw"
+    # An address space: 2 MiB identity page, then a 4 KiB user read-only NX page and a user
+    # rw page (accessed, dirty), and a global 1 GiB supervisor page at the top (PML4[511]).
+    pml4, pdpt, pd, pt, top = 0x600000, 0x601000, 0x602000, 0x603000, 0x604000
+    w = h.machine.write_physical
+    w(pml4, struct.pack("<Q", pdpt | 7))
+    w(pml4 + 511 * 8, struct.pack("<Q", top | 3))
+    w(pdpt, struct.pack("<Q", pd | 7))
+    w(top + 511 * 8, struct.pack("<Q", 0 | 0x183))              # 1 GiB page, G
+    w(pd, struct.pack("<QQ", 0x83, pt | 7))
+    w(pt, struct.pack("<QQ", 0x800000 | 5 | (1 << 63), 0x801000 | 0x67))
+    assert stub.handle(f"P{REG_INDEX['cr3']:x}=".encode() + rsp.hexlify(struct.pack("<Q", pml4))) == b"OK"
+    assert stub.run_monitor("info mem") == (
+        "0000000000000000-0000000000200000 0000000000200000 -rw\n"
+        "0000000000200000-0000000000201000 0000000000001000 ur-\n"
+        "0000000000201000-0000000000202000 0000000000001000 urw\n"
+        "ffffffffc0000000-0000000000000000 0000000040000000 -rw")      # the end wraps to 0
+    assert stub.run_monitor("info tlb") == (
+        "0000000000000000: 0000000000000000 --P-----W\n"
+        "0000000000200000: 0000000000800000 X------U-\n"
+        "0000000000201000: 0000000000801000 ---DA--UW\n"
+        "ffffffffc0000000: 0000000000000000 -GP-----W")
+    assert stub.run_monitor("info regs").startswith("error: usage: info mem")
+    assert "qXfer:memory-map:read+" in stub.handle(b"qSupported").decode()
+    reply = stub.handle(b"qXfer:memory-map:read::0,1000")
+    assert reply[:1] == b"l"
+    mm = ET.fromstring(rsp.unescape(reply[1:]))
+    assert [(m.get("type"), int(m.get("start"), 16), int(m.get("length"), 16)) for m in mm.iter("memory")] == [
+        ("ram", 0, 16 << 20), ("ram", 0xFFFF_FFFF_C000_0000, 16 << 20)]   # RAM, and where the top page reaches it
+    assert stub.handle(b"qXfer:memory-map:read:x:0,10") == b"E00"
+    w(pml4, bytes(8))
+    w(pml4 + 511 * 8, bytes(8))
+    stub.debug.forget()
+    assert stub.run_monitor("info mem") == ""                     # nothing mapped
 
 
 # ======================================================= machine/debug.py: breakpoints, steps, watchpoints
@@ -263,6 +337,51 @@ def test_step_over_a_breakpoint_under_rip() -> None:
     d.add_breakpoint(a[2])
     r = d.step()
     assert h.machine.cpu.rip == a[3] and h.instructions == 3
+
+
+def test_step_over_a_store_into_its_own_page_advances() -> None:
+    """Self-modifying code: QEMU restarts a store into the page of its own translation;
+    the step used to spend its one-instruction budget on the abandoned attempt and never
+    get past the store.  A self-loop and a rep iteration still stay in place, one count each."""
+    h = Harness.from_asm("""
+        lea rbx, [rip + patched]
+        mov byte ptr [rbx], 0x90
+        nop
+    patched:
+        int3
+        mov rcx, 3
+        lea rdi, [rip + buf]
+        rep stosb
+    spin:
+        jmp spin
+    buf:
+        nop
+        nop
+        nop
+        nop
+    """)
+    lea, store, nop, patched, mov_rcx, lea_rdi, rep, spin = addrs(h)[:8]
+    d = Debug(h.machine)
+    d.step()
+    assert h.machine.cpu.rip == store
+    d.step()
+    assert h.machine.cpu.rip == nop                             # past the store
+    assert h.read(patched, 1) == b"\x90"                        # which happened once
+    d.step()
+    d.step()
+    assert h.machine.cpu.rip == mov_rcx                         # the patched byte ran as a nop
+    d.step()
+    d.step()
+    counts = []
+    for _ in range(4):                                          # rep: one iteration per step
+        start = h.instructions
+        d.step()
+        counts.append((h.machine.cpu.rip, h.regs.rcx, h.instructions - start))
+    assert counts == [(rep, 2, 1), (rep, 1, 1), (rep, 0, 1), (spin, 0, 1)]
+    for _ in range(3):                                          # a self-loop: one count per step
+        start = h.instructions
+        d.step()
+        assert h.machine.cpu.rip == spin and h.instructions - start == 1
 
 
 TIMER_GUEST = """
@@ -571,6 +690,34 @@ def test_detach_lets_the_machine_run_to_the_end(served) -> None:
     assert h.regs.rcx == 5000
 
 
+@pytest.mark.parametrize("leave", ["detach", "disconnect"])
+def test_wait_gdb_stays_stopped_until_a_client_continues(served, leave: str) -> None:
+    """--wait-gdb is QEMU's -S: a client that leaves before it continued the machine
+    (here after one step) leaves it stopped for the next client, which finds it as it was."""
+    h = Harness.from_asm(LOOP)
+    a = addrs(h)
+    s = served(h, wait=True)
+    r = s.connect()
+    assert r.request(b"vCont;s").startswith(b"T05")
+    if leave == "detach":
+        r.detach()
+    else:
+        r.close()
+    r2 = s.connect()                                        # the stub waited for it
+    assert r2.read_registers()["rip"] == a[1] and h.machine.instructions == 1
+    assert any("stays stopped" in line for line in s.logs), s.logs
+    r2.detach()                                             # still never continued: still held
+    r3 = s.connect()
+    assert h.machine.instructions == 1
+    r3.set_point(True, 0, a[3], 1)
+    assert r3.resume(step=False).signal == 5 and h.machine.instructions == 3
+    r3.detach()                                             # continued once: now it runs on
+    r4 = s.connect()                                        # attaching stops the running machine
+    assert h.machine.instructions > 3
+    r4.kill()
+    s.join()
+
+
 def test_guest_exit_is_reported_to_the_client(served) -> None:
     h = Harness.from_asm("mov al, 3; out 0xf4, al")
     s = served(h)
@@ -694,6 +841,24 @@ def test_kernel_view_threads_registers_and_commands(monkeypatch) -> None:
     assert stub.handle(b"Hg1") == b"OK"
     assert int.from_bytes(unhex(stub.handle(f"p{idx['rip']:x}".encode())), "little") == ORG
     assert "uart-rx blocked" in stub.run_monitor("fibers")
+
+
+def test_a_stop_makes_the_stopped_thread_the_register_thread(served, monkeypatch) -> None:
+    """gdb records the stop reply's thread as the stub's Hg thread (remote.c keeps no
+    other): after a stop, 'g' must read that thread, not the one selected before."""
+    h = Harness.from_asm(LOOP)
+    s = served(h, view=FakeKernel(h.machine))
+    r = s.connect()
+    rip = REG_INDEX["rip"]
+    assert r.request(b"Hg2") == b"OK"
+    assert int.from_bytes(unhex(r.request(f"p{rip:x}".encode())), "little") == 0xDEAD000
+    stop = r.request(b"vCont;s")
+    assert stop.startswith(b"T05") and b"thread:1;" in stop
+    after = addrs(h)[1]
+    assert int.from_bytes(unhex(r.request(f"p{rip:x}".encode())), "little") == after
+    assert b"x" not in r.request(b"g")                         # the CPU's full register file
+    r.kill()
+    s.join()
 
 
 # ====================================================================== fuzz
