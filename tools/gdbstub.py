@@ -891,7 +891,21 @@ class GdbStub:
                     spans[-1] = (spans[-1][0], end)
                 else:
                     spans.append((p.linear, end))
-        body = "".join(f'  <memory type="ram" start="{a:#x}" length="{b - a:#x}"/>\n' for a, b in spans)
+        # The map is read once, when gdb connects (often before the kernel has
+        # turned paging on), and with a map gdb refuses every address outside it
+        # (mem inaccessible-by-default): a higher-half kernel's addresses would be
+        # refused for the whole session.  So the holes are listed too, as
+        # separate regions: the map tells RAM from the rest by its boundaries
+        # and gdb can still read anything the stub can (as without a map).
+        full, at = [], 0
+        for a, b in spans:
+            if a > at:
+                full.append((at, a))
+            full.append((a, b))
+            at = b
+        if at < 1 << 64:
+            full.append((at, 1 << 64))
+        body = "".join(f'  <memory type="ram" start="{a:#x}" length="{b - a:#x}"/>\n' for a, b in full)
         return ('<?xml version="1.0"?>\n<!DOCTYPE memory-map PUBLIC "+//IDN gnu.org//DTD GDB Memory Map V1.0//EN"'
                 ' "http://sourceware.org/gdb/gdb-memory-map.dtd">\n<memory-map>\n' + body
                 + "</memory-map>\n").encode()

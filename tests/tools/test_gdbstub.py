@@ -253,7 +253,10 @@ def test_monitor_info_mem_and_tlb_in_qemu_format_and_the_memory_map() -> None:
     assert reply[:1] == b"l"
     mm = ET.fromstring(rsp.unescape(reply[1:]))
     assert [(m.get("type"), int(m.get("start"), 16), int(m.get("length"), 16)) for m in mm.iter("memory")] == [
-        ("ram", 0, 16 << 20), ("ram", 0xFFFF_FFFF_C000_0000, 16 << 20)]   # RAM, and where the top page reaches it
+        ("ram", 0, 16 << 20),                                            # RAM
+        ("ram", 16 << 20, 0xFFFF_FFFF_C000_0000 - (16 << 20)),           # a hole: listed, so gdb does not refuse it
+        ("ram", 0xFFFF_FFFF_C000_0000, 16 << 20),                        # where the top page reaches RAM
+        ("ram", 0xFFFF_FFFF_C100_0000, (1 << 64) - 0xFFFF_FFFF_C100_0000)]
     assert stub.handle(b"qXfer:memory-map:read:x:0,10") == b"E00"
     w(pml4, bytes(8))
     w(pml4 + 511 * 8, bytes(8))
