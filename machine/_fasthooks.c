@@ -257,8 +257,9 @@ typedef struct {
     uint64_t misses;    /* 40: decode calls */
     uint64_t last_cr3;  /* 48: CR3 when the last block was entered */
     const volatile uint64_t *cr3p;  /* 56: the live env->cr[3] (NULL: key without it) */
-    PyObject *decode;
-    bc_entry memo;      /* the entry found last: a loop finds its block here, not in the table */
+    PyObject *decode;   /* 64 */
+    bc_entry memo;      /* 72: the entry found last (a loop finds its block here, not in the
+                           table); after hit 1, the block that was not entered */
     bc_entry table[BC_SLOTS];
 } blockcount;
 
