@@ -153,3 +153,21 @@ def test_slice_ending_inside_a_block_stops_where_count_mode_does(k):
             assert block.rip == count.rip, n
     assert block._bc_misses.value <= 15
     assert flushes == []
+
+
+def test_timer_slices_end_without_flushing_translations():
+    # The compute loop under a 100 us LAPIC timer (paging, the real interrupt
+    # path): deadlines fall inside blocks; no slice end flushes the
+    # translations (count mode did, twice per slice).  One flush is allowed:
+    # the run's last slice, cut by max_instructions below BLOCK_MIN, runs in
+    # count mode.
+    h = Harness.from_asm(_timer_guest(100_000, LOOP), mem=128 << 20)
+    cpu = h.machine.cpu
+    cpu.block_mode = True
+    install_runtime(h)
+    h.run(max_instructions=500_000)
+    flushes = _flush_counter(cpu)
+    irqs = h.irq_counts.get(0x40, 0)
+    h.run(max_instructions=3_000_000)
+    assert h.irq_counts.get(0x40, 0) - irqs >= 25
+    assert len(flushes) <= 1
