@@ -54,6 +54,7 @@ import bisect
 import ctypes
 import struct
 from enum import IntEnum
+from functools import cached_property
 from typing import Callable
 
 from unicorn import (
@@ -256,6 +257,16 @@ _EMU_COUNTER_OFF = 1368
 _UC_CPU_OFF = 440
 _CPUSTATE_HALTED_OFF = 33176
 _CPUSTATE_ENV_OFF = 35408
+# `uint32_t cflags_next_tb` in CPUState (QEMU: flags for the next translation,
+# -1 = none; the low bits are the instruction limit, CF_COUNT_MASK), found by
+# scanning for the -1 and checked by setting a limit (tests/machine/test_block_count.py).
+_CPUSTATE_CFLAGS_NEXT_TB_OFF = 24
+_CFLAGS_NONE = 0xFFFF_FFFF
+_CUT_MAX = 511                      # a block has at most TCG_MAX_INSNS = 512 instructions
+# _fasthooks blockcount.memo (pc u64 at +0, size u32 at +16, n u32 at +20): after
+# a budget stop (hit 1), the block that was not entered.
+_BC_MEMO_PC = 72
+_BC_MEMO_N = 72 + 20
 # Block mode: a block with one of these runs in count mode (_fasthooks BC_PRECISE).
 _PORT_IO = frozenset({"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"})
 _BC_PRECISE = 0x8000_0000
@@ -646,10 +657,11 @@ class CPU:
     # (_fasthooks.block_count_hook) that adds each block's instruction count on
     # entry (decoded once with capstone, cached by address, size and the live
     # CR3, so other address spaces never share a count) and stops before the
-    # block that would pass the budget; the rest of the budget runs in count
-    # mode, so the slice still ends at the exact instruction (4.8x on the
-    # compute loop).  What makes it exact where an instruction in the middle
-    # of a block needs its own time or its own stop:
+    # block that would pass the budget; the rest of the budget runs in that
+    # block translated cut to what is left (_cut_next_block; count mode where
+    # that cannot be done), so the slice still ends at the exact instruction
+    # (4.8x on the compute loop).  What makes it exact where an instruction in
+    # the middle of a block needs its own time or its own stop:
     # * the time a hook reads is the block's start plus the instruction's index
     #   in it (retired_in_slice), from RIP, which Unicorn syncs for IN/OUT,
     #   CPUID and RDTSC, and for MMIO while a memory hook exists (map_mmio adds
@@ -1117,24 +1129,37 @@ class CPU:
         bc = self._bc
         self._bc_counter.value = 0
         self._bc_limit.value = count
-        self._bc_hit.value = 0
-        self._bc_last_n.value = 0
-        self._bc_active.value = 1
-        _fasthooks.bc_select(bc)
-        self._phase1 = True
-        self._tb_count_mode = False
-        try:
-            self._emu_start(0)
-        finally:
-            self._phase1 = False
-            self._bc_active.value = 0
-            _fasthooks.bc_select(0)
-            self._running = False
-            self._ctx_valid = False
+        cut = False
+        while True:
+            self._bc_hit.value = 0
+            self._bc_last_n.value = 0
+            self._bc_active.value = 1
+            _fasthooks.bc_select(bc)
+            self._phase1 = True
+            self._tb_count_mode = False
+            try:
+                self._emu_start(0)
+            finally:
+                self._phase1 = False
+                self._bc_active.value = 0
+                _fasthooks.bc_select(0)
+                self._running = False
+                self._ctx_valid = False
+                if cut:
+                    self._cflags_next_tb.value = _CFLAGS_NONE   # consumed by the cut block; if not, unused
+            executed = self._bc_counter.value
+            if (not cut and self._bc_hit.value == 1 and self._stop_reason is _COUNT
+                    and self._skip_to is None and not self._window[1] and executed < count):
+                # The budget stopped us before a block: run only its first
+                # instructions, up to the budget (see _cut_next_block).
+                cut = self._cut_next_block(count - executed)
+                if cut:
+                    self._running = True
+                    continue
+            break
         if self._skip_to is not None:
             self._rip.write((self._skip_to,))
             self._skip_to = None
-        executed = self._bc_counter.value
         reason = self._stop_reason
         w = self._window
         if w[1]:
@@ -1166,6 +1191,40 @@ class CPU:
         if reason is _COUNT:
             reason = self._early_stop_reason(executed)
         return (executed, reason), 0
+
+    # Discussion: the budget usually runs out a few instructions into a block
+    # (the timer deadline of every slice).  Finishing those in count mode
+    # costs two translation flushes per slice, and worse, a retranslation of
+    # the hot code: measured on this host, a loop whose translation is fresh
+    # runs at half speed for the next 1-2 ms of host time (a 1 kHz guest timer
+    # then costs ~35%; dropping just the loop's translation, as a Unicorn exit
+    # armed inside it would need, costs the same).  Instead the CPU asks QEMU
+    # to translate the next block with at most ``left`` instructions
+    # (CPUState.cflags_next_tb, QEMU's own mechanism for icount I/O
+    # recompiles: the instruction limit is part of the translation's hash
+    # key, so the cut translation is cached beside the full one, which stays
+    # valid and hot).  The same block counter counts the cut block, and the
+    # budget then refuses the block after it: the slice stops on the same
+    # instruction boundary as count mode, with nothing flushed.  If the cut
+    # is not taken (cflags_next_tb is consumed by the first translation
+    # looked up, so it is reset after the run either way), the counter stops
+    # before the full block again and count mode finishes the slice.
+    @cached_property
+    def _cflags_next_tb(self) -> ctypes.c_uint32:
+        vcpu = ctypes.addressof(self._vcpu_halted) - _CPUSTATE_HALTED_OFF
+        return ctypes.c_uint32.from_address(vcpu + _CPUSTATE_CFLAGS_NEXT_TB_OFF)
+
+    def _cut_next_block(self, left: int) -> bool:
+        """Phase 1 stopped before a block of more than ``left`` instructions
+        (the C counter's memo holds it, RIP is on it): have the next
+        translation there end after ``left`` instructions.  False: not here."""
+        n = ctypes.c_uint32.from_address(self._bc + _BC_MEMO_N).value & ~_BC_PRECISE
+        pc = ctypes.c_uint64.from_address(self._bc + _BC_MEMO_PC).value
+        field = self._cflags_next_tb
+        if not 0 < left < n or left > _CUT_MAX or field.value != _CFLAGS_NONE or self._rip.read()[0] != pc:
+            return False
+        field.value = left
+        return True
 
     # ------------------------------------------------------------------ registers
     def reg(self, r: Reg) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from vmk.testing import Harness
 from vmk.testing.baremetal import install_runtime
-from vmk.machine.cpu import Reg
+from vmk.machine.cpu import Reg, Stop
 from vmk.tools.bench import LOOP, _timer_guest
 
 def _run(block: bool, source: str, n: int, period: int = 1_000_000):
@@ -57,3 +57,117 @@ def test_same_state_wherever_the_run_is_cut(period):
         return h.instructions, h.now, dict(h.irq_counts), cpu.rip, cpu._abcd.read(), cpu.reg(Reg.RSP)
     for n in (1, 4_095, 4_097, 123_457, 1_000_003):
         assert state(True, n) == state(False, n), n
+
+
+# ---------------------------------------------------------------- the last stretch of a slice
+# A budget that runs out k instructions into a block: phase 1 stops before the
+# block, and the CPU has QEMU translate that block cut after k instructions
+# (CPUState.cflags_next_tb) instead of finishing in count mode, which flushed
+# the translations twice per slice and left the hot loop freshly translated
+# (half speed for the next 1-2 ms on the development host).
+
+_LOOP_AT = 0x100000
+_LOOP5 = """
+loop:
+    add rax, rbx
+    imul rcx, rax
+    xor rdx, rcx
+    dec rbx
+    jnz loop
+    hlt
+"""
+
+
+def _loop_cpu(block: bool):
+    from unicorn.x86_const import UC_X86_REG_RBX, UC_X86_REG_RSP
+
+    from vmk.machine.cpu import CPU
+    from vmk.testing import assemble
+
+    cpu = CPU()
+    cpu.block_mode = block
+    cpu.uc.mem_map(0, 4 << 20)
+    cpu.uc.mem_write(_LOOP_AT, assemble(_LOOP5, _LOOP_AT))
+    cpu.uc.reg_write(UC_X86_REG_RSP, 0x80000)
+    cpu.uc.reg_write(UC_X86_REG_RBX, 1_000_000)
+    cpu.rip = _LOOP_AT
+    return cpu
+
+
+def _flush_counter(cpu):
+    flushes = []
+    real = cpu.uc.ctl_flush_tb
+    cpu.uc.ctl_flush_tb = lambda: (flushes.append(1), real())[1]
+    return flushes
+
+
+def test_cflags_next_tb_offset_matches_this_unicorn():
+    # The CPU writes CPUState.cflags_next_tb at a measured offset: it must read
+    # -1 (no request) and a limit of k must cut the next translation to k
+    # instructions, after which QEMU resets it.
+    cpu = _loop_cpu(True)
+    assert cpu._cflags_next_tb.value == 0xFFFF_FFFF
+    assert cpu.run(5_000) == (5_000, Stop.COUNT)           # stops before a block: RIP on `add`
+    assert cpu.rip == _LOOP_AT
+    cpu._cflags_next_tb.value = 2
+    cpu._bc_counter.value = 0
+    cpu._bc_limit.value = 2
+    cpu._bc_active.value = 1
+    cpu._phase1 = cpu._running = True
+    try:
+        cpu._emu_start(0)
+    finally:
+        cpu._phase1 = cpu._running = False
+        cpu._bc_active.value = 0
+    assert cpu._bc_last_size.value == 7                    # add rax, rbx (3) + imul rcx, rax (4)
+    assert cpu._bc_counter.value == 2 and cpu.rip == _LOOP_AT + 7
+    assert cpu._cflags_next_tb.value == 0xFFFF_FFFF
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_slice_ending_inside_a_block_stops_where_count_mode_does(k):
+    # Budgets that end k instructions into the 5-instruction loop block (and,
+    # from there, inside the blocks that start in the middle of it): every
+    # slice must retire exactly its budget and stop on the same instruction,
+    # with the same registers, as count mode; and with no count-mode finish
+    # (no translation flushed).  A cut one instruction long or short would be
+    # refused by the block counter or stop short: count mode would finish the
+    # slice and flush.
+
+    block, count = _loop_cpu(True), _loop_cpu(False)
+    flushes = _flush_counter(block)
+    for n in (5_000 + k, 4_096 + k, 10_000 + 2 * k, 7_777, 4_099):
+        assert block.run(n) == count.run(n) == (n, Stop.COUNT), n
+        assert block.rip == count.rip, n
+        assert [block.reg(r) for r in (Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX)] == \
+               [count.reg(r) for r in (Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX)], n
+    assert flushes == []
+    assert not block._tb_count_mode
+    assert block._cflags_next_tb.value == 0xFFFF_FFFF
+    # The cut translations are cached beside the full ones: decodes stay
+    # bounded by the (start, length) pairs inside one 5-instruction loop (15)
+    # however many slices run.
+    for _ in range(20):
+        for n in (5_000 + k, 4_096 + k, 10_000 + 2 * k, 7_777, 4_099):
+            assert block.run(n) == count.run(n) == (n, Stop.COUNT), n
+            assert block.rip == count.rip, n
+    assert block._bc_misses.value <= 15
+    assert flushes == []
+
+
+def test_timer_slices_end_without_flushing_translations():
+    # The compute loop under a 100 us LAPIC timer (paging, the real interrupt
+    # path): deadlines fall inside blocks; no slice end flushes the
+    # translations (count mode did, twice per slice).  One flush is allowed:
+    # the run's last slice, cut by max_instructions below BLOCK_MIN, runs in
+    # count mode.
+    h = Harness.from_asm(_timer_guest(100_000, LOOP), mem=128 << 20)
+    cpu = h.machine.cpu
+    cpu.block_mode = True
+    install_runtime(h)
+    h.run(max_instructions=500_000)
+    flushes = _flush_counter(cpu)
+    irqs = h.irq_counts.get(0x40, 0)
+    h.run(max_instructions=3_000_000)
+    assert h.irq_counts.get(0x40, 0) - irqs >= 25
+    assert len(flushes) <= 1
