@@ -178,9 +178,10 @@ class Harness:
 
     # -- construction
     @classmethod
-    def boot(cls, path: str, cmdline: str = "", **kw) -> "Harness":
+    def boot(cls, path: str, cmdline: str = "", initrd: list[str] | None = None, **kw) -> "Harness":
+        """Boot a kernel file as ``vmk boot path --append cmdline --initrd a,b`` does."""
         h = cls(**kw)
-        h.boot_info = load_kernel(h.machine, path, cmdline)
+        h.boot_info = load_kernel(h.machine, path, cmdline, initrd)
         return h
 
     @classmethod

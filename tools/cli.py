@@ -1,7 +1,7 @@
 """The ``vmk`` command line.
 
     vmk boot IMAGE [--serial SPEC] [--serial2 SPEC] [--mem SIZE] [--debugcon SPEC]
-                   [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
+                   [--max-time DURATION] [--icount NS] [--append CMDLINE] [--initrd FILE[,FILE]] [-d]
                    [--serial-timing baud|instant] [--io-cost NS] [--no-reboot] [--rtc-base DATE]
                    [--drive file=IMG[,index=N][,format=raw][,media=disk][,snapshot=on]]... [-hda IMG] [-hdb IMG]
                    [--snapshot] [--vga FILE|-]
@@ -91,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this much virtual time (e.g. 10s, 500ms); exit status 124")
     b.add_argument("--icount", type=int, default=1, metavar="NS",
                    help="virtual nanoseconds per instruction (default 1: a 1 GHz CPU)")
-    b.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line (multiboot)")
+    b.add_argument("--append", "-append", default="", metavar="CMDLINE",
+                   help="kernel command line (multiboot, Linux), as QEMU's -append")
+    b.add_argument("--initrd", "-initrd", default=None, metavar="FILE[,FILE...]",
+                   help="as QEMU's -initrd: a Linux kernel's initial ramdisk, or a multiboot kernel's modules "
+                        "(comma-separated)")
     b.add_argument("--idle", choices=("realtime", "skip"), default="realtime",
                    help="while the CPU is halted, let virtual time follow the host clock (realtime, "
                         "default: QEMU's icount sleep=on) or jump to the next timer at once (skip, as tests do)")
@@ -272,6 +276,11 @@ def cmd_boot(args) -> int:
     return _boot_status(result, machine, stub)
 
 
+def _initrd_list(spec: str | None) -> list[str]:
+    """--initrd a,b as QEMU splits -initrd: one entry per comma-separated part."""
+    return [] if not spec else spec.split(",")
+
+
 def _rtc_base(args) -> int:
     """--rtc-base DATE or QEMU's -rtc base=DATE[,...] (utc, localtime: the host's clock now)."""
     import time
@@ -303,7 +312,8 @@ def _boot_once(args, machine, devs, debugcon, gdb_addr, until, screen=None):
         vm = None
         try:
             vm = _load_vm_image(machine, args.image)
-            boot_info = None if vm is not None else load_kernel(machine, args.image, args.append)
+            boot_info = None if vm is not None else load_kernel(machine, args.image, args.append,
+                                                                  _initrd_list(args.initrd))
         except ImageError as e:
             return _fail(str(e)), None, None
         if vm is not None and gdb_addr is None:
