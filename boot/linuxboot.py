@@ -15,7 +15,8 @@ BIOS, kexec and UEFI stubs):
 
 * the protected-mode kernel is loaded at 0x100000, as QEMU loads it (a
   relocatable kernel moves itself to its ``pref_address``);
-* the *zero page* (``struct boot_params``, 4 KiB) at :data:`BOOT_PARAMS` is
+* the *zero page* (``struct boot_params``, 4 KiB) at :data:`BOOT_PARAMS`
+  (0x10000, where QEMU puts the real-mode setup whose first 4 KiB it is) is
   zero except for the setup header copied from the image (0x1F1 up to
   0x202 + the byte at 0x201, the end of the header as boot.rst computes it),
   with the loader's fields set as QEMU sets them: ``type_of_loader`` 0xB0
@@ -33,7 +34,7 @@ BIOS, kexec and UEFI stubs):
   address + 0x200, in long mode with the first 4 GiB identity-mapped (2 MiB
   pages), a GDT with flat __BOOT_CS (0x10, 64-bit code) and __BOOT_DS (0x18),
   CS = 0x10, DS = ES = SS = 0x18, IF = 0, RSI = the zero page; otherwise the
-  32-bit entry at ``code32_start`` in flat protected mode with paging off,
+  32-bit entry at the header's ``code32_start`` (the load address) in flat protected mode with paging off,
   CS = 0x10 (32-bit code), DS = ES = SS = 0x18, ESI = the zero page, EBP = EDI
   = EBX = 0.
 
@@ -95,10 +96,10 @@ PROTOCOL_64BIT = 0x20C              # 2.12: xloadflags and the 64-bit entry
 DEFAULT_INITRD_MAX = 0x37FFFFFF     # boot.rst: for protocol < 2.03
 DEFAULT_CMDLINE_SIZE = 255          # boot.rst: for protocol < 2.06
 
-# Where vmk puts the boot data (low memory; Linux reserves the first 1 MiB for itself)
-GDT_ADDR = 0x8000
-PML4_ADDR = 0x10000                 # .. 0x15FFF: PML4, PDPT, 4 page directories
-BOOT_PARAMS = 0x18000
+# Where vmk puts the boot data (low memory, QEMU's addresses where it has them; Linux reserves the first MiB)
+PML4_ADDR = 0x1000                  # .. 0x6FFF: PML4, PDPT, 4 page directories
+GDT_ADDR = 0x7000
+BOOT_PARAMS = 0x10000               # QEMU's real_addr: where the setup code and its zero page are
 CMDLINE_ADDR = 0x20000              # QEMU's cmdline_addr for protocol >= 2.02
 CMDLINE_END = 0x80000
 STACK_TOP = 0x80000
@@ -209,7 +210,7 @@ def load_bzimage(machine: Machine, data: bytes, path: str, cmdline: str, initrd:
         _enter_64(machine, entry)
         mode = "64"
     else:
-        entry = KERNEL_ADDR     # code32_start as QEMU leaves it: the header's default, 0x100000 for a bzImage
+        entry = struct.unpack_from("<I", data, CODE32_START)[0] or KERNEL_ADDR   # where the setup code jumps
         _enter_32(machine, entry)
         mode = "32"
     return LinuxBoot(protocol, entry, mode, load_end, initrd_addr, initrd_size)
@@ -221,7 +222,6 @@ def _zero_page(data: bytes, hdr_end: int, ram: int, initrd_addr: int, initrd_siz
     zp[TYPE_OF_LOADER] = LOADER_TYPE_QEMU
     zp[LOADFLAGS] = loadflags | CAN_USE_HEAP
     struct.pack_into("<H", zp, HEAP_END_PTR, HEAP_END)
-    struct.pack_into("<I", zp, CODE32_START, KERNEL_ADDR)
     struct.pack_into("<I", zp, CMD_LINE_PTR, CMDLINE_ADDR)
     struct.pack_into("<II", zp, RAMDISK_IMAGE, initrd_addr, initrd_size)
     # What the real-mode setup code would have asked the BIOS for.
