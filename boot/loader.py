@@ -14,6 +14,8 @@ Two kinds of bare-metal kernel boot, as users know them from QEMU:
   64-bit code segment, IF=0, RSP=0x80000, and the multiboot registers are
   passed both ways: EAX/EBX as above and RDI/RSI (magic, info) so a C entry
   ``kmain(uint32_t magic, uint32_t info)`` works directly.
+* **Linux bzImage** (``-kernel bzImage -initrd FILE -append ARGS``): the
+  Linux/x86 boot protocol, in ``linuxboot.py``.
 
 Before the entry, the interrupt controllers, PIT and COM1 are left as a PC
 BIOS leaves them, with its data area, MP and ACPI tables in memory and the
@@ -43,6 +45,7 @@ from vmk.machine.mmu import CR0_PE, CR0_PG, CR0_WP, CR4_PAE
 from vmk.machine.pc import Machine
 
 from .firmware import E820_RAM, bios_state, memory_map
+from .linuxboot import BOOT_PARAMS, KERNEL_ADDR, LinuxImageError, is_bzimage, load_bzimage
 
 __all__ = ["ImageError", "BootInfo", "load_kernel", "load_kernel_bytes", "split_initrd", "enter_protected_mode", "enter_long_mode", "MULTIBOOT_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC"]
 
@@ -100,7 +103,7 @@ class ImageError(Exception):
 @dataclass(slots=True)
 class BootInfo:
     path: str
-    kind: str                           # "multiboot" or "elf64"
+    kind: str                           # "multiboot", "elf64" or "linux"
     entry: int
     mbi: int
     load_start: int
@@ -111,8 +114,9 @@ class BootInfo:
 def load_kernel(machine: Machine, path: str, cmdline: str = "", initrd: list[str] | None = None) -> BootInfo:
     """Load a kernel file into RAM and set the CPU state to its entry.
 
-    ``cmdline`` is QEMU's ``-append`` (the kernel sees ``"PATH CMDLINE"``),
-    ``initrd`` the multiboot modules, one ``"FILE [ARGS]"`` string each (QEMU's
+    ``cmdline`` is QEMU's ``-append`` (a multiboot kernel sees ``"PATH CMDLINE"``),
+    ``initrd`` as QEMU's ``-initrd`` names them: a Linux kernel's one initial
+    ramdisk, or the multiboot modules, one ``"FILE [ARGS]"`` string each (QEMU's
     ``-initrd "FILE ARGS,FILE2"`` as :func:`split_initrd` cuts it)."""
     try:
         with open(path, "rb") as f:
@@ -126,6 +130,8 @@ def load_kernel_bytes(machine: Machine, data: bytes, path: str = "<image>", cmdl
                       initrd: list[str] | None = None) -> BootInfo:
     if len(data) < 4:
         raise ImageError(f"{path}: file is too short ({len(data)} bytes) to be a kernel")
+    if is_bzimage(data):        # QEMU looks for the Linux header before the multiboot one
+        return _load_linux(machine, data, path, cmdline, initrd or [])
     header = _find_multiboot(data)
     is_elf = data[:4] == b"\x7fELF"
     if header is not None:
@@ -159,6 +165,25 @@ def load_kernel_bytes(machine: Machine, data: bytes, path: str = "<image>", cmdl
             return info
         raise ImageError(f"{path}: ELF32 file without a multiboot header in its first 8 KiB")
     raise ImageError(f"{path}: not a kernel image (no ELF magic, no multiboot header in the first 8 KiB)")
+
+
+# ---------------------------------------------------------------------- Linux bzImage
+def _load_linux(machine: Machine, data: bytes, path: str, cmdline: str, initrd: list[str]) -> BootInfo:
+    """A bzImage (linuxboot.py), with QEMU's rule for -initrd: one file for a Linux kernel."""
+    if len(initrd) > 1:
+        raise ImageError(f"{path}: a Linux kernel takes one initrd, not {len(initrd)} ({','.join(initrd)})")
+    blob = None
+    if initrd:
+        try:
+            with open(initrd[0], "rb") as f:
+                blob = f.read()
+        except OSError as e:
+            raise ImageError(f"{initrd[0]}: cannot read the initrd: {e.strerror}") from None
+    try:
+        lb = load_bzimage(machine, data, path, cmdline, blob)
+    except LinuxImageError as e:
+        raise ImageError(str(e)) from None
+    return BootInfo(path, "linux", lb.entry, BOOT_PARAMS, KERNEL_ADDR, lb.load_end)
 
 
 # ---------------------------------------------------------------------- formats

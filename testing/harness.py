@@ -201,13 +201,14 @@ class Harness:
     # -- construction
     @classmethod
     def boot(cls, path: str, cmdline: str = "", initrd: list[str] | None = None, **kw) -> "Harness":
-        """Load a kernel as ``vmk boot``/QEMU ``-kernel`` does (multiboot ELF32, or ELF64 entered in
-        long mode), ready to run.
+        """Load a kernel as ``vmk boot``/QEMU ``-kernel`` does (a Linux bzImage, multiboot ELF32, or
+        ELF64 entered in long mode), ready to run: ``vmk boot path --append cmdline --initrd a,b``.
 
         ``cmdline`` is ``-append`` (the multiboot command line is "KERNEL-PATH ARGS", as on QEMU),
-        ``initrd`` the multiboot modules ("FILE [ARGS]" each); ``kw`` go to :class:`Harness`
-        (``mem``, ``icount``, ``trace``) and on to :class:`~vmk.machine.pc.MachineConfig`
-        (e.g. ``io_cost_ns``, ``serial_timing``, ``cpus``).  Symbols are in ``boot_info``."""
+        ``initrd`` a Linux kernel's initial ramdisk or the multiboot modules ("FILE [ARGS]" each);
+        ``kw`` go to :class:`Harness` (``mem``, ``icount``, ``trace``) and on to
+        :class:`~vmk.machine.pc.MachineConfig` (e.g. ``io_cost_ns``, ``serial_timing``, ``cpus``).
+        Symbols are in ``boot_info``."""
         h = cls(**kw)
         h.boot_info = load_kernel(h.machine, path, cmdline, initrd)
         return h

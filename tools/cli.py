@@ -1,7 +1,7 @@
 """The ``vmk`` command line.
 
     vmk boot IMAGE [--serial SPEC] [--serial2 SPEC] [--mem SIZE] [--debugcon SPEC]
-                   [--max-time DURATION] [--icount NS] [--append CMDLINE] [-d]
+                   [--max-time DURATION] [--icount NS] [--append CMDLINE] [--initrd FILE[,FILE]] [-d]
                    [--serial-timing baud|instant] [--io-cost NS] [--no-reboot] [--rtc-base DATE]
                    [--drive file=IMG[,index=N][,format=raw][,media=disk][,snapshot=on]]... [-hda IMG] [-hdb IMG]
                    [--snapshot] [--vga FILE|-] [--trace FILE] [--vcd FILE]
@@ -118,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "exit status 124")
     b.add_argument("--icount", type=int, default=1, metavar="NS",
                    help="virtual nanoseconds per instruction (default 1: a 1 GHz CPU)")
-    b.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line (multiboot)")
+    b.add_argument("--append", "-append", default="", metavar="CMDLINE",
+                   help="kernel command line (multiboot, Linux), as QEMU's -append")
+    b.add_argument("--initrd", "-initrd", default=None, metavar="FILE[,FILE...]",
+                   help="as QEMU's -initrd: a Linux kernel's initial ramdisk, or a multiboot kernel's modules "
+                        "(comma-separated)")
     b.add_argument("--idle", choices=("realtime", "skip"), default="realtime",
                    help="while the CPU is halted, let virtual time follow the host clock (realtime, "
                         "default: QEMU's icount sleep=on) or jump to the next timer at once (skip, as tests do)")
@@ -374,14 +378,15 @@ def _close_all(devs, debugcon) -> None:
 
 def _boot_once(args, machine, devs, debugcon, gdb_addr, until, screen=None):
     """Load the image into ``machine`` and run it: (exit status if it is already decided, result, stub)."""
-    from vmk.boot.loader import ImageError, load_kernel
+    from vmk.boot.loader import ImageError, load_kernel, split_initrd
     stub = None
     result = None
     try:
         vm = None
         try:
             vm = _load_vm_image(machine, args.image)
-            boot_info = None if vm is not None else load_kernel(machine, args.image, args.append)
+            boot_info = None if vm is not None else load_kernel(machine, args.image, args.append,
+                                                                  split_initrd(args.initrd or ""))
         except ImageError as e:
             return _fail(str(e)), None, None
         if vm is not None and gdb_addr is None:
