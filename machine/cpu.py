@@ -729,7 +729,11 @@ class CPU:
         """Address of the live env->cr[3] (the env offset is checked at start)."""
         return self._vcpu_env + Ctx.CR3 - Ctx.REGS
 
-    BLOCK_INSNS_MAX = 1 << 18            # decoded blocks kept for the in-block index
+    # Instruction addresses kept for the in-block index (about 40 bytes each):
+    # counted in addresses, not blocks, since a block holds up to 512 (a guest
+    # running through zeroed memory made 2^18 such blocks, 5 GiB).
+    BLOCK_INSNS_MAX = 1 << 21
+    _block_insns_kept = 0
 
     def _decode_block(self, pc: int, size: int, cr3: int) -> int:
         """The block counter's decode (C, on a block's first entry in both run
@@ -754,8 +758,10 @@ class CPU:
                 precise = _BC_PRECISE
             elif m in EMULATED_MNEMONICS:
                 emulated.append(a)
-        if len(self._block_insns) >= self.BLOCK_INSNS_MAX:
+        self._block_insns_kept += len(addrs)
+        if self._block_insns_kept > self.BLOCK_INSNS_MAX:
             self._block_insns.clear()
+            self._block_insns_kept = len(addrs)
         t = self._block_insns[(pc, size, cr3)] = tuple(addrs)
         return t, precise, emulated
 
