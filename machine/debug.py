@@ -77,6 +77,7 @@ from enum import Enum
 from typing import Callable
 
 from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UcError
+from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
@@ -703,6 +704,39 @@ class Debug:
         if data:
             m.write_linear(addr, data, pg=self._pg)
             self._pages.clear()                  # it may have been a page table
+
+    def debug_registers(self) -> tuple[int, ...]:
+        """The guest's DR0-DR3, DR6, DR7 (the debugger's own breakpoints are not in them)."""
+        return tuple(self.uc.reg_read(getattr(X, f"UC_X86_REG_DR{n}")) for n in (0, 1, 2, 3, 6, 7))
+
+    def read_physical(self, addr: int, size: int) -> bytes:
+        """Guest RAM at a physical address (QEMU's ``Qqemu.PhyMemMode:1``).
+
+        As :meth:`read_memory`: stops at the first byte that is not RAM (MMIO
+        is not read) and raises :class:`DebugError` if not even the first one is."""
+        ram = self.machine.ram                   # one run of RAM from physical 0
+        n = min(size, ram.size - addr) if ram.contains(addr) else 0
+        if n <= 0 and size:
+            raise DebugError(f"cannot access physical memory at {addr:#x}")
+        return bytes(ram.view[addr:addr + n])
+
+    def write_physical(self, addr: int, data: bytes) -> None:
+        """Write guest RAM at a physical address; all or nothing.
+
+        Discussion: the bytes may be code or page tables behind any linear
+        address, so every CPU drops all its translations and its TLB (cheap:
+        a debugger writes seldom); ``ctl_remove_cache`` would need the linear
+        addresses, which are not known here."""
+        m = self.machine
+        if addr < 0 or not m.ram.contains(addr, max(1, len(data))):
+            raise DebugError(f"cannot access physical memory at {addr:#x}")
+        if not data:
+            return
+        m.write_physical(addr, data)
+        for cpu in getattr(m, "cpus", [m.cpu]):
+            cpu.uc.ctl_flush_tb()
+            cpu.uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
+        self._pages.clear()
 
     def _page_map(self, page: int) -> int:
         """The physical address of linear page ``page``, or -1 if it is not mapped.

@@ -36,6 +36,10 @@ malformed one, by an empty packet for an unknown one; a bad checksum gets
 ``SEND_TIMEOUT``.  Nothing a client sends can stop the machine from running
 other than the packets meant to.
 
+QEMU's own packets (``qemu.Supported``, ``qemu.sstepbits``, ``qemu.sstep``,
+``qemu.PhyMemMode``) and ``monitor info mem|tlb|registers`` answer in QEMU's
+words, so pwndbg and GEF take vmk for QEMU in system mode.
+
 Not supported: non-stop mode, extended-remote (``!``, ``vRun``), ``vFile``,
 tracepoints, reverse execution, changing segment selectors.
 """
@@ -49,6 +53,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
+from vmk.machine.cpu import HF
 from vmk.machine.debug import (
     PTE_NX,
     REG_INDEX,
@@ -198,6 +203,7 @@ class GdbStub:
         self._stopped = False                   # stopped under the client's control
         self._queued: list[rsp.Event] = []      # events read while the machine ran
         self._last_sent = b""
+        self._multiprocess = False              # the client took multiprocess+: thread-ids are pPID.TID
         self._last_stop = self._stop_reply(Signal.TRAP)
         self._g_thread: int | None = None       # Hg: whose registers g/p read (None: the CPU's)
         # --wait-gdb (QEMU's -S): the machine does not run until a client continues it;
@@ -207,6 +213,7 @@ class GdbStub:
         self._client_input = _ClientInput(self)
         self._xml = target_xml().encode()
         self._mmap_xml = b""
+        self._physical = False                  # Qqemu.PhyMemMode:1: m/M/X address physical memory
         self._handlers: dict[str, Callable[[bytes], Reply]] = {
             "?": self._h_stop_reason, "g": self._h_read_regs, "G": self._h_write_regs,
             "p": self._h_read_reg, "P": self._h_write_reg, "m": self._h_read_mem, "M": self._h_write_mem,
@@ -221,6 +228,10 @@ class GdbStub:
             "qRcmd": self._h_monitor, "qSymbol": self._h_symbol, "QStartNoAckMode": self._h_no_ack,
             "vCont?": self._h_vcont_query, "vCont": self._h_vcont, "vKill": self._h_vkill,
             "vCtrlC": self._h_vctrlc,
+            "qqemu.Supported": self._h_qemu_supported, "qqemu.sstepbits": self._h_qemu_sstepbits,
+            "Qqemu.sstepbits": self._h_qemu_sstepbits, "qqemu.sstep": self._h_qemu_sstep,
+            "Qqemu.sstep": self._h_qemu_sstep, "qqemu.PhyMemMode": self._h_qemu_phymem_query,
+            "Qqemu.PhyMemMode": self._h_qemu_phymem_set,
         }
         self.monitor: dict[str, MonitorCommand] = {
             "help": MonitorCommand(self._m_help, "list monitor commands"),
@@ -232,8 +243,8 @@ class GdbStub:
                                        "step-irq [on|off]: take pending interrupts during a single step"),
             "symbols": MonitorCommand(self._m_symbols, "symbols [TEXT]: kernel symbols (address, name)"),
             "symbol": MonitorCommand(self._m_symbol, "symbol NAME: the address of a kernel symbol"),
-            "info": MonitorCommand(self._m_info, "info mem|tlb: the page tables, in QEMU's format "
-                                                 "(GEF and pwndbg parse it)"),
+            "info": MonitorCommand(self._m_info, "info mem|tlb|registers: the page tables, the CPU "
+                                                 "state, in QEMU's format (GEF and pwndbg parse it)"),
         }
         self.monitor.update(self.view.monitor_commands())
 
@@ -378,11 +389,18 @@ class GdbStub:
                 out += f"{event.watch_kind.value}:{event.data_addr:x};"
             elif event.kind == "breakpoint" and event.break_kind is not None:
                 out += f"{event.break_kind.value}:;"
-        out += f"thread:{self.view.current_thread():x};"
+        out += f"thread:{self._tid(self.view.current_thread())};"
         # Expedited registers (the stopped thread is the one on the CPU): with
         # pc, sp and fp in the reply, gdb's stepi needs no 'g' round trip.
         out += "".join(f"{i:02x}:{v.hex()};" for i, v in self.debug.read_where())
         return out.encode()
+
+    def _tid(self, tid: int) -> str:
+        # Discussion: QEMU takes gdb's multiprocess+ and answers as process 1
+        # ("QCp01.01"), so gdb's inferior has pid 1 ('process 1'); without it
+        # gdb makes up pid 42000.  GEF's 'gef-remote -q' takes a stub for QEMU
+        # only if the pid is 1 (and Qqemu.sstepbits answers ENABLE=1).
+        return f"p1.{tid:x}" if self._multiprocess else f"{tid:x}"
 
     def _poll(self) -> None:
         """Between slices: look at the sockets at most every POLL_INTERVAL of host time."""
@@ -448,6 +466,7 @@ class GdbStub:
         self.debug.clear()
         self._stopped = False
         self._queued.clear()
+        self._physical = False                  # the next client starts with linear addresses
 
     def _serve(self) -> Reply:
         """The machine is stopped: answer packets until one resumes, detaches or kills."""
@@ -604,7 +623,8 @@ class GdbStub:
         length = min(length, PACKET_SIZE // 2)
         if length == 0:
             return b""
-        return rsp.hexlify(self.debug.read_memory(addr, length))
+        read = self.debug.read_physical if self._physical else self.debug.read_memory
+        return rsp.hexlify(read(addr, length))
 
     def _h_write_mem(self, p: bytes) -> Reply:
         head, _, data = p[1:].partition(b":")
@@ -612,7 +632,7 @@ class GdbStub:
         raw = rsp.unhexlify(data)
         if len(raw) != length:
             return b"E01"
-        self.debug.write_memory(addr, raw)
+        self._write(addr, raw)
         return b"OK"
 
     def _h_write_mem_binary(self, p: bytes) -> Reply:
@@ -623,8 +643,14 @@ class GdbStub:
         raw = rsp.unescape(data)
         if len(raw) != length:
             return b"E01"
-        self.debug.write_memory(addr, raw)
+        self._write(addr, raw)
         return b"OK"
+
+    def _write(self, addr: int, data: bytes) -> None:
+        if self._physical:
+            self.debug.write_physical(addr, data)
+        else:
+            self.debug.write_memory(addr, data)
 
     # -- running
     def _h_continue(self, p: bytes) -> Reply:
@@ -693,8 +719,58 @@ class GdbStub:
         return _Action.KILL
 
     def _h_supported(self, p: bytes) -> Reply:
+        features = p.partition(b":")[2].split(b";")
+        multiprocess = b"multiprocess+" in features
+        if multiprocess != self._multiprocess:
+            self._multiprocess = multiprocess
+            stop, at = self._last_stop, self._last_stop.find(b"thread:")     # '?' answers in the new form
+            if at >= 0:
+                end = stop.index(b";", at)
+                self._last_stop = stop[:at + 7] + self._tid(_thread_id(stop[at + 7:end])).encode() + stop[end:]
         return (f"PacketSize={PACKET_SIZE:x};qXfer:features:read+;qXfer:memory-map:read+;swbreak+;hwbreak+;"
-                f"vContSupported+;QStartNoAckMode+").encode()
+                f"vContSupported+;QStartNoAckMode+" + (";multiprocess+" if multiprocess else "")).encode()
+
+    # -- QEMU's own packets
+    # Discussion: pwndbg (and GEF's forks) tell QEMU from other stubs by
+    # 'maintenance packet Qqemu.sstepbits' answering "ENABLE=", and QEMU's
+    # system mode from its user mode by qOffsets having no answer; with them
+    # they take the kernel's memory map from 'monitor info mem'.  The texts
+    # and error codes are QEMU's (gdbstub, system mode): sstepbits and sstep
+    # answer as q or Q packets, "qemu.sstep=MASK" sets the mask, a mask with
+    # bits the stub cannot honour gets E22 (as QEMU under KVM).  vmk honours
+    # ENABLE (always set: a step is one instruction) and NOIRQ (= monitor
+    # step-irq off).  NOTIMER is refused: vmk's timers run on virtual time,
+    # which a step advances as the instruction would without a debugger.
+    # PhyMemMode:1 makes m/M/X address guest-physical RAM.
+    _SSTEP_ENABLE, _SSTEP_NOIRQ, _SSTEP_NOTIMER = 1, 2, 4
+
+    def _h_qemu_supported(self, p: bytes) -> Reply:
+        return b"sstepbits;sstep;PhyMemMode"
+
+    def _h_qemu_sstepbits(self, p: bytes) -> Reply:
+        return (f"ENABLE={self._SSTEP_ENABLE:x},NOIRQ={self._SSTEP_NOIRQ:x},"
+                f"NOTIMER={self._SSTEP_NOTIMER:x}").encode()
+
+    def _h_qemu_sstep(self, p: bytes) -> Reply:
+        _, eq, value = p.partition(b"=")
+        if not eq:
+            mask = self._SSTEP_ENABLE | (self._SSTEP_NOIRQ if self.debug.hold_interrupts_on_step else 0)
+            return f"{mask:#x}".encode()
+        mask = int(value, 16)
+        if mask & ~(self._SSTEP_ENABLE | self._SSTEP_NOIRQ) or not mask & self._SSTEP_ENABLE:
+            return b"E22"
+        self.debug.hold_interrupts_on_step = bool(mask & self._SSTEP_NOIRQ)
+        return b"OK"
+
+    def _h_qemu_phymem_query(self, p: bytes) -> Reply:
+        return b"1" if self._physical else b"0"
+
+    def _h_qemu_phymem_set(self, p: bytes) -> Reply:
+        _, sep, value = p.partition(b":")
+        if not sep:
+            return b"E22"
+        self._physical = int(value, 16) != 0     # as QEMU: any value but 0 turns it on
+        return b"OK"
 
     def _h_no_ack(self, p: bytes) -> Reply:
         return b"OK"
@@ -740,10 +816,10 @@ class GdbStub:
         return b"OK" if tid in {t.tid for t in self.view.threads()} else b"E01"
 
     def _h_current_thread(self, p: bytes) -> Reply:
-        return f"QC{self.view.current_thread():x}".encode()
+        return f"QC{self._tid(self.view.current_thread())}".encode()
 
     def _h_thread_info_first(self, p: bytes) -> Reply:
-        return b"m" + ",".join(f"{t.tid:x}" for t in self.view.threads()).encode()
+        return b"m" + ",".join(self._tid(t.tid) for t in self.view.threads()).encode()
 
     def _h_thread_info_next(self, p: bytes) -> Reply:
         return b"l"
@@ -851,8 +927,10 @@ class GdbStub:
         # "START-END SIZE urw" per run of pages with the same user/write
         # rights (U and W ANDed over the levels), info tlb "LINEAR: PHYS
         # XGPDACTUW" per leaf entry (its own bits; P is the large-page bit).
+        if args == ["registers"]:
+            return self._info_registers()
         if args not in (["mem"], ["tlb"]):
-            raise ValueError("usage: info mem | info tlb")
+            raise ValueError("usage: info mem | info tlb | info registers")
         pages = self.debug.page_mappings()
         if pages is None:
             return "PG disabled"
@@ -873,6 +951,89 @@ class GdbStub:
                 runs.append([p.linear, p.linear + p.size, p.user, p.writable])
         return "\n".join(f"{a:016x}-{b & 0xFFFF_FFFF_FFFF_FFFF:016x} {b - a:016x} {'u' if u else '-'}r{'w' if w else '-'}"
                          for a, b, u, w in runs)
+
+    def _info_registers(self) -> str:
+        """The CPU's state as QEMU's 'info registers' prints it (x86-64 target).
+
+        Discussion: GEF's forks (qreg, sysreg) and people's scripts read the
+        hidden parts from it: segment caches (base, limit, flags), GDT/IDT,
+        CPL, DRs.  The layout is QEMU's: 64-bit columns while CS is a 64-bit
+        segment, 32-bit ones otherwise (real mode, the multiboot entry), DRs
+        64-bit in both; flags are the cached descriptor's high dword &
+        0x00ffff00.  Measured against QEMU 7.2 on gdbtarget: the same text at
+        a breakpoint in long mode, except LDT/TR, whose never-loaded caches
+        QEMU's reset fills (limit ffff, present) and Unicorn's leaves 0."""
+        cpu = self.machine.cpu
+        regs = self.debug.read_registers()
+        r = {d.name: int.from_bytes(v, "little") for d, v in zip(REGISTERS, regs)}
+        hf = cpu.hflags()
+        wide = bool(hf & HF.CS64)
+        lma = bool(hf & HF.LMA)
+        fl = r["eflags"]
+        bits = "".join(c if fl & (1 << b) else "-" for c, b in
+                       (("D", 10), ("O", 11), ("S", 7), ("Z", 6), ("A", 4), ("P", 2), ("C", 0)))
+        state = (f"[{bits}] CPL={hf & 3} II={int(bool(hf & HF.INHIBIT_IRQ))} A20=1 SMM=0 "
+                 f"HLT={int(bool(cpu.halted))}")
+        out = [f"CPU#{getattr(cpu, 'apic_id', 0)}"]
+        if wide:
+            names = ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP",
+                     "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15")
+            for row in range(4):
+                out.append(" ".join(f"{n:<3}={r[n.lower()]:016x}" for n in names[row * 4:row * 4 + 4]))
+            out.append(f"RIP={r['rip']:016x} RFL={fl:08x} {state}")
+        else:
+            names = ("EAX", "EBX", "ECX", "EDX", "ESI", "EDI", "EBP", "ESP")
+            for row in range(2):
+                out.append(" ".join(f"{n}={r['r' + n[1:].lower()] & 0xFFFF_FFFF:08x}"
+                                    for n in names[row * 4:row * 4 + 4]))
+            out.append(f"EIP={r['rip'] & 0xFFFF_FFFF:08x} EFL={fl:08x} {state}")
+        pe = bool(hf & HF.PE)
+
+        def seg_line(name: str, sel: int, base: int, limit: int, flags: int) -> str:
+            text = (f"{name:<3}={sel:04x} {base:016x} {limit:08x} {flags & 0x00FFFF00:08x}" if wide else
+                    f"{name:<3}={sel:04x} {base & 0xFFFF_FFFF:08x} {limit:08x} {flags & 0x00FFFF00:08x}")
+            if not pe or not flags & (1 << 15):                 # real mode, or not present
+                return text
+            text += f" DPL={(flags >> 13) & 3} "
+            typ = (flags >> 8) & 15
+            if flags & (1 << 12):                               # code or data
+                if typ & 8:
+                    text += "CS64" if flags & (1 << 21) else "CS32" if flags & (1 << 22) else "CS16"
+                    text += f" [{'C' if typ & 4 else '-'}{'R' if typ & 2 else '-'}"
+                else:
+                    text += "DS  " if flags & (1 << 22) or lma else "DS16"
+                    text += f" [{'E' if typ & 4 else '-'}{'W' if typ & 2 else '-'}"
+                return text + ("A]" if typ & 1 else "-]")
+            return text + (_SYSTEM_TYPES_64 if lma else _SYSTEM_TYPES_32)[typ]
+
+        for name, seg in (("ES", 0), ("CS", 1), ("SS", 2), ("DS", 3), ("FS", 4), ("GS", 5)):
+            out.append(seg_line(name, *cpu.seg_cache(seg)))
+        tables = cpu.table_regs()
+        out.append(seg_line("LDT", *tables["ldt"]))
+        out.append(seg_line("TR", *tables["tr"]))
+        for name in ("gdt", "idt"):
+            _, base, limit, _ = tables[name]
+            out.append(f"{name.upper()}=     {base:016x} {limit:08x}" if wide else
+                       f"{name.upper()}=     {base & 0xFFFF_FFFF:08x} {limit:08x}")
+        dr = self.debug.debug_registers()
+        w = 16 if wide else 8
+        out.append(f"CR0={r['cr0']:08x} CR2={r['cr2']:0{w}x} CR3={r['cr3']:0{w}x} CR4={r['cr4']:08x}")
+        out.append("".join(f"DR{n}={v:016x} " for n, v in zip(range(4), dr[:4])))     # 64-bit in any mode
+        out.append(f"DR6={dr[4]:016x} DR7={dr[5]:016x}")
+        out.append(f"EFER={r['efer']:016x}")
+        fsw, ftag = r["fstat"], r["ftag"]
+        top = (fsw >> 11) & 7
+        valid = sum(1 << i for i in range(8) if (ftag >> (2 * i)) & 3 != 3)     # abridged tag word
+        out.append(f"FCW={r['fctrl']:04x} FSW={fsw:04x} [ST={top}] FTW={valid:02x} MXCSR={r['mxcsr']:08x}")
+        fpr = []
+        for i in range(8):                                      # physical register i is ST((i - top) & 7)
+            v = r[f"st{(i - top) & 7}"]
+            fpr.append(f"FPR{i}={v & 0xFFFF_FFFF_FFFF_FFFF:016x} {v >> 64:04x}")
+        out += [" ".join(fpr[i:i + 2]) for i in range(0, 8, 2)]
+        xmm = [f"XMM{i:02d}={r[f'xmm{i}'] >> 64:016x} {r[f'xmm{i}'] & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+               for i in range(16 if wide else 8)]
+        out += [" ".join(xmm[i:i + 2]) for i in range(0, len(xmm), 2)]
+        return "\n".join(out)
 
     def _memory_map(self) -> bytes:
         """GDB's memory-map XML: guest RAM as "ram" where gdb's (linear) addresses reach
@@ -984,11 +1145,20 @@ _BREAK_KINDS = {0: BreakKind.SOFTWARE, 1: BreakKind.HARDWARE}
 _WATCH_KINDS = {2: WatchKind.WRITE, 3: WatchKind.READ, 4: WatchKind.ACCESS}
 
 
+# System segment names by descriptor type (Intel SDM vol. 3 table 3-2), as QEMU prints them.
+_SYSTEM_TYPES_32 = ("Reserved", "TSS16-avl", "LDT", "TSS16-busy", "CallGate16", "TaskGate", "IntGate16",
+                    "TrapGate16", "Reserved", "TSS32-avl", "Reserved", "TSS32-busy", "CallGate32", "Reserved",
+                    "IntGate32", "TrapGate32")
+_SYSTEM_TYPES_64 = ("<hiword>", "Reserved", "LDT", "Reserved", "Reserved", "Reserved", "Reserved", "Reserved",
+                    "Reserved", "TSS64-avl", "Reserved", "TSS64-busy", "CallGate64", "Reserved", "IntGate64",
+                    "TrapGate64")
+
+
 def _packet_name(p: bytes) -> str:
     if p.startswith(b"vCont?"):
         return "vCont?"
     end = len(p)
-    for sep in b":,;":
+    for sep in b":,;=":
         i = p.find(bytes((sep,)))
         if i > 0:
             end = min(end, i)

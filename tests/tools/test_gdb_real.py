@@ -131,10 +131,10 @@ def test_gdb_session_on_a_bare_metal_kernel(guest_dir: Path, tmp_path: Path, boo
     assert "90 'Z'" in out                                    # the byte was changed
     assert "Hardware watchpoint 2: watched_counter" in out
     assert "Old value = 3" in out and "New value = 42" in out
-    assert "Thread 1 (CPU0: bare metal" in out                # info threads
+    assert "Thread 1.1 (CPU0: bare metal" in out              # info threads (as QEMU: process 1)
     assert NO_KERNEL in out                                   # monitor fibers
     assert "instructions retired" in out                      # monitor time
-    assert "[Inferior 1 (Remote target) detached]" in out
+    assert "[Inferior 1 (process 1) detached]" in out
     assert "error" not in out.lower() and "warning: " not in out, out
     # the guest finished, printed the changed byte, and nothing else moved
     assert status == 1, vm.stderr
@@ -144,7 +144,7 @@ def test_gdb_session_on_a_bare_metal_kernel(guest_dir: Path, tmp_path: Path, boo
 def test_gdb_attaches_to_a_running_machine_and_kills_it(guest_dir: Path, tmp_path: Path, boot) -> None:
     vm = boot(guest_dir / "demo.elf", tmp_path / "com1.txt")       # runs until 'q' arrives
     out = run_gdb(vm.port, guest_dir / "demo.elf64", ["info registers rip", "stepi", "kill"])
-    assert "rip" in out and "[Inferior 1 (Remote target) killed]" in out, out
+    assert "rip" in out and "[Inferior 1 (process 1) killed]" in out, out
     assert vm.wait() == 0
     assert "killed by the debugger" in vm.stderr
 
@@ -172,7 +172,7 @@ def test_info_threads_lists_the_fibers_of_a_vm_image(tmp_path: Path, boot) -> No
     assert "uart-rx: pid 0 (kernel)" in text and "uart-tx: pid 0 (kernel)" in text
     assert "0x0000000000400002 in ?? ()" in text                    # stepi: one instruction
     assert "   3  ticker" in text and "numbers" in text and "lines" in text
-    assert "[Inferior 1 (Remote target) detached]" in text
+    assert "[Inferior 1 (process 1) detached]" in text
     assert vm.wait() == 0                                           # every container ended
     assert serial.read_bytes().decode().splitlines() == [
         "[20 ms] tick 1", "[40 ms] tick 2", "[60 ms] tick 3", "[80 ms] tick 4", "[100 ms] tick 5",
@@ -222,3 +222,34 @@ def test_read_watchpoint_sees_reads_by_an_interrupt_handler(guest_dir: Path, tmp
     assert ("Hardware read watchpoint 2: timer_ticks" if kind == "rwatch"
             else "Hardware access (read/write) watchpoint 2: timer_ticks") in out, out
     assert vm.wait() == 0
+
+
+def test_qemu_packets_that_pwndbg_and_gef_send(guest_dir: Path, tmp_path: Path, boot, reference: str) -> None:
+    """What pwndbg and GEF's forks send to find out they talk to QEMU in system mode
+    ('Qqemu.sstepbits' answers ENABLE=, qOffsets nothing), then the step mask and
+    QEMU's physical memory mode: a byte changed through it is the one the guest prints."""
+    serial = tmp_path / "com1.txt"
+    vm = boot(guest_dir / "gdbtarget.elf", serial, "--wait-gdb")
+    out = run_gdb(vm.port, guest_dir / "gdbtarget.elf64", [
+        "maintenance packet Qqemu.sstepbits", "maintenance packet qOffsets", "maintenance packet qqemu.Supported",
+        "maintenance packet Qqemu.sstep=0x3", "maintenance packet qqemu.sstep",
+        "break checkpoint", "continue", "delete", "monitor info registers",
+        "maintenance packet Qqemu.PhyMemMode:1", "maintenance packet qqemu.PhyMemMode",
+        "x/1cb &message_key", "set var message_key = 'P'",
+        "maintenance packet Qqemu.PhyMemMode:0", "x/1cb &message_key", "detach"])
+    assert 'received: "ENABLE=1,NOIRQ=2,NOTIMER=4"' in out, out
+    assert 'sending: qOffsets\nreceived: ""' in out
+    assert 'received: "sstepbits;sstep;PhyMemMode"' in out
+    assert 'sending: qqemu.sstep\nreceived: "0x3"' in out
+    assert 'sending: qqemu.PhyMemMode\nreceived: "1"' in out
+    # monitor info registers: these lines are QEMU 7.2's, word for word, at the same breakpoint
+    for line in ("ES =0010 0000000000000000 ffffffff 00cf9300 DPL=0 DS   [-WA]",
+                 "CS =0008 0000000000000000 ffffffff 00af9a00 DPL=0 CS64 [-R-]",
+                 "CR0=80000011 CR2=0000000000000000 CR3=0000000000103000 CR4=00000020",
+                 "DR6=00000000ffff0ff0 DR7=0000000000000400", "EFER=0000000000000500",
+                 "FCW=037f FSW=0000 [ST=0] FTW=00 MXCSR=00001f80"):
+        assert "\n" + line + "\n" in out, (line, out)
+    assert " RFL=00000206 [-----P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\n" in out
+    assert "65 'A'" in out and "80 'P'" in out                  # identity-mapped: the same byte
+    assert vm.wait() == 1, vm.stderr
+    assert serial.read_bytes().decode("latin-1") == reference.replace("key=A", "key=P")

@@ -20,6 +20,7 @@ import time
 import xml.etree.ElementTree as ET
 
 import capstone
+from unicorn import x86_const as X86
 import pytest
 from vmk.machine.debug import REG_INDEX, REGISTERS, BreakKind, Debug, WatchKind
 from vmk.machine.pc import Why
@@ -82,9 +83,10 @@ def test_unknown_and_malformed_packets_get_correct_answers() -> None:
 
 def test_supported_attached_and_thread_queries() -> None:
     stub = stub_for(Harness.from_asm(LOOP))
-    sup = stub.handle(b"qSupported:multiprocess+;swbreak+;hwbreak+;xmlRegisters=i386").decode()
+    sup = stub.handle(b"qSupported:swbreak+;hwbreak+;xmlRegisters=i386").decode()
     for feature in ("qXfer:features:read+", "swbreak+", "hwbreak+", "QStartNoAckMode+", "PacketSize="):
         assert feature in sup
+    assert "multiprocess" not in sup
     assert stub.handle(b"qAttached") == b"1"
     assert stub.handle(b"qAttached:1") == b"1"
     assert stub.handle(b"qC") == b"QC1"
@@ -98,7 +100,16 @@ def test_supported_attached_and_thread_queries() -> None:
     stop = stub.handle(b"?")
     assert stop.startswith(b"T05thread:1;")
     # pc, sp and fp are expedited (so gdb's stepi needs no 'g'), with the values 'p' reads
-    assert stop == b"T05thread:1;" + b"".join(b"%02x:%s;" % (n, stub.handle(b"p%x" % n)) for n in (6, 7, 16))
+    where = b"".join(b"%02x:%s;" % (n, stub.handle(b"p%x" % n)) for n in (6, 7, 16))
+    assert stop == b"T05thread:1;" + where
+    # gdb offers multiprocess+ (as every gdb since 7.x): thread-ids become p1.TID, as QEMU's
+    # (process 1: GEF's 'gef-remote -q' takes only pid 1 for QEMU)
+    sup = stub.handle(b"qSupported:multiprocess+;swbreak+;hwbreak+;xmlRegisters=i386").decode()
+    assert sup.endswith(";multiprocess+")
+    assert stub.handle(b"?") == b"T05thread:p1.1;" + where
+    assert stub.handle(b"qC") == b"QCp1.1" and stub.handle(b"qfThreadInfo") == b"mp1.1"
+    assert stub.handle(b"Tp1.1") == b"OK" and stub.handle(b"Tp1.2") == b"E01"
+    assert stub.handle(b"qThreadExtraInfo,p1.1") == rsp.hexlify(extra.encode())
     assert stub.handle(b"vCont?") == b"vCont;c;C;s;S"
     assert stub.handle(b"vCont;c") == Resume(step=False)
     assert stub.handle(b"vCont;s:1;c") == Resume(step=True)
@@ -247,7 +258,6 @@ def test_monitor_info_mem_and_tlb_in_qemu_format_and_the_memory_map() -> None:
         "0000000000200000: 0000000000800000 X------U-\n"
         "0000000000201000: 0000000000801000 ---DA--UW\n"
         "ffffffffc0000000: 0000000000000000 -GP-----W")
-    assert stub.run_monitor("info regs").startswith("error: usage: info mem")
     assert "qXfer:memory-map:read+" in stub.handle(b"qSupported").decode()
     reply = stub.handle(b"qXfer:memory-map:read::0,1000")
     assert reply[:1] == b"l"
@@ -262,6 +272,103 @@ def test_monitor_info_mem_and_tlb_in_qemu_format_and_the_memory_map() -> None:
     w(pml4 + 511 * 8, bytes(8))
     stub.debug.forget()
     assert stub.run_monitor("info mem") == ""                     # nothing mapped
+
+
+def test_qemu_packets_detection_sstep_and_physical_memory_mode() -> None:
+    """QEMU's own packets, as pwndbg and GEF's forks send them: 'Qqemu.sstepbits' answering
+    ENABLE= tells them the stub is QEMU (system mode: qOffsets has no answer), qemu.sstep
+    reads/sets the step mask (NOIRQ = step-irq off) and PhyMemMode:1 makes m/M/X physical."""
+    h = Harness.from_asm(LOOP, mem=16 << 20)
+    stub = stub_for(h)
+    assert stub.handle(b"qqemu.Supported") == b"sstepbits;sstep;PhyMemMode"
+    assert stub.handle(b"Qqemu.sstepbits") == stub.handle(b"qqemu.sstepbits") == b"ENABLE=1,NOIRQ=2,NOTIMER=4"
+    assert stub.handle(b"qOffsets") == b""
+    assert stub.handle(b"qqemu.sstep") == b"0x1"                    # vmk's default: step-irq on
+    assert stub.handle(b"Qqemu.sstep=3") == b"OK" and stub.debug.hold_interrupts_on_step
+    assert stub.handle(b"Qqemu.sstep") == b"0x3" and stub.run_monitor("step-irq").startswith("step-irq off")
+    assert stub.handle(b"qqemu.sstep=1") == b"OK" and not stub.debug.hold_interrupts_on_step
+    for refused in (b"Qqemu.sstep=7", b"Qqemu.sstep=2", b"Qqemu.sstep=0", b"Qqemu.PhyMemMode"):
+        assert stub.handle(refused) == b"E22", refused
+    assert stub.handle(b"Qqemu.sstep=zz") == b"E01"
+    assert stub.handle(b"qqemu.sstep") == b"0x1"
+    # linear 0x200000 -> physical 0x800000 (4 KiB page); the rest identity-mapped by 2 MiB pages
+    pml4, pdpt, pd, pt = 0x600000, 0x601000, 0x602000, 0x603000
+    w = h.machine.write_physical
+    w(pml4, struct.pack("<Q", pdpt | 3))
+    w(pdpt, struct.pack("<Q", pd | 3))
+    w(pd, struct.pack("<QQ", 0x83, pt | 3) + b"".join(struct.pack("<Q", (k << 21) | 0x83) for k in range(2, 8)))
+    w(pt, struct.pack("<Q", 0x800000 | 3))
+    w(0x200000, b"physical")
+    w(0x800000, b"linear!!")
+    assert stub.handle(f"P{REG_INDEX['cr3']:x}=".encode() + rsp.hexlify(struct.pack("<Q", pml4))) == b"OK"
+    assert unhex(stub.handle(b"m200000,8")) == b"linear!!"
+    assert stub.handle(b"qqemu.PhyMemMode") == b"0"
+    assert stub.handle(b"Qqemu.PhyMemMode:1") == b"OK" and stub.handle(b"qqemu.PhyMemMode") == b"1"
+    assert unhex(stub.handle(b"m200000,8")) == b"physical"
+    assert unhex(stub.handle(b"m800000,8")) == b"linear!!"
+    assert unhex(stub.handle(b"mfffffc,10")) == h.machine.read_physical(0xFFFFFC, 4)   # stops at the end of RAM
+    assert stub.handle(b"m1000000,4") == stub.handle(b"m-1,4") == b"E14"
+    assert stub.handle(b"M200000,4:" + rsp.hexlify(b"PHYS")) == b"OK"
+    assert stub.handle(b"X800000,2:" + rsp.escape(b"LI")) == b"OK"
+    w(0xFFFFFE, b"ok")
+    assert stub.handle(b"Mfffffe,4:00000000") == b"E14"                  # all or nothing
+    assert h.machine.read_physical(0xFFFFFE, 2) == b"ok"
+    assert h.machine.read_physical(0x200000, 8) == b"PHYSical"
+    assert stub.handle(b"Qqemu.PhyMemMode:0") == b"OK"
+    assert unhex(stub.handle(b"m200000,8")) == b"LInear!!"
+    stub.handle(b"Qqemu.PhyMemMode:1")
+    stub._drop_client()                                                   # a new client starts linear
+    assert stub.handle(b"qqemu.PhyMemMode") == b"0"
+
+
+def test_physical_write_reaches_code_already_translated() -> None:
+    """A debugger's physical write into code the CPU has already run (translated) is what
+    runs next: the stub cannot know the linear addresses, so every translation is dropped."""
+    h = Harness.from_asm(LOOP)
+    a = addrs(h)
+    d = Debug(h.machine)
+    rax = h.machine.cpu.uc.reg_read(X86.UC_X86_REG_RAX)
+    d.cont(max_instructions=1 + LOOP_BODY * 100)
+    assert h.machine.cpu.rip == a[1] and h.machine.cpu.uc.reg_read(X86.UC_X86_REG_RAX) - rax == 100
+    code = h.machine.read_physical(a[2], a[3] - a[2])
+    assert code == bytes.fromhex("4883c001")                             # add rax, 1
+    d.write_physical(a[2] + 3, b"\x02")                                    # add rax, 2
+    d.cont(max_instructions=LOOP_BODY * 100)
+    assert h.machine.cpu.uc.reg_read(X86.UC_X86_REG_RAX) - rax == 300
+
+
+def test_monitor_info_registers_in_qemu_format() -> None:
+    """'monitor info registers' as QEMU prints it (GEF's forks' qreg/sysreg parse it): the
+    64-bit layout, segment caches with their decoded type, GDT/IDT, CRs, DRs, x87, XMM."""
+    h = Harness.from_asm(LOOP, mem=16 << 20)
+    stub = stub_for(h)
+    for name, value in (("rax", 0x1122334455667788), ("r9", 0xABC), ("eflags", 0x247)):
+        n = REGISTERS[REG_INDEX[name]]
+        stub.handle(f"P{REG_INDEX[name]:x}=".encode() + rsp.hexlify(value.to_bytes(n.size, "little")))
+    stub.handle(f"P{REG_INDEX['xmm3']:x}=".encode() + rsp.hexlify(bytes(range(16))))
+    text = stub.run_monitor("info registers")
+    lines = text.splitlines()
+    assert len(lines) == 33, text
+    assert lines[0] == "CPU#0"
+    assert lines[1].startswith("RAX=1122334455667788 RBX=")
+    assert lines[3].startswith("R8 =0000000000000000 R9 =0000000000000abc R10=")
+    rip = h.machine.cpu.uc.reg_read(X86.UC_X86_REG_RIP)
+    assert lines[5] == f"RIP={rip:016x} RFL=00000247 [---Z-PC] CPL=0 II=0 A20=1 SMM=0 HLT=0"
+    cs = h.machine.cpu.seg_cache(1)
+    assert lines[7] == f"CS ={cs[0]:04x} 0000000000000000 {cs[2]:08x} {cs[3] & 0xFFFF00:08x} DPL=0 CS64 [-R" + \
+        ("A]" if cs[3] & 0x100 else "-]"), text
+    assert [ln[:4] for ln in lines[6:14]] == ["ES =", "CS =", "SS =", "DS =", "FS =", "GS =", "LDT=", "TR ="]
+    gdt = h.machine.cpu.table_regs()["gdt"]
+    assert lines[14] == f"GDT=     {gdt[1]:016x} {gdt[2]:08x}"
+    cr = {n: h.machine.cpu.uc.reg_read(getattr(X86, f"UC_X86_REG_{n.upper()}")) for n in ("cr0", "cr3", "cr4")}
+    assert lines[16] == f"CR0={cr['cr0']:08x} CR2=0000000000000000 CR3={cr['cr3']:016x} CR4={cr['cr4']:08x}"
+    assert lines[17].startswith("DR0=0000000000000000 DR1=") and lines[18].startswith("DR6=")
+    assert lines[19].startswith("EFER=") and int(lines[19][5:], 16) & 0x500 == 0x500    # LME, LMA
+    assert lines[20] == "FCW=037f FSW=0000 [ST=0] FTW=00 MXCSR=00001f80"
+    assert lines[21] == "FPR0=0000000000000000 0000 FPR1=0000000000000000 0000"
+    assert lines[26] == "XMM02=0000000000000000 0000000000000000 XMM03=0f0e0d0c0b0a0908 0706050403020100"
+    assert lines[32].startswith("XMM14=")
+    assert stub.run_monitor("info regs").startswith("error: usage: info mem | info tlb | info registers")
 
 
 # ======================================================= machine/debug.py: breakpoints, steps, watchpoints
