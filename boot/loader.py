@@ -32,18 +32,15 @@ names the file and what is wrong with it.
 """
 from __future__ import annotations
 
-import io
 import struct
 from dataclasses import dataclass, field
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
 from vmk.machine.cpu import EFER_LMA, EFER_LME, HF, MSR_EFER, Reg, Seg
 from vmk.machine.mmu import CR0_PE, CR0_PG, CR0_WP, CR4_PAE
 from vmk.machine.pc import Machine
 
+from .elf import EM_X86_64, PF_X, PT_LOAD, ElfError, ElfImage
 from .firmware import E820_RAM, bios_state, memory_map
 from .linuxboot import BOOT_PARAMS, KERNEL_ADDR, LinuxImageError, is_bzimage, load_bzimage
 
@@ -156,8 +153,8 @@ def load_kernel_bytes(machine: Machine, data: bytes, path: str = "<image>", cmdl
     if is_elf:
         elf = _open_elf(data, path)
         if elf.elfclass == 64:
-            if elf["e_machine"] != "EM_X86_64":
-                raise ImageError(f"{path}: ELF64 for {elf['e_machine']}, not x86-64")
+            if elf.machine != EM_X86_64:
+                raise ImageError(f"{path}: ELF64 for machine {elf.machine} (e_machine), not x86-64 ({EM_X86_64})")
             info = _load_elf(machine, elf, data, path, "elf64")
             info.mbi = _write_multiboot_info(machine, info, f"{path} {cmdline}", initrd or [])
             bios_state(machine)
@@ -195,21 +192,16 @@ def _find_multiboot(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _open_elf(data: bytes, path: str) -> ELFFile:
+def _open_elf(data: bytes, path: str) -> ElfImage:
     try:
-        elf = ELFFile(io.BytesIO(data))
-        elf.num_segments()
-        return elf
-    except (ELFError, struct.error, ValueError) as e:
+        return ElfImage(data)
+    except ElfError as e:
         raise ImageError(f"{path}: malformed ELF: {e}") from None
 
 
-def _load_elf(machine: Machine, elf: ELFFile, data: bytes, path: str, kind: str) -> BootInfo:
+def _load_elf(machine: Machine, elf: ElfImage, data: bytes, path: str, kind: str) -> BootInfo:
     lo, hi = None, 0
-    try:
-        segments = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
-    except (ELFError, struct.error, ValueError) as e:
-        raise ImageError(f"{path}: malformed ELF program headers: {e}") from None
+    segments = [s for s in elf.segments if s["p_type"] == PT_LOAD]
     if not segments:
         raise ImageError(f"{path}: ELF has no loadable (PT_LOAD) segment")
     for i, seg in enumerate(segments):
@@ -230,13 +222,10 @@ def _load_elf(machine: Machine, elf: ELFFile, data: bytes, path: str, kind: str)
             machine.write_physical(paddr + filesz, bytes(memsz - filesz))
         lo = paddr if lo is None else min(lo, paddr)
         hi = max(hi, paddr + memsz)
-    entry = _physical_entry(elf["e_entry"], segments)
+    entry = _physical_entry(elf.entry, segments)
     if kind == "multiboot":
         entry &= 0xFFFF_FFFF
-    return BootInfo(path, kind, entry, 0, lo or 0, hi, _symbols(elf))
-
-
-PF_X = 1
+    return BootInfo(path, kind, entry, 0, lo or 0, hi, elf.symbols())
 
 
 def _physical_entry(entry: int, segments) -> int:
@@ -253,20 +242,6 @@ def _physical_entry(entry: int, segments) -> int:
                 and seg["p_flags"] & PF_X):
             entry = entry - vaddr + paddr
     return entry
-
-
-def _symbols(elf: ELFFile) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        for sec in elf.iter_sections():
-            if isinstance(sec, SymbolTableSection):
-                for sym in sec.iter_symbols():
-                    if sym.name and sym["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE") \
-                            and sym["st_shndx"] != "SHN_UNDEF":
-                        out.setdefault(sym.name, sym["st_value"])
-    except (ELFError, struct.error, ValueError):
-        return out
-    return out
 
 
 def _load_aout_kludge(machine: Machine, data: bytes, path: str, off: int) -> BootInfo:
@@ -291,8 +266,8 @@ def _load_aout_kludge(machine: Machine, data: bytes, path: str, off: int) -> Boo
     syms: dict[str, int] = {}
     if data[:4] == b"\x7fELF":
         try:
-            syms = _symbols(ELFFile(io.BytesIO(data)))
-        except (ELFError, struct.error, ValueError):
+            syms = ElfImage(data).symbols()
+        except ElfError:
             syms = {}
     return BootInfo(path, "multiboot", entry, 0, load_addr, end, syms)
 
