@@ -145,6 +145,29 @@ class Decoder:
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
+        if not self._in_packet:
+            # Fast path: whole packets and single bytes between them, cut with
+            # find() instead of a Python step per byte (gdb sends about 11
+            # packets per stepi; this was ~14 us of each); a packet that is
+            # not complete in ``data`` goes on byte by byte below.
+            i, n = 0, len(data)
+            while i < n:
+                b = data[i]
+                if b != _START:
+                    if b == 0x2B:
+                        events.append(Ack())
+                    elif b == 0x2D:
+                        events.append(Nack())
+                    elif b == 0x03:
+                        events.append(Interrupt())
+                    i += 1
+                    continue
+                j = data.find(b"#", i + 1)
+                if j < 0 or j + 3 > n or j - i - 1 > self.max_packet or data.find(b"$", i + 1, j) >= 0:
+                    break
+                events.append(self._check(data[i + 1:j], data[j + 1:j + 3]))
+                i = j + 3
+            data = data[i:]
         for b in data:
             if not self._in_packet:
                 if b == _START:
@@ -182,6 +205,10 @@ class Decoder:
         payload = bytes(self._buf)
         digits = bytes(self._sum_digits or b"")
         self.reset()
+        return self._check(payload, digits)
+
+    @staticmethod
+    def _check(payload: bytes, digits: bytes) -> Event:
         if not _HEX.issuperset(digits):
             return BadPacket(payload, f"checksum {digits!r} is not hex")
         if int(digits, 16) != checksum(payload):

@@ -101,3 +101,25 @@ def test_decoder_finds_every_frame_in_noise(payloads: list[bytes], seed: int) ->
         pos += n
     got = [rsp.unescape(e.payload) for e in events if isinstance(e, Packet)]
     assert got == payloads
+
+
+def test_whole_buffers_and_byte_by_byte_give_the_same_events() -> None:
+    """feed() cuts whole packets with find() (the fast path); fed one byte at a
+    time it takes the byte-by-byte path: both must give the same events, for
+    good packets, bad checksums, noise, acks, ^C, a '$' inside a packet and a
+    packet split across calls."""
+    import random
+
+    from vmk.tools.rsp import Decoder, frame
+    rng = random.Random(7)
+    pieces = [frame(b"g"), frame(b"m1002fe,1"), b"+", b"-", b"\x03", b"noise", b"$m10#00",
+              b"$abc$" + frame(b"qSupported")[1:], frame(b"vCont;s:p1.1;c:p1.-1"), b"$X10,2:" + bytes(range(20, 30)) + b"#zz"]
+    for _ in range(200):
+        stream = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        whole = Decoder(max_packet=64).feed(stream)
+        one = Decoder(max_packet=64)
+        singly = [e for b in stream for e in one.feed(bytes([b]))]
+        cut = rng.randint(0, len(stream))
+        two = Decoder(max_packet=64)
+        split = two.feed(stream[:cut]) + two.feed(stream[cut:])
+        assert repr(whole) == repr(singly) == repr(split), stream
