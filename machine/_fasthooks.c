@@ -811,6 +811,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 static PyObject *insn_gateways(PyObject *self, PyObject *unused);   /* insn emulation block, below */
+static PyObject *iret_filter_new(PyObject *self, PyObject *args);
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
@@ -832,6 +833,8 @@ static PyMethodDef methods[] = {
     {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter the window hook corrects"},
     {"bc_free", bc_free, METH_O, "bc_free(address)"},
     {"insn_gateways", insn_gateways, METH_NOARGS, "insn_gateways() -> {name: C function address} (insn emulation)"},
+    {"iret_filter_new", iret_filter_new, METH_VARARGS,
+     "iret_filter_new(callback, &fs_sel, &gs_sel, &hflags, &rsp, uc_vmem_read) -> user data for the iret gateway"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -855,9 +858,67 @@ static void gw_code(void *uc, uint64_t address, uint32_t size, void *ud)
     Py_XDECREF(r);
 }
 
+/* IRET / far RET hooks run on every interrupt return, so they are filtered
+ * here: Python is called only when the instruction can go to an outer
+ * privilege level with a non-null FS or GS (the case Unicorn gets wrong).
+ * The checks are the ones cpu.py's _hook_emulated_insn makes first: FS and
+ * GS selectors, CPL, and the new CS's RPL in the frame at RSP + one slot. */
+typedef int (*vmem_read_fn)(void *uc, uint64_t addr, int prot, void *buf, size_t n);
+
+typedef struct {
+    PyObject *cb;
+    const volatile uint32_t *fs_sel, *gs_sel, *hflags;
+    const volatile uint64_t *rsp;
+    vmem_read_fn vmem_read;
+} iret_filter;
+
+#define HF_CS64 (1u << 15)
+
+static void gw_iret(void *uc, uint64_t address, uint32_t size, void *ud)
+{
+    iret_filter *f = (iret_filter *)ud;
+    if (!((*f->fs_sel | *f->gs_sel) & 0xFFFC))
+        return;
+    uint32_t hf = *f->hflags;
+    uint8_t code[16], cs[2];
+    if (size >= 1 && size <= 15 && f->vmem_read(uc, address, 4, code, size) == 0) {
+        uint8_t last = code[size - 1];
+        if (last == 0xCF || last == 0xCB || (size >= 3 && code[size - 3] == 0xCA)) {
+            int rex_w = size >= 2 && code[size - 2] >= 0x48 && code[size - 2] <= 0x4F && (code[size - 2] & 8);
+            unsigned slot = ((hf & HF_CS64) && rex_w) ? 8 : (memchr(code, 0x66, size - 1) ? 2 : 4);
+            if (f->vmem_read(uc, *f->rsp + slot, 1, cs, 2) != 0)
+                return;                         /* Unicorn raises the fault */
+            if ((uint32_t)(cs[0] & 3) <= (hf & 3))
+                return;                         /* same or inner level: nothing to do */
+        }
+    }
+    gw_code(uc, address, size, f->cb);
+}
+
+static PyObject *iret_filter_new(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *cb;
+    unsigned long long fs, gs, hflags, rsp, vmem_read;
+    if (!PyArg_ParseTuple(args, "OKKKKK", &cb, &fs, &gs, &hflags, &rsp, &vmem_read))
+        return NULL;
+    iret_filter *f = PyMem_Calloc(1, sizeof *f);
+    if (f == NULL)
+        return PyErr_NoMemory();
+    Py_INCREF(cb);
+    f->cb = cb;
+    f->fs_sel = (const volatile uint32_t *)(uintptr_t)fs;
+    f->gs_sel = (const volatile uint32_t *)(uintptr_t)gs;
+    f->hflags = (const volatile uint32_t *)(uintptr_t)hflags;
+    f->rsp = (const volatile uint64_t *)(uintptr_t)rsp;
+    f->vmem_read = (vmem_read_fn)(uintptr_t)vmem_read;
+    return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)f);
+}
+
 static PyObject *insn_gateways(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{s:K}", "code", (unsigned long long)(uintptr_t)&gw_code);
+    return Py_BuildValue("{s:K,s:K}", "code", (unsigned long long)(uintptr_t)&gw_code,
+                         "iret", (unsigned long long)(uintptr_t)&gw_iret);
 }

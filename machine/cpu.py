@@ -758,6 +758,8 @@ class CPU:
                 precise = _BC_PRECISE
             elif m in EMULATED_MNEMONICS:
                 emulated.append(a)
+                if m in IRET_MNEMONICS:
+                    self._iret_sites.add(a)
         self._block_insns_kept += len(addrs)
         if self._block_insns_kept > self.BLOCK_INSNS_MAX:
             self._block_insns.clear()
@@ -823,10 +825,19 @@ class CPU:
     def _insn_emu_init(self) -> None:
         self.insn_emu = InsnEmu(bsp=self.bsp)
         self._emu_hooks: dict[int, int] = {}                 # address -> hook handle
-        self._code_gw = _fasthooks.insn_gateways()["code"]
+        gws = _fasthooks.insn_gateways()
+        self._code_gw = gws["code"]
         self._emu_cb = self._hook_emulated_insn              # one bound method: the hooks hold its address
         self._gateway_refs.append(self._emu_cb)
         env = self._vcpu_env                                  # = &env->regs[0] = the env itself
+        # IRET/far RET hooks go through a C filter (every interrupt return runs
+        # one): Python only for a return to an outer level with FS/GS not null.
+        seg0 = env + Ctx.SEGS - Ctx.REGS
+        self._iret_gw = gws["iret"]
+        self._iret_ud = _fasthooks.iret_filter_new(
+            self._emu_cb, seg0 + SEG_SIZE * Seg.FS, seg0 + SEG_SIZE * Seg.GS, env + Ctx.HFLAGS - Ctx.REGS,
+            env + 8 * 4, ctypes.cast(_lib.uc_vmem_read, ctypes.c_void_p).value)
+        self._iret_sites: set[int] = set()
         self._env_hflags = ctypes.c_uint32.from_address(env + Ctx.HFLAGS - Ctx.REGS)
         # The live hflags word (CPL in bits 0-1), valid inside hooks too: the
         # port bus reads the CPL from it without a register read.
@@ -863,9 +874,10 @@ class CPU:
             return False
         for a in new:
             h = ctypes.c_size_t()
-            status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_CODE, ctypes.c_void_p(self._code_gw),
-                                      ctypes.c_void_p(id(self._emu_cb)),
-                                      ctypes.c_uint64(a), ctypes.c_uint64(a))
+            gw, ud = ((self._iret_gw, self._iret_ud) if a in self._iret_sites
+                      else (self._code_gw, id(self._emu_cb)))
+            status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_CODE, ctypes.c_void_p(gw),
+                                      ctypes.c_void_p(ud), ctypes.c_uint64(a), ctypes.c_uint64(a))
             if status != 0:
                 raise UcError(status)
             self._emu_hooks[a] = h.value
