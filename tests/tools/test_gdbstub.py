@@ -907,6 +907,50 @@ def test_no_ack_mode_and_retransmission(served) -> None:
     s.join()
 
 
+def test_replies_larger_than_the_socket_buffer_arrive_whole_and_a_client_not_reading_is_dropped(
+        served, monkeypatch) -> None:
+    """Replies are sent without blocking while the socket has room; a slow
+    reader gets them whole, one that stops reading is dropped after
+    SEND_TIMEOUT and the machine waits for the next client (--wait-gdb)."""
+    from vmk.tools import gdbstub
+    monkeypatch.setattr(gdbstub, "SEND_TIMEOUT", 1.0)
+    h = Harness.from_asm(LOOP)
+    s = served(h)
+    expected = rsp.frame(h.machine.read_physical(ORG, 0x2000).hex())
+    request = rsp.frame(f"m{ORG:x},2000".encode())
+
+    def client() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.stub.port))
+        sock.settimeout(TIMEOUT)
+        return sock
+
+    sock = client()
+    sock.sendall(rsp.frame(b"QStartNoAckMode"))
+    got = b""
+    while not got.endswith(rsp.frame(b"OK")):
+        got += sock.recv(100)
+    assert got == b"+" + rsp.frame(b"OK")
+    sock.sendall(request * 8)                               # 8 x 16 KiB of replies, nothing read yet
+    time.sleep(0.1)
+    got = b""
+    while len(got) < 8 * len(expected):
+        got += sock.recv(65536)
+    assert got == expected * 8
+    sock.sendall(request * 1024)                            # 16 MiB of replies, never read
+    deadline = time.monotonic() + TIMEOUT
+    while not any("connection lost" in m for m in s.logs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any("gdb connection lost; the machine stays stopped" in m for m in s.logs), s.logs
+    sock.close()
+    assert s.thread.is_alive() and h.instructions == 0
+    r = s.connect()
+    assert r.read_memory(ORG, 16) == h.machine.read_physical(ORG, 16)
+    r.kill()
+    s.join()
+
+
 # ====================================================================== kernel views
 class FakeKernel:
     """A kernel view with two fibers: 1 on the CPU, 2 blocked with saved registers."""
