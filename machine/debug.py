@@ -674,8 +674,13 @@ class Debug:
         device registers can have side effects); raises :class:`DebugError`
         if not even the first byte can be read."""
         ram = self.machine.ram
-        out = bytearray()
         addr &= _MASK64
+        off = addr & (PAGE - 1)
+        if 0 < size <= PAGE - off:               # within one page (gdb's reads nearly always are)
+            base = self._page_map(addr - off) + off
+            if base >= off and base + size <= ram.size:
+                return ram.buf[base:base + size]
+        out = bytearray()
         while size > 0:
             off = addr & (PAGE - 1)
             n = min(size, PAGE - off)

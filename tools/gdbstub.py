@@ -234,6 +234,10 @@ class GdbStub:
             "Qqemu.sstep": self._h_qemu_sstep, "qqemu.PhyMemMode": self._h_qemu_phymem_query,
             "Qqemu.PhyMemMode": self._h_qemu_phymem_set,
         }
+        # Dispatch by first byte, and for q/Q/v packets by name; a payload that is a
+        # whole name (qfThreadInfo, qsThreadInfo, qC, vCont? ...) is found in one look-up.
+        self._by_byte = {ord(k): h for k, h in self._handlers.items()}
+        self._exact = {k.encode(): h for k, h in self._named.items()}
         self.monitor: dict[str, MonitorCommand] = {
             "help": MonitorCommand(self._m_help, "list monitor commands"),
             "irq": MonitorCommand(self._m_irq, "interrupt controllers (PIC, IO-APIC, LAPIC), counts"),
@@ -515,7 +519,7 @@ class GdbStub:
             pass
 
     def _on_event(self, ev: rsp.Event) -> Reply | None:
-        if isinstance(ev, rsp.Packet):
+        if type(ev) is rsp.Packet:
             if not self.no_ack:
                 self._raw_send(b"+")
             reply = self.handle(ev.payload)
@@ -580,11 +584,11 @@ class GdbStub:
         """Answer one packet: reply bytes, or a Resume/_Action for the server loop."""
         if not payload:
             return b""
-        first = chr(payload[0])
-        if first in "qQv":
-            handler = self._named.get(_packet_name(payload))
+        first = payload[0]
+        if first in _NAMED_FIRST:
+            handler = self._exact.get(payload) or self._named.get(_packet_name(payload))
         else:
-            handler = self._handlers.get(first)
+            handler = self._by_byte.get(first)
         if handler is None:
             return b""                            # unknown packet: empty reply
         try:
@@ -1174,6 +1178,7 @@ class _ClientInput:
 
 
 # ---------------------------------------------------------------------- helpers
+_NAMED_FIRST = frozenset(b"qQv")
 _BREAK_KINDS = {0: BreakKind.SOFTWARE, 1: BreakKind.HARDWARE}
 _WATCH_KINDS = {2: WatchKind.WRITE, 3: WatchKind.READ, 4: WatchKind.ACCESS}
 

@@ -30,6 +30,8 @@ _ESC = ord("}")
 _RLE = ord("*")
 _ESCAPED = frozenset(b"$#}*")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# Two checksum digits (either case) -> their value: one dict look-up checks and converts them.
+_SUM_DIGITS = {bytes((a, b)): int(bytes((a, b)), 16) for a in _HEX for b in _HEX}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,7 @@ def frame(payload: bytes | str) -> bytes:
     """``$payload#cc``.  The payload must already be escaped if it is binary."""
     if isinstance(payload, str):
         payload = payload.encode("latin-1")
-    return b"$" + payload + b"#" + f"{checksum(payload):02x}".encode()
+    return b"$%b#%02x" % (payload, sum(payload) & 0xFF)
 
 
 def escape(data: bytes) -> bytes:
@@ -165,7 +167,11 @@ class Decoder:
                 j = data.find(b"#", i + 1)
                 if j < 0 or j + 3 > n or j - i - 1 > self.max_packet or data.find(b"$", i + 1, j) >= 0:
                     break
-                events.append(self._check(data[i + 1:j], data[j + 1:j + 3]))
+                payload = data[i + 1:j]
+                if _SUM_DIGITS.get(data[j + 1:j + 3]) == sum(payload) & 0xFF:
+                    events.append(Packet(payload))
+                else:
+                    events.append(self._check(payload, data[j + 1:j + 3]))
                 i = j + 3
             data = data[i:]
         for b in data:
