@@ -58,6 +58,7 @@ from vmk.machine.debug import (
     PTE_NX,
     REG_INDEX,
     REGISTERS,
+    WHERE_REGISTERS,
     BreakKind,
     Debug,
     DebugError,
@@ -397,8 +398,7 @@ class GdbStub:
         out += f"thread:{self._tid(self.view.current_thread())};"
         # Expedited registers (the stopped thread is the one on the CPU): with
         # pc, sp and fp in the reply, gdb's stepi needs no 'g' round trip.
-        out += "".join(f"{i:02x}:{v.hex()};" for i, v in self.debug.read_where())
-        return out.encode()
+        return out.encode() + _WHERE_FORMAT % tuple(v.hex().encode() for _, v in self.debug.read_where())
 
     def _tid(self, tid: int) -> str:
         # Discussion: QEMU takes gdb's multiprocess+ and answers as process 1
@@ -710,13 +710,17 @@ class GdbStub:
     def _h_vcont(self, p: bytes) -> Reply:
         # Discussion: the CPU is the only execution context; fibers are views of
         # it.  Any step action steps the CPU, otherwise it continues.
-        actions = [a.split(b":")[0] for a in p[len(b"vCont;"):].split(b";") if a]
-        if not actions:
-            return b"E01"
-        kinds = {a[:1] for a in actions}
-        if not kinds <= {b"c", b"C", b"s", b"S"}:
-            return b"E01"                         # 't' and 'r' need non-stop / range stepping
-        return Resume(step=bool(kinds & {b"s", b"S"}))
+        reply = _VCONT.get(p)
+        if reply is None:                         # gdb sends the same few over and over: parse each once
+            actions = [a.split(b":")[0] for a in p[len(b"vCont;"):].split(b";") if a]
+            kinds = {a[:1] for a in actions}
+            if not actions or not kinds <= {b"c", b"C", b"s", b"S"}:
+                reply = b"E01"                    # 't' and 'r' need non-stop / range stepping
+            else:
+                reply = Resume(step=bool(kinds & {b"s", b"S"}))
+            if len(_VCONT) < 64:
+                _VCONT[p] = reply
+        return reply
 
     def _h_vctrlc(self, p: bytes) -> Reply:
         return b"OK"                              # already stopped
@@ -1178,7 +1182,9 @@ class _ClientInput:
 
 
 # ---------------------------------------------------------------------- helpers
+_VCONT: dict[bytes, Reply] = {}          # vCont packet -> its parsed reply
 _NAMED_FIRST = frozenset(b"qQv")
+_WHERE_FORMAT = b"".join(b"%02x:%%b;" % i for i in WHERE_REGISTERS)
 _BREAK_KINDS = {0: BreakKind.SOFTWARE, 1: BreakKind.HARDWARE}
 _WATCH_KINDS = {2: WatchKind.WRITE, 3: WatchKind.READ, 4: WatchKind.ACCESS}
 
