@@ -172,3 +172,33 @@ def test_cpuid_leaf1_is_the_one_cpu_machines_but_the_apic_id() -> None:
     (a, b, c, d), = _leaf1(m, 0x620, 1)
     assert (a, b & 0x00FF_FFFF, c, d) == (want[0][0], want[0][1] & 0x00FF_FFFF, want[0][2], want[0][3])
     assert b >> 24 == 1
+
+
+# The AP at 0x7000 (CS base 0x7000 in real mode): RDMSR IA32_APIC_BASE (emulated, machine/insnemu.py)
+# into 0x640, WRMSR it back, then 0x5678 at 0x500.  Linux's trampoline does RDMSR/WRMSR in real mode.
+AP_MSR = """
+    xor ax, ax
+    mov ds, ax
+    mov di, 0x640
+    mov ecx, 0x1b
+    rdmsr
+    mov dword ptr [di], eax
+    mov dword ptr [di+4], edx
+    wrmsr
+    mov word ptr [di+8], 0x4242
+    mov word ptr [0x500], 0x5678
+    cli
+    hlt
+"""
+
+
+def test_emulated_msr_in_real_mode_with_a_cs_base() -> None:
+    # An instruction vmk emulates at a code hook (RDMSR/WRMSR) in a new block restarts the
+    # block and skips the instruction at RIP = linear address - CS base: with the linear
+    # address as RIP the AP ran at 0x7000 + 0x7000 + IP (Linux's AP halted in its trampoline).
+    h = Harness.from_asm(CPUID_BSP, cpus=2)
+    m = h.machine
+    m.write_physical(0x7000, assemble(AP_MSR, 0, 16))
+    assert m.run(until=10_000_000).why == Why.DEAD
+    assert struct.unpack_from("<IIH", m.ram.buf, 0x640) == (0xFEE0_0800, 0, 0x4242)   # EN, not BSP
+    assert m.processors[1].cpu.rip == len(assemble(AP_MSR, 0, 16))
