@@ -847,6 +847,9 @@ class CPU:
                         ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS + 20))
         self._env_gs = (ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.GS),
                         ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.GS + 20))
+        # CS's base in the live segment cache (SegmentCache: selector, base at +8): block and
+        # code hooks get linear addresses, RIP is an offset in CS (real mode: an AP's trampoline).
+        self._env_cs_base = ctypes.c_uint64.from_address(seg + SEG_SIZE * Seg.CS + 8)
         self._rsp = RegBatch(self.uc, [X.UC_X86_REG_RSP])
         self._hide_rdrand()
         if self._bc is None:
@@ -887,7 +890,7 @@ class CPU:
             # translation block and resume at the new RIP (uc_reg_write_batch,
             # RegBatch, does not); the block hook runs before the block's
             # first instruction, so nothing of it has run.
-            self.uc.reg_write(X.UC_X86_REG_RIP, pc)
+            self.uc.reg_write(X.UC_X86_REG_RIP, pc - self._env_cs_base.value)
         return True
 
     def _hook_emulated_insn(self, address: int, size: int) -> None:
@@ -947,7 +950,8 @@ class CPU:
             if last_n and idx is not None:
                 self._bc_counter.value -= last_n - (idx + 1)
                 self._bc_last_n.value = 0
-        self.uc.reg_write(X.UC_X86_REG_RIP, address + size)      # stock: leaves the block (see _hook_emulated)
+        # (RIP is the offset in CS: the hooks' addresses are linear, CS base + RIP.)
+        self.uc.reg_write(X.UC_X86_REG_RIP, address + size - self._env_cs_base.value)   # stock: leaves the block
 
     # ------------------------------------------------------------------ running
     def _stop(self, reason: Stop) -> None:

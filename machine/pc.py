@@ -552,8 +552,7 @@ class Machine:
             return (khz, 1_000_000, 0, 0)
         if leaf == 1 and self._cpuid1 is not None:
             # SMP: EBX[31:24] is the initial APIC ID of the CPU that executes it.
-            a, b, c, d = self._cpuid1
-            return (a, (b & 0x00FF_FFFF) | (self.cpu.apic_id << 24), c, d)
+            return smp.cpuid_leaf1(self._cpuid1, self.cpu)
         return None
 
     # ------------------------------------------------------------------ memory by linear address

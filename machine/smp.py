@@ -74,7 +74,7 @@ from .x86 import IdtSink
 if TYPE_CHECKING:
     from .pc import Machine, RunResult
 
-__all__ = ["Processor", "ApState", "MAX_CPUS", "SMP_QUANTUM_NS", "start_at_sipi", "native_cpuid", "run"]
+__all__ = ["Processor", "ApState", "MAX_CPUS", "SMP_QUANTUM_NS", "start_at_sipi", "native_cpuid", "cpuid_leaf1", "run"]
 
 # xAPIC: 8-bit APIC IDs, 0xFF is the broadcast destination (SDM §11.6.2.1), so
 # IDs 0..254; the MP table's and MADT's processor entries have 8-bit IDs too.
@@ -126,6 +126,25 @@ def native_cpuid(leaf: int, sub: int = 0) -> tuple[int, int, int, int]:
     uc.emu_start(0x1000, 0x1002)
     return tuple(uc.reg_read(r) & 0xFFFF_FFFF for r in (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX,  # type: ignore[return-value]
                                                           X.UC_X86_REG_RCX, X.UC_X86_REG_RDX))
+
+
+CPUID1_ECX_OSXSAVE = 1 << 27       # SDM vol. 2A, CPUID leaf 1 ECX: reflects CR4.OSXSAVE
+CPUID1_ECX_RDRAND = 1 << 30
+CR4_OSXSAVE = 1 << 18
+
+
+def cpuid_leaf1(native: tuple[int, int, int, int], cpu: CPU) -> tuple[int, int, int, int]:
+    """CPUID leaf 1 executed by ``cpu``, from ``native`` (a scratch
+    instance's :func:`native_cpuid`): what a one-CPU machine's CPU returns, with
+    EBX[31:24] = the initial APIC ID.  As on that CPU, RDRAND is hidden (machine/cpu.py
+    ``_hide_rdrand``: the decoder raises #UD for it) and OSXSAVE is CR4.OSXSAVE of the
+    executing CPU (the scratch instance reports both set; Linux's KASLR used RDRAND
+    because of it and took #UD)."""
+    a, b, c, d = native
+    c &= ~(CPUID1_ECX_RDRAND | CPUID1_ECX_OSXSAVE)
+    if cpu.uc.reg_read(X.UC_X86_REG_CR4) & CR4_OSXSAVE:
+        c |= CPUID1_ECX_OSXSAVE
+    return a, (b & 0x00FF_FFFF) | ((cpu.apic_id & 0xFF) << 24), c, d
 
 
 def start_at_sipi(cpu: CPU, vector: int, signature: int) -> None:

@@ -10,6 +10,7 @@ from vmk.machine.cpu import CPU
 from vmk.machine.pc import Machine, MachineConfig, Why
 from vmk.machine.smp import CTX_EFER, ApState, efer_from_context
 from vmk.testing import Harness
+from vmk.testing.harness import assemble
 
 # 16-bit code the STARTUP vector 0x07 points at (0x7000), hand-encoded:
 # mov ax, cs; mov [0x502], ax; mov ax, 0x1234; mov [0x500], ax; mov eax, cr0; mov [0x504], eax; cli; hlt
@@ -108,3 +109,96 @@ def test_snapshot_restores_every_cpu() -> None:
     again = m.run(until=10_000_000)
     assert again.why == first.why
     assert (m.instructions, m.now, [p.instructions for p in m.processors], m.processors[1].cpu.rip) == after
+
+
+# CPUID leaf 1 into [rdi], then again with CR4.OSXSAVE set into [rdi+16]; then start CPU 1 at AP_CPUID.
+CPUID_BSP = """
+    mov rdi, 0x600
+    mov eax, 1
+    xor ecx, ecx
+    cpuid
+    mov dword ptr [rdi], eax
+    mov dword ptr [rdi+4], ebx
+    mov dword ptr [rdi+8], ecx
+    mov dword ptr [rdi+12], edx
+    mov rax, cr4
+    or rax, 0x40000
+    mov cr4, rax
+    mov eax, 1
+    xor ecx, ecx
+    cpuid
+    mov dword ptr [rdi+16], eax
+    mov dword ptr [rdi+20], ebx
+    mov dword ptr [rdi+24], ecx
+    mov dword ptr [rdi+28], edx
+""" + BSP.replace("cmp ax, 0x1234", "cmp ax, 0x5678")
+
+# The AP, in real mode at 0x7000: CPUID leaf 1 into 0x620.., then 0x5678 at 0x500.
+AP_CPUID = """
+    xor ax, ax
+    mov ds, ax
+    mov di, 0x620
+    mov eax, 1
+    xor ecx, ecx
+    cpuid
+    mov dword ptr [di], eax
+    mov dword ptr [di+4], ebx
+    mov dword ptr [di+8], ecx
+    mov dword ptr [di+12], edx
+    mov word ptr [0x500], 0x5678
+    cli
+    hlt
+"""
+
+
+def _leaf1(m: Machine, at: int, n: int = 2) -> list[tuple[int, int, int, int]]:
+    return [struct.unpack_from("<4I", m.ram.buf, at + 16 * k) for k in range(n)]
+
+
+def test_cpuid_leaf1_is_the_one_cpu_machines_but_the_apic_id() -> None:
+    # Every CPU of an SMP machine reports the features of the one-CPU machine's CPU: no
+    # RDRAND (its decoder raises #UD: Linux's KASLR executed it and triple-faulted) and
+    # OSXSAVE = the executing CPU's CR4.OSXSAVE (SDM vol. 2A, CPUID); EBX[31:24] is its APIC ID.
+    one = Harness.from_asm(CPUID_BSP)
+    one.machine.run(until=100_000)                # (then it waits for an AP it does not have)
+    want = _leaf1(one.machine, 0x600)
+    assert not want[0][2] & (1 << 30) and not want[0][2] & (1 << 27) and want[1][2] & (1 << 27)
+    assert want[0][1] >> 24 == 0
+    h = Harness.from_asm(CPUID_BSP, cpus=2)
+    m = h.machine
+    m.write_physical(0x7000, assemble(AP_CPUID, 0x7000, 16))
+    assert m.run(until=10_000_000).why == Why.DEAD
+    assert _leaf1(m, 0x600) == want
+    (a, b, c, d), = _leaf1(m, 0x620, 1)
+    assert (a, b & 0x00FF_FFFF, c, d) == (want[0][0], want[0][1] & 0x00FF_FFFF, want[0][2], want[0][3])
+    assert b >> 24 == 1
+
+
+# The AP at 0x7000 (CS base 0x7000 in real mode): RDMSR IA32_APIC_BASE (emulated, machine/insnemu.py)
+# into 0x640, WRMSR it back, then 0x5678 at 0x500.  Linux's trampoline does RDMSR/WRMSR in real mode.
+AP_MSR = """
+    xor ax, ax
+    mov ds, ax
+    mov di, 0x640
+    mov ecx, 0x1b
+    rdmsr
+    mov dword ptr [di], eax
+    mov dword ptr [di+4], edx
+    wrmsr
+    mov word ptr [di+8], 0x4242
+    mov word ptr [0x500], 0x5678
+    cli
+    hlt
+"""
+
+
+def test_emulated_msr_in_real_mode_with_a_cs_base() -> None:
+    # An instruction vmk emulates at a code hook (RDMSR/WRMSR) in a new block restarts the
+    # block and skips the instruction at RIP = linear address - CS base: with the linear
+    # address as RIP the AP ran at 0x7000 + 0x7000 + IP (Linux's AP halted in its trampoline).
+    h = Harness.from_asm(CPUID_BSP, cpus=2)
+    m = h.machine
+    m.write_physical(0x7000, assemble(AP_MSR, 0, 16))
+    assert m.run(until=10_000_000).why == Why.DEAD
+    assert struct.unpack_from("<IIH", m.ram.buf, 0x640) == (0xFEE0_0800, 0, 0x4242)   # EN, not BSP
+    assert m.processors[1].cpu.rip == len(assemble(AP_MSR, 0, 16))
