@@ -331,9 +331,8 @@ class Machine:
             self._current = self.processors[0]
             self._cpuid1 = smp.native_cpuid(1)
         self.port_allowed: Callable[[int, int], bool] = self._port_allowed_iopl
-        # At CPL 0 the IOPL policy allows every port: the bus skips asking it
-        # (two register reads per IN/OUT) while it is the policy in force.
-        self._iopl_policy = self.port_allowed
+        # The running CPU's live hflags word: the IOPL policy reads the CPL
+        # there (no register read per IN/OUT; at CPL 0 nothing else is read).
         self._hflags = self.cpu.live_hflags
         self.interrupts_taken = 0
         self._io_fault_rax: int | None = None     # RAX before a faulting IN (restored: the fault wins)
@@ -490,7 +489,7 @@ class Machine:
 
     # ------------------------------------------------------------------ ports
     def _port_in(self, port: int, size: int) -> int:
-        if (self._hflags.value & 3 or self.port_allowed is not self._iopl_policy) and not self.port_allowed(port, size):
+        if not self.port_allowed(port, size):
             self._io_fault()
             return 0
         value = self.ports.read(port, size)
@@ -500,7 +499,7 @@ class Machine:
         return value
 
     def _port_out(self, port: int, size: int, value: int) -> None:
-        if (self._hflags.value & 3 or self.port_allowed is not self._iopl_policy) and not self.port_allowed(port, size):
+        if not self.port_allowed(port, size):
             self._io_fault()
             return
         self.ports.write(port, size, value)
@@ -518,11 +517,10 @@ class Machine:
 
     def _port_allowed_iopl(self, port: int, size: int) -> bool:
         """Protected-mode I/O permission: CPL <= IOPL, else the TSS I/O bitmap (SDM §19.5)."""
-        cs, rflags = self.cpu.cs_and_rflags()
-        cpl = cs & 3
+        cpl = self._hflags.value & 3
         if cpl == 0:
             return True
-        iopl = (rflags >> 12) & 3
+        iopl = (self.cpu.rflags >> 12) & 3
         if cpl <= iopl:
             return True
         tr = self.cpu.table_regs()["tr"]
