@@ -374,6 +374,10 @@ class CPU:
         self._vcpu_env = vcpu + _CPUSTATE_ENV_OFF
         if ctypes.string_at(self._vcpu_env, 16 * 8) != bytes(self._ctx_buf[Ctx.REGS:Ctx.REGS + 16 * 8]):
             raise RuntimeError("the vCPU offsets in machine/cpu.py do not match this unicorn build")
+        # The live hflags word (CPL in bits 0-1, code-segment size), valid inside
+        # hooks too: block decoding, the insn emulation and the port bus read it
+        # without a register read.
+        self.live_hflags = ctypes.c_uint32.from_address(self._vcpu_env + Ctx.HFLAGS - Ctx.REGS)
         # Unicorn exit addresses (debugger breakpoints): a slice that ends early
         # at one of them is a breakpoint stop, not a HLT.
         self.exit_addresses: frozenset[int] = frozenset()
@@ -697,7 +701,6 @@ class CPU:
             # One decoder per code-segment size: a block is decoded in the mode
             # it runs in (boot code and xv6 run 32-bit, trampolines 16-bit).
             self._cs64, self._cs32, self._cs16 = (Cs(CS_ARCH_X86, m) for m in (CS_MODE_64, CS_MODE_32, CS_MODE_16))
-            self._env_hflags = ctypes.c_uint32.from_address(self._vcpu_env + Ctx.HFLAGS - Ctx.REGS)
             self._bc = _fasthooks.bc_new(self._decode_block, self._env_cr3_address())
             self._block_insns: dict[tuple[int, int, int], tuple[int, ...]] = {}
             self._bc_counter = ctypes.c_uint64.from_address(self._bc)
@@ -771,7 +774,7 @@ class CPU:
         """The decoder for the code segment running now (live env hflags: the
         block being decoded is the one the CPU is in).  Decoding 32-bit code as
         64-bit miscounts it (0x41 is `inc ecx` there, a REX prefix here)."""
-        hf = self._env_hflags.value
+        hf = self.live_hflags.value
         return self._cs64 if hf & HF.CS64 else self._cs32 if hf & HF.CS32 else self._cs16
 
     def _block_index(self, pc: int, size: int, rip: int) -> int | None:
@@ -838,10 +841,6 @@ class CPU:
             self._emu_cb, seg0 + SEG_SIZE * Seg.FS, seg0 + SEG_SIZE * Seg.GS, env + Ctx.HFLAGS - Ctx.REGS,
             env + 8 * 4, ctypes.cast(_lib.uc_vmem_read, ctypes.c_void_p).value)
         self._iret_sites: set[int] = set()
-        self._env_hflags = ctypes.c_uint32.from_address(env + Ctx.HFLAGS - Ctx.REGS)
-        # The live hflags word (CPL in bits 0-1), valid inside hooks too: the
-        # port bus reads the CPL from it without a register read.
-        self.live_hflags = self._env_hflags
         seg = env + Ctx.SEGS - Ctx.REGS
         self._env_fs = (ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS),
                         ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS + 20))
@@ -905,7 +904,7 @@ class CPU:
             # QEMU 7.2) and Unicorn leaves null selectors alone.
             if not (fs_sel.value | gs_sel.value) & 0xFFFC:
                 return
-            hf = self._env_hflags.value
+            hf = self.live_hflags.value
             slot = self._iret_slot(code, hf)
             frame = ctypes.create_string_buffer(2)
             if _lib.uc_vmem_read(self.uc._uch, ctypes.c_uint64(self._rsp.read()[0] + slot), 1, frame,
@@ -918,7 +917,7 @@ class CPU:
                 if iret_nulls(sel.value, flags.value, new_cpl):
                     sel.value = 0
             return
-        if code[-2:] not in (b"\x0f\x32", b"\x0f\x30") or self._env_hflags.value & HF.CPL_MASK:
+        if code[-2:] not in (b"\x0f\x32", b"\x0f\x30") or self.live_hflags.value & HF.CPL_MASK:
             return                                       # another instruction here now, or CPL > 0: #GP
         rax, rcx, rdx = self._acd.read()
         msr = rcx & 0xFFFF_FFFF
