@@ -2,8 +2,9 @@
 
 Every fiber is a thread: guest fibers (a register context in a container) and
 pid 0's kernel fibers (Python generators: they have no x86 registers, gdb
-shows them as unavailable).  ``qThreadExtraInfo`` says which container, the
-state, and what the fiber waits on.  Monitor commands: ``fibers``,
+shows them as unavailable).  The extra text (``qXfer:threads`` or
+``qThreadExtraInfo``) says which container, the state, and what the fiber
+waits on.  Monitor commands: ``fibers``,
 ``channels``, ``containers``.
 
 The thread on the CPU is the running guest fiber; when the CPU idles, a

@@ -131,7 +131,7 @@ def test_gdb_session_on_a_bare_metal_kernel(guest_dir: Path, tmp_path: Path, boo
     assert "90 'Z'" in out                                    # the byte was changed
     assert "Hardware watchpoint 2: watched_counter" in out
     assert "Old value = 3" in out and "New value = 42" in out
-    assert "Thread 1.1 (CPU0: bare metal" in out              # info threads (as QEMU: process 1)
+    assert "Thread 1.1 \"CPU0\" (bare metal" in out        # info threads: name and extra text from qXfer:threads
     assert NO_KERNEL in out                                   # monitor fibers
     assert "instructions retired" in out                      # monitor time
     assert "[Inferior 1 (process 1) detached]" in out
@@ -167,9 +167,10 @@ def test_info_threads_lists_the_fibers_of_a_vm_image(tmp_path: Path, boot) -> No
     out = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
     text = out.stdout + out.stderr
     assert "hit Breakpoint 1, 0x0000000000400000" in text, text
-    assert "mixer.main: pid 2 (mixer), running" in text              # priority 2: it runs first
-    assert "printer.main: pid 1 (printer)" in text and "ticker.main: pid 3 (ticker)" in text
-    assert "uart-rx: pid 0 (kernel)" in text and "uart-tx: pid 0 (kernel)" in text
+    assert '"mixer.main" (pid 2 (mixer), running)' in text           # priority 2: it runs first
+    assert 'Thread 4 "mixer.main" hit Breakpoint 1' in text          # names from qXfer:threads
+    assert '"printer.main" (pid 1 (printer)' in text and '"ticker.main" (pid 3 (ticker)' in text
+    assert '"uart-rx" (pid 0 (kernel)' in text and '"uart-tx" (pid 0 (kernel)' in text
     assert "0x0000000000400002 in ?? ()" in text                    # stepi: one instruction
     assert "   3  ticker" in text and "numbers" in text and "lines" in text
     assert "[Inferior 1 (process 1) detached]" in text

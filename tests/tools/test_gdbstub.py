@@ -997,6 +997,36 @@ def test_kernel_view_threads_registers_and_commands(monkeypatch) -> None:
     assert "uart-rx blocked" in stub.run_monitor("fibers")
 
 
+def test_thread_list_as_one_xml_document(monkeypatch) -> None:
+    """qXfer:threads:read (gdbserver's thread list): one packet per stop instead of qfThreadInfo +
+    qsThreadInfo, with each thread's name and extra text, XML-escaped, in chunks as gdb asks."""
+    h = Harness.from_asm(LOOP)
+
+    class Odd(FakeKernel):
+        def threads(self) -> list[ThreadInfo]:
+            return [ThreadInfo(1, 'a"<b>', "x & y"), ThreadInfo(7, "uart-rx", "blocked on channel 3")]
+
+    stub = stub_for(h, view=Odd(h.machine))
+    assert "qXfer:threads:read+" in stub.handle(b"qSupported:swbreak+").decode()
+    doc = stub.handle(b"qXfer:threads:read::0,1000")
+    assert doc[:1] == b"l"
+    root = ET.fromstring(rsp.unescape(doc[1:]))
+    assert [(t.get("id"), t.get("name"), t.text) for t in root] == [("1", 'a"<b>', "x & y"),
+                                                                    ("7", "uart-rx", "blocked on channel 3")]
+    parts, off = [], 0
+    while True:                                   # gdb's chunked reads give the same document
+        chunk = stub.handle(b"qXfer:threads:read::%x,10" % off)
+        parts.append(chunk[1:])
+        off += len(chunk) - 1
+        if chunk[:1] == b"l":
+            break
+        assert chunk[:1] == b"m" and len(chunk) == 0x11
+    assert b"".join(parts) == doc[1:]
+    assert stub.handle(b"qXfer:threads:read:x:0,10") == b"E00"          # no annex for threads
+    stub.handle(b"qSupported:multiprocess+")
+    assert b'id="p1.7"' in stub.handle(b"qXfer:threads:read::0,1000")
+
+
 def test_a_stop_makes_the_stopped_thread_the_register_thread(served, monkeypatch) -> None:
     """gdb records the stop reply's thread as the stub's Hg thread (remote.c keeps no
     other): after a stop, 'g' must read that thread, not the one selected before."""
