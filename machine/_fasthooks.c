@@ -812,6 +812,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
 
 static PyObject *insn_gateways(PyObject *self, PyObject *unused);   /* insn emulation block, below */
 static PyObject *iret_filter_new(PyObject *self, PyObject *args);
+static PyObject *iret_filter_free(PyObject *self, PyObject *arg);
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
@@ -835,6 +836,7 @@ static PyMethodDef methods[] = {
     {"insn_gateways", insn_gateways, METH_NOARGS, "insn_gateways() -> {name: C function address} (insn emulation)"},
     {"iret_filter_new", iret_filter_new, METH_VARARGS,
      "iret_filter_new(callback, &fs_sel, &gs_sel, &hflags, &rsp, uc_vmem_read) -> user data for the iret gateway"},
+    {"iret_filter_free", iret_filter_free, METH_O, "iret_filter_free(address): release what iret_filter_new made"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -913,6 +915,17 @@ static PyObject *iret_filter_new(PyObject *self, PyObject *args)
     f->rsp = (const volatile uint64_t *)(uintptr_t)rsp;
     f->vmem_read = (vmem_read_fn)(uintptr_t)vmem_read;
     return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)f);
+}
+
+static PyObject *iret_filter_free(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    iret_filter *f = (iret_filter *)PyLong_AsVoidPtr(arg);
+    if (f == NULL)
+        return NULL;
+    Py_XDECREF(f->cb);
+    PyMem_Free(f);
+    Py_RETURN_NONE;
 }
 
 static PyObject *insn_gateways(PyObject *self, PyObject *unused)

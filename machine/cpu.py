@@ -53,6 +53,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import struct
+import weakref
 from enum import IntEnum
 from functools import cached_property
 from typing import Callable
@@ -276,6 +277,24 @@ _lib = _ucmod.uclib
 
 def _addr(fn) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def _weak_method(method: Callable) -> Callable:
+    """``method`` as a callable for C to own: it calls the method while its
+    object lives and does not keep the object alive.
+
+    Discussion: a reference held in C (Py_INCREF in _fasthooks) is a root the
+    garbage collector cannot see through, so a bound method held there kept
+    its CPU, the machine and the guest's RAM alive for ever: every Harness a
+    test made stayed in memory (~5 MB each, measured).  Only the callables C
+    owns need this; the hooks' borrowed callables live in ``_gateway_refs``.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        bound = ref()
+        return 0 if bound is None else bound(*args)
+    return call
 
 
 # The C side: hook gateways, emu_start holding the GIL, the delivery fast path.
@@ -701,7 +720,8 @@ class CPU:
             # One decoder per code-segment size: a block is decoded in the mode
             # it runs in (boot code and xv6 run 32-bit, trampolines 16-bit).
             self._cs64, self._cs32, self._cs16 = (Cs(CS_ARCH_X86, m) for m in (CS_MODE_64, CS_MODE_32, CS_MODE_16))
-            self._bc = _fasthooks.bc_new(self._decode_block, self._env_cr3_address())
+            self._bc = _fasthooks.bc_new(_weak_method(self._decode_block), self._env_cr3_address())
+            weakref.finalize(self, _fasthooks.bc_free, self._bc)
             self._block_insns: dict[tuple[int, int, int], tuple[int, ...]] = {}
             self._bc_counter = ctypes.c_uint64.from_address(self._bc)
             self._bc_limit = ctypes.c_uint64.from_address(self._bc + 8)
@@ -712,7 +732,6 @@ class CPU:
             self._bc_last_n = ctypes.c_uint32.from_address(self._bc + 36)
             self._bc_misses = ctypes.c_uint64.from_address(self._bc + 40)
             self._bc_last_cr3 = ctypes.c_uint64.from_address(self._bc + 48)
-            self._gateway_refs.append(self._decode_block)
             h = ctypes.c_size_t()
             status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_BLOCK,
                                       ctypes.c_void_p(_GATEWAYS["blockcount"]), ctypes.c_void_p(self._bc),
@@ -838,8 +857,9 @@ class CPU:
         seg0 = env + Ctx.SEGS - Ctx.REGS
         self._iret_gw = gws["iret"]
         self._iret_ud = _fasthooks.iret_filter_new(
-            self._emu_cb, seg0 + SEG_SIZE * Seg.FS, seg0 + SEG_SIZE * Seg.GS, env + Ctx.HFLAGS - Ctx.REGS,
+            _weak_method(self._emu_cb), seg0 + SEG_SIZE * Seg.FS, seg0 + SEG_SIZE * Seg.GS, env + Ctx.HFLAGS - Ctx.REGS,
             env + 8 * 4, ctypes.cast(_lib.uc_vmem_read, ctypes.c_void_p).value)
+        weakref.finalize(self, _fasthooks.iret_filter_free, self._iret_ud)
         self._iret_sites: set[int] = set()
         seg = env + Ctx.SEGS - Ctx.REGS
         self._env_fs = (ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS),
