@@ -860,6 +860,40 @@ static void gw_code(void *uc, uint64_t address, uint32_t size, void *ud)
     Py_XDECREF(r);
 }
 
+/* CMPXCHG8B/16B: a code hook that hands the instruction the flags before it.
+ * Quirk of Unicorn 2.1.4 (measured): the instruction's helper computes the
+ * flags it keeps (all but ZF) from env->cc_op and env->cc_src.  With count=0
+ * and no hook, cc_op is stale in the middle of a block (the previous block's
+ * cc_op with this block's operands: after a POPF the "flags" were the last ALU
+ * source, a pointer); with a code hook Unicorn syncs them first, yet CF=1 is
+ * lost after ADD/SUB/SBB/NEG/CMP.  RFLAGS read here is right; loaded as
+ * cc_op = CC_OP_EFLAGS, cc_src = the flags, every preceding ALU instruction
+ * tried gives the native result (tests/machine/test_lazy_flags.py) except the
+ * LOGIC ones (cc_src dead: Unicorn's own sync is right there, and this store
+ * is lost).  ud: the live &env->eflags; cc_dst, cc_src, cc_src2, cc_op follow. */
+#define ENV_CC_SRC 16
+#define ENV_CC_OP 32
+#define CC_OP_EFLAGS 1
+#define CC_OP_LOGICB 22             /* LOGICB..LOGICQ: QEMU 5's enum CCOp */
+#define CC_OP_LOGICQ 25
+#define ARITH_FLAGS 0x8D5u          /* OF SF ZF AF PF CF */
+
+static void gw_flags_sync(void *uc, uint64_t address, uint32_t size, void *ud)
+{
+    (void)address; (void)size;
+    uint8_t *env_eflags = (uint8_t *)ud;
+    uint32_t op;
+    memcpy(&op, env_eflags + ENV_CC_OP, 4);
+    if (op >= CC_OP_LOGICB && op <= CC_OP_LOGICQ)
+        return;
+    uint64_t rflags = 0;
+    p_reg_read(uc, rflags_id, &rflags);
+    uint64_t src = rflags & ARITH_FLAGS;
+    op = CC_OP_EFLAGS;
+    memcpy(env_eflags + ENV_CC_SRC, &src, 8);
+    memcpy(env_eflags + ENV_CC_OP, &op, 4);
+}
+
 /* IRET / far RET hooks run on every interrupt return, so they are filtered
  * here: Python is called only when the instruction can go to an outer
  * privilege level with a non-null FS or GS (the case Unicorn gets wrong).
@@ -932,6 +966,7 @@ static PyObject *insn_gateways(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{s:K,s:K}", "code", (unsigned long long)(uintptr_t)&gw_code,
-                         "iret", (unsigned long long)(uintptr_t)&gw_iret);
+    return Py_BuildValue("{s:K,s:K,s:K}", "code", (unsigned long long)(uintptr_t)&gw_code,
+                         "iret", (unsigned long long)(uintptr_t)&gw_iret,
+                         "flags_sync", (unsigned long long)(uintptr_t)&gw_flags_sync);
 }

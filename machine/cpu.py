@@ -270,6 +270,15 @@ _BC_MEMO_PC = 72
 _BC_MEMO_N = 72 + 20
 # Block mode: a block with one of these runs in count mode (_fasthooks BC_PRECISE).
 _PORT_IO = frozenset({"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"})
+# Quirk (measured, Unicorn 2.1.4): the CMPXCHG8B/16B helper takes the flags it
+# keeps (all but ZF) from the lazy-flags state in env, whose cc_op the translator
+# stores only at a block's end and before a code hook.  Run with count=0 (block
+# mode) after an ALU instruction in the same block, it combined the previous
+# block's cc_op with this one's operands: after a POPF the "flags" were the last
+# ALU source, a pointer (Linux's SLUB then had TF set: a #DB in the kernel, issue
+# 12).  Each such instruction gets a C code hook (_fasthooks gw_flags_sync) that
+# loads RFLAGS, right at that point, into the state the helper reads.
+_FLAGS_SYNC_MNEMONICS = frozenset({"cmpxchg8b", "cmpxchg16b"})
 _BC_PRECISE = 0x8000_0000
 
 _lib = _ucmod.uclib
@@ -782,6 +791,9 @@ class CPU:
                 emulated.append(a)
                 if m in IRET_MNEMONICS:
                     self._iret_sites.add(a)
+            elif m in _FLAGS_SYNC_MNEMONICS:
+                emulated.append(a)
+                self._sync_sites.add(a)
         self._block_insns_kept += len(addrs)
         if self._block_insns_kept > self.BLOCK_INSNS_MAX:
             self._block_insns.clear()
@@ -861,6 +873,12 @@ class CPU:
             env + 8 * 4, ctypes.cast(_lib.uc_vmem_read, ctypes.c_void_p).value)
         weakref.finalize(self, _fasthooks.iret_filter_free, self._iret_ud)
         self._iret_sites: set[int] = set()
+        # _FLAGS_SYNC_MNEMONICS: a C hook loads the flags into env (user data: &env->eflags)
+        self._sync_gw = gws["flags_sync"]
+        self._sync_ud = env + Ctx.EFLAGS - Ctx.REGS
+        if Ctx.HFLAGS - Ctx.EFLAGS != 40:
+            raise RuntimeError("the lazy-flags layout in machine/_fasthooks.c does not match this unicorn build")
+        self._sync_sites: set[int] = set()
         seg = env + Ctx.SEGS - Ctx.REGS
         self._env_fs = (ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS),
                         ctypes.c_uint32.from_address(seg + SEG_SIZE * Seg.FS + 20))
@@ -897,6 +915,7 @@ class CPU:
         for a in new:
             h = ctypes.c_size_t()
             gw, ud = ((self._iret_gw, self._iret_ud) if a in self._iret_sites
+                      else (self._sync_gw, self._sync_ud) if a in self._sync_sites
                       else (self._code_gw, id(self._emu_cb)))
             status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_CODE, ctypes.c_void_p(gw),
                                       ctypes.c_void_p(ud), ctypes.c_uint64(a), ctypes.c_uint64(a))
