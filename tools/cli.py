@@ -80,14 +80,37 @@ def _arg(parse):
 
 
 def _smp_count(text: str) -> int:
-    """--smp N, or QEMU's N / cpus=N (other QEMU topology keys are not modelled)."""
+    """--smp N, or QEMU's ``N[,cpus=N][,sockets=N][,maxcpus=N]``.
+
+    Discussion: vmk's CPUs are one per package (CPUID leaf 1 reports one
+    logical processor and no HTT), which is QEMU's ``sockets=N``.  Cores or
+    threads in a package change what a guest sees: QEMU 7.2 makes plain
+    ``-smp 2`` two cores in one socket, and SeaBIOS then lists only each
+    package's first CPU in its MP table (xv6 runs on one CPU there, measured).
+    So ``cores``/``threads``/``dies``/``clusters`` above 1 are refused in one
+    line instead of being ignored."""
     from vmk.machine.smp import MAX_CPUS
-    value = text.split(",")[0]
-    value = value[5:] if value.startswith("cpus=") else value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a CPU count") from None
+    keys: dict[str, str] = {}
+    for i, part in enumerate(text.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq and i == 0:
+            key, value = "cpus", part
+        elif not eq or key not in ("cpus", "sockets", "cores", "threads", "dies", "clusters", "maxcpus"):
+            raise argparse.ArgumentTypeError(f"{part!r}: expected N, cpus=N, sockets=N or maxcpus=N")
+        try:
+            keys[key] = str(int(value))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a CPU count" if not eq else
+                                             f"{part!r}: {value!r} is not a number") from None
+    per_package = [k for k in ("cores", "threads", "dies", "clusters") if int(keys.get(k, "1")) != 1]
+    if per_package:
+        raise argparse.ArgumentTypeError(f"{per_package[0]}={keys[per_package[0]]}: vmk's CPUs are one per "
+                                         f"package (QEMU's sockets=N); give the count alone or as sockets=N")
+    n = int(keys.get("cpus", keys.get("sockets", "0")))
+    for k in ("sockets", "maxcpus"):
+        if k in keys and int(keys[k]) != n:
+            raise argparse.ArgumentTypeError(f"{k}={keys[k]} with {n} CPUs: vmk has one CPU per socket and no "
+                                             f"CPU hot-plug, so {k} must be the CPU count")
     if not 1 <= n <= MAX_CPUS:
         raise argparse.ArgumentTypeError(f"{n} CPUs: a PC with xAPICs has 1 to {MAX_CPUS}")
     return n
@@ -158,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     # SMP (issue 12): N CPUs, APs waiting for INIT-SIPI-SIPI (machine/smp.py); QEMU spells it -smp N
     b.add_argument("--smp", "-smp", type=_smp_count, default=1, metavar="N",
                    help="number of CPUs (1-255; default 1): APIC IDs 0..N-1, CPU 0 boots, the others wait for "
-                        "INIT-SIPI-SIPI; QEMU's -smp N (also cpus=N)")
+                        "INIT-SIPI-SIPI; QEMU's -smp N[,sockets=N] (one CPU per package)")
     b.add_argument("--smp-quantum", type=_arg(parse_duration), default=None, metavar="DURATION",
                    help="with --smp: one CPU's turn in the round-robin, in virtual time (default 10us)")
     b.set_defaults(tracer=None)

@@ -5,8 +5,9 @@ Makefile builds them (`make kernel fs.img`); xv6's code never enters this reposi
 The kernel boots through the multiboot header xv6 carries (an ELF32 linked at 0x80100000
 and loaded at its p_paddr 0x100000), the file system is the IDE disk at index 1 (primary
 slave), the shell's input and output go over COM1.  Both emulators boot the same files
-with one CPU and 512 MiB (`-smp 1 -m 512`, as xv6's own `make qemu` but with one CPU so
-that the output does not depend on which CPU a process runs on); the serial transcript
+with 512 MiB, once with one CPU and once with two (`-smp 2,sockets=2`: xv6's own `make qemu`
+runs 2 CPUs; vmk's CPUs are one per package, and with QEMU 7.2's plain `-smp 2` (two cores of
+one package) SeaBIOS's MP table lists only the first, so xv6 would run on one); the serial transcript
 from power-on to the prompt after `ls` and a few more commands (a file written and read
 back, a pipe, a failed exec) must be the same bytes.  The UART runs with instant timing:
 xv6's uartputc polls LSR only 128 times (its microdelay is empty) before it writes THR, so
@@ -44,12 +45,17 @@ def _files() -> tuple[Path, Path]:
     return kernel, fs
 
 
+@pytest.fixture(scope="module", params=[1, 2], ids=["smp1", "smp2"])
+def cpus(request) -> int:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def vmk_transcript() -> bytes:
+def vmk_transcript(cpus: int) -> bytes:
     kernel, fs = _files()
     disk = DiskImage(str(fs), snapshot=True)
     try:
-        h = Harness.boot(str(kernel), mem=512 << 20, serial_timing="instant", drives=[None, disk])
+        h = Harness.boot(str(kernel), mem=512 << 20, serial_timing="instant", drives=[None, disk], cpus=cpus)
         com1 = h.serial(0)
         com1.wait_for(PROMPT, BOOT_NS)
         for command in COMMANDS:
@@ -60,9 +66,10 @@ def vmk_transcript() -> bytes:
         disk.close()
 
 
-def test_xv6_runs_ls_on_vmk(vmk_transcript: bytes) -> None:
+def test_xv6_runs_ls_on_vmk(vmk_transcript: bytes, cpus: int) -> None:
     text = vmk_transcript.decode("latin-1")
     assert "init: starting sh" in text
+    assert cpus == 1 or "cpu1: starting 1" in text            # the AP ran xv6's mpenter
     listing = text.split("$ ls\n", 1)[1].split("$ ", 1)[0]
     # xv6's ls prints "name type inum size" per entry; the root directory is inode 1.
     names = [line.split()[0] for line in listing.splitlines() if len(line.split()) == 4]
@@ -72,14 +79,14 @@ def test_xv6_runs_ls_on_vmk(vmk_transcript: bytes) -> None:
     assert "$ cat f\nhello world\n$ " in text
 
 
-def test_same_transcript_as_qemu(vmk_transcript: bytes, tmp_path: Path) -> None:
+def test_same_transcript_as_qemu(vmk_transcript: bytes, cpus: int, tmp_path: Path) -> None:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 not installed")
     kernel, fs = _files()
     proc = subprocess.Popen([qemu, "-accel", "tcg", "-kernel", str(kernel), "-drive",
                              f"file={fs},index=1,media=disk,format=raw,snapshot=on", "-serial", "stdio",
-                             "-display", "none", "-m", "512", "-smp", "1", "-no-reboot"],
+                             "-display", "none", "-m", "512", "-smp", f"{cpus},sockets={cpus}", "-no-reboot"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out = b""
     try:

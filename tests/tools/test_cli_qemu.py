@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmk.tools.cli import EXIT_DEADLOCK, _qemu_spellings
+from vmk.tools.cli import EXIT_DEADLOCK, _qemu_spellings, _smp_count
 
 VMK = [sys.executable, "-m", "vmk.tools.cli"]
 
@@ -56,6 +56,13 @@ def test_translation(qemu: str, ours: str) -> None:
     assert _qemu_spellings(qemu.split()) == ours.split()
 
 
+@pytest.mark.parametrize("spec, n", [("2", 2), ("cpus=3", 3), ("4,sockets=4", 4), ("sockets=2", 2),
+                                     ("2,sockets=2,cores=1,threads=1,maxcpus=2", 2)])
+def test_smp_as_qemu_spells_it(spec: str, n: int) -> None:
+    """QEMU's -smp with the topology vmk has (one CPU per socket) is the CPU count."""
+    assert _smp_count(spec) == n
+
+
 @pytest.mark.parametrize("args, needle", [
     (("-d", "int,cpu"), "cannot log int, cpu"),
     (("-monitor", "stdio"), "no QEMU monitor"),
@@ -71,6 +78,13 @@ def test_translation(qemu: str, ours: str) -> None:
     (("-m",), "-m needs a value"),
     (("--max-time", "10"), "give a unit"),
     (("--max-time", "2.5"), "give a unit"),
+    (("-smp", "2,cores=2"), "one per package (QEMU's sockets=N)"),
+    (("-smp", "4,sockets=2,threads=2"), "threads=2"),
+    (("-smp", "2,sockets=1"), "sockets must be the CPU count"),
+    (("-smp", "2,maxcpus=4"), "no CPU hot-plug"),
+    (("-smp", "2,mem=4"), "expected N, cpus=N, sockets=N or maxcpus=N"),
+    (("-smp", "two"), "'two' is not a CPU count"),
+    (("-smp", "0"), "1 to 255"),
 ])
 def test_what_vmk_cannot_do_is_one_line(guest_dir: Path, args: tuple[str, ...], needle: str) -> None:
     proc = vmk("boot", "-kernel", str(guest_dir / "demo.elf"), *args)
