@@ -343,6 +343,8 @@ class Machine:
         # hooks for tools (debugger): called with the machine after each slice, may stop
         self.after_slice: Callable[[], None] | None = None
         self.slice_limit: Callable[[], int | None] | None = None
+        # debugger single step of one CPU of several (--smp): only this one runs (smp.run)
+        self.run_only: Processor | None = None
         # debugger single step with `step-irq off`: keep external interrupts pending
         self.hold_interrupts = False
         self.tracer = cfg.tracer

@@ -53,8 +53,8 @@ needs ``invlpg`` (a TLB shootdown) on each CPU.
 
 Not modelled: NMI delivery into the guest (an NMI message sets the target
 APIC's ``nmi_pending`` as on one CPU), INIT to the BSP (logged: there is no
-BIOS to reset into), SMI, the debugger on CPUs other than 0 (the GDB stub
-and ``vmk debug`` see CPU 0; breakpoints are CPU 0's).
+BIOS to reset into), SMI.  The debugger (machine/debug.py) sees every CPU; a single step
+runs only the stepped CPU (``Machine.run_only``), the others stay stopped.
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def run(m: "Machine", until: int | None, max_instructions: int | None) -> "RunRe
     clock = m.clock
     nspi = m.ns_per_insn
     turn_ns = m.config.smp_quantum_ns
-    procs = m.processors
+    procs = m.processors if m.run_only is None else [m.run_only]     # a debugger step runs one CPU
     insn_limit = None if max_instructions is None else m.instructions + max_instructions
     m._stop_requested = None
     try:
@@ -233,7 +233,7 @@ def run(m: "Machine", until: int | None, max_instructions: int | None) -> "RunRe
     except KeyboardInterrupt:
         return RunResult(Why.INTERRUPTED, f"interrupted at t={clock.now} ns")
     finally:
-        m._select(procs[0])
+        m._select(m.processors[0])
         clock.preempt = _nothing
         clock.shorten = cannot_shorten
 
