@@ -53,6 +53,18 @@ How it works
   step instead (QEMU's default ``SSTEP_NOIRQ``; vmk's ``monitor step-irq
   off``); a halted CPU ignores it, since only an interrupt can wake it.
 
+Several CPUs (``--smp N``)
+--------------------------
+Breakpoints (exits and code hooks) and watchpoints are armed on every
+CPU's Unicorn, and a hit on any CPU stops the whole machine (all-stop) at
+that CPU's instruction; :attr:`Debug.stop_cpu` says which CPU stopped (the
+one whose slice ran last: for a stop request, the one that was running).
+Registers, memory (through that CPU's CR3 and paging mode), the page walk
+and single steps act on the *selected* CPU (:meth:`Debug.select_cpu`; a run
+selects the CPU it stopped on), as QEMU's gdbstub uses its selected vCPU.
+Stepping over a breakpoint is per CPU: every CPU whose RIP is on an armed
+breakpoint when the machine resumes executes that instruction once first.
+
 Invariants: a breakpoint stop leaves RIP on the breakpoint with the
 instruction not executed; ``machine.instructions`` and ``clock.now`` are then
 exactly what a run with ``max_instructions`` up to that point gives.  A
@@ -81,9 +93,10 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from .cpu import EFLAGS, HF, RegBatch
-from .mmu import CR0_PG, PTE_P, PTE_PS, PTE_U, PTE_W, PageFault
+from .cpu import CPU, EFLAGS, HF, Ctx, RegBatch
+from .mmu import CR0_PG, PTE_P, PTE_PS, PTE_U, PTE_W, PageFault, Paging
 from .pc import Machine, RunResult, Why
+from .smp import ApState
 
 __all__ = ["Debug", "DebugError", "BreakKind", "WatchKind", "StopEvent", "RegDef", "REGISTERS",
            "REG_INDEX", "WHERE_REGISTERS", "HLT_OPCODE", "PageMapping", "PTE_NX"]
@@ -243,7 +256,7 @@ class _Exit:
     def __init__(self, addr: int) -> None:
         self.addr = addr
         self.counts = {BreakKind.SOFTWARE: 0, BreakKind.HARDWARE: 0}
-        self.hook: int | None = None         # UC_HOOK_CODE handle when an exit cannot be used
+        self.hook: list[int] | None = None   # UC_HOOK_CODE handles (one per CPU) when an exit cannot be used
 
     @property
     def kind(self) -> BreakKind:
@@ -257,7 +270,7 @@ class _Watch:
         self.addr = addr
         self.length = length
         self.kind = kind
-        self.hooks: list[int] = []
+        self.hooks: list[tuple[object, int]] = []      # (Unicorn, handle): every CPU's
         self.count = 1
 
 
@@ -272,11 +285,31 @@ class _WatchPiece:
         self.length = length
 
 
+class _CpuAccess:
+    """The debugger's per-CPU readers and the exit list last given to that CPU's Unicorn."""
+    __slots__ = ("cpu", "batch", "where", "raw", "exits")
+
+    def __init__(self, cpu: CPU) -> None:
+        self.cpu = cpu
+        self.batch = RegBatch(cpu.uc, [_UC_ID[n] for n in _BATCH_NAMES])
+        self.where = RegBatch(cpu.uc, [_UC_ID[REGISTERS[i].name] for i in WHERE_REGISTERS])
+        self.raw = _RawBatch(cpu.uc, _RAW_NAMES)
+        self.exits: frozenset[int] = frozenset()
+        cpu.uc.ctl_exits_enabled(True)
+        cpu.uc.ctl_set_exits([])
+
+
 class Debug:
     """Debugger access to one machine.  Create at most one per machine."""
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
+        self._cpus: list[_CpuAccess] = [_CpuAccess(c) for c in getattr(machine, "cpus", [machine.cpu])]
+        self._multi = len(self._cpus) > 1
+        self._index = {id(a.cpu): k for k, a in enumerate(self._cpus)}
+        self.selected = 0                        # the CPU registers, memory and steps act on
+        self.stop_cpu = 0                        # the CPU the last run stopped on
+        self._last_cpu = 0                       # the CPU whose slice ended last (while running)
         self.cpu = machine.cpu
         self.uc = machine.cpu.uc
         # What "run" means: the machine's loop for a bare-metal kernel, pid 0's
@@ -284,26 +317,58 @@ class Debug:
         self.runner: Callable[..., RunResult] = machine.run
         self._bps: dict[int, _Exit] = {}
         self._watches: dict[tuple[int, int, WatchKind], _Watch] = {}
-        self._disarmed: int | None = None       # breakpoint stepped over in the current one-instruction slice
+        # CPU index -> breakpoint it steps over in its next one-instruction slice
+        self._disarmed: dict[int, int] = {}
         self._step_from: int | None = None      # machine.instructions when the current single step began
         self.stop_event: StopEvent | None = None
         self.hold_interrupts_on_step = False     # monitor step-irq off
         # Called after every slice while running (the GDB stub polls its socket here).
         self.host_poll: Callable[[], None] | None = None
-        self._batch = RegBatch(self.uc, [_UC_ID[n] for n in _BATCH_NAMES])
-        self._where_batch = RegBatch(self.uc, [_UC_ID[REGISTERS[i].name] for i in WHERE_REGISTERS])
+        self._batch = self._cpus[0].batch
+        self._where_batch = self._cpus[0].where
         # Linear page -> physical page for debugger memory access, valid while
         # the machine has not run since (see _page_map).
         self._pages: dict[int, int] = {}
         self._pages_key: tuple[int, int] | None = None
         self._pg = None
-        # Unicorn's exit list as last set; breakpoints change it lazily (see _sync_exits).
-        self._synced_exits: frozenset[int] = frozenset()
-        self._raw_batch = _RawBatch(self.uc, _RAW_NAMES)
+        self._raw_batch = self._cpus[0].raw
         self._raw = (ctypes.c_uint8 * 16)()
-        self.uc.ctl_exits_enabled(True)
-        self.uc.ctl_set_exits([])
         machine.after_slice = self._after_slice
+
+    # ------------------------------------------------------------------ CPUs
+    @property
+    def cpu_count(self) -> int:
+        return len(self._cpus)
+
+    def select_cpu(self, k: int) -> None:
+        """Make CPU ``k`` the one registers, memory, the page walk and steps act on."""
+        if not 0 <= k < len(self._cpus):
+            raise DebugError(f"no CPU {k} (the machine has {len(self._cpus)})")
+        if k == self.selected:
+            return
+        a = self._cpus[k]
+        self.selected = k
+        self.cpu, self.uc = a.cpu, a.cpu.uc
+        self._batch, self._where_batch, self._raw_batch = a.batch, a.where, a.raw
+        self.forget()
+
+    def cpu_state(self, k: int) -> str:
+        """'waiting for SIPI', 'halted' or 'executing' (CPU ``k``)."""
+        procs = getattr(self.machine, "processors", None)
+        if procs and procs[k].state is ApState.WAIT_FOR_SIPI:
+            return "waiting for SIPI"
+        return "halted" if self._cpus[k].cpu.halted else "executing"
+
+    def _lapic(self):
+        procs = getattr(self.machine, "processors", None)
+        return procs[self.selected].lapic if procs else self.machine.lapic
+
+    def _paging(self) -> Paging:
+        """The selected CPU's paging state (Machine.paging is the running CPU's)."""
+        b = self.cpu.ctx_read()
+        hf = struct.unpack_from("<I", b, Ctx.HFLAGS)[0]
+        return Paging(struct.unpack_from("<Q", b, Ctx.CR0)[0], struct.unpack_from("<Q", b, Ctx.CR3)[0],
+                      struct.unpack_from("<Q", b, Ctx.CR4)[0], bool(hf & HF.LMA))
 
     def close(self) -> None:
         """Remove every breakpoint and watchpoint and detach from the run loop."""
@@ -349,16 +414,19 @@ class Debug:
     def _arm(self, bp: _Exit) -> None:
         # An exit breakpoint reaches Unicorn when the machine next runs (_sync_exits).
         if self._needs_hook(bp.addr):
-            bp.hook = self.uc.hook_add(UC_HOOK_CODE, self._on_code_hook, None, bp.addr, bp.addr)
-            self.cpu.precise += 1                # its stop is exact in count mode only
-            self._drop_translations(bp.addr)
+            bp.hook = []
+            for k, a in enumerate(self._cpus):
+                bp.hook.append(a.cpu.uc.hook_add(UC_HOOK_CODE, self._on_code_hook, k, bp.addr, bp.addr))
+                a.cpu.precise += 1               # its stop is exact in count mode only
+                self._drop_translations(a.cpu.uc, bp.addr)
 
     def _disarm(self, bp: _Exit) -> None:
         if bp.hook is not None:
-            self.uc.hook_del(bp.hook)
+            for a, h in zip(self._cpus, bp.hook):
+                a.cpu.uc.hook_del(h)
+                a.cpu.precise -= 1
+                self._drop_translations(a.cpu.uc, bp.addr)
             bp.hook = None
-            self.cpu.precise -= 1
-            self._drop_translations(bp.addr)
 
     def _sync_exits(self) -> None:
         """Give Unicorn the armed exit breakpoints, if they changed since the last time.
@@ -368,32 +436,37 @@ class Debug:
         set usually comes back unchanged; syncing only before a run makes
         that pair free instead of two exit-list updates and two translation
         drops.  Called from _prepare and _rearm, i.e. before every slice the
-        debugger runs."""
-        exits = frozenset(a for a, bp in self._bps.items() if bp.hook is None and a != self._disarmed)
-        old = self._synced_exits
-        if exits == old:
-            return
-        self.uc.ctl_set_exits(list(exits))
-        self.cpu.exit_addresses = exits
-        self._synced_exits = exits
-        for addr in exits ^ old:
-            self._drop_translations(addr)
+        debugger runs.  Every CPU gets the same list, less the breakpoint it
+        steps over (if any)."""
+        exits = frozenset(a for a, bp in self._bps.items() if bp.hook is None)
+        for k, a in enumerate(self._cpus):
+            mine = exits - {self._disarmed[k]} if k in self._disarmed else exits
+            old = a.exits
+            if mine == old:
+                continue
+            a.cpu.uc.ctl_set_exits(list(mine))
+            a.cpu.exit_addresses = mine
+            a.exits = mine
+            for addr in mine ^ old:
+                self._drop_translations(a.cpu.uc, addr)
 
-    def _drop_translations(self, addr: int) -> None:
+    @staticmethod
+    def _drop_translations(uc, addr: int) -> None:
         # Exits and code hooks are decided when an instruction is translated.
         try:
-            self.uc.ctl_remove_cache(addr, addr + 1)
+            uc.ctl_remove_cache(addr, addr + 1)
         except UcError:
-            self.uc.ctl_flush_tb()
+            uc.ctl_flush_tb()
 
-    def _on_code_hook(self, uc, address, size, user_data) -> None:
-        if address == self._disarmed or self.stop_event is not None:
+    def _on_code_hook(self, uc, address, size, k: int) -> None:
+        if address == self._disarmed.get(k) or self.stop_event is not None:
             return
         bp = self._bps.get(address)
         if bp is None:
             return
         self.stop_event = StopEvent("breakpoint", address, break_kind=bp.kind)
-        self.cpu.stop_before_current()           # emu_stop, the instruction uncounted
+        self._last_cpu = k
+        self._cpus[k].cpu.stop_before_current()  # emu_stop, the instruction uncounted
         self.machine.stop("breakpoint")          # the loop returns BREAKPOINT
 
     # ------------------------------------------------------------------ watchpoints
@@ -409,17 +482,18 @@ class Debug:
         pieces = self._physical_pieces(w)
         types = {WatchKind.WRITE: (UC_HOOK_MEM_WRITE,), WatchKind.READ: (UC_HOOK_MEM_READ,),
                  WatchKind.ACCESS: (UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE)}[kind]
-        for piece in pieces:
-            lo = max(0, piece.phys - WATCH_REACH)
-            for t in types:
-                hi = piece.phys + piece.length - 1
-                w.hooks.append(self.uc.hook_add(t, self._on_mem_hook, piece, lo, hi))
+        for k, a in enumerate(self._cpus):
+            for piece in pieces:
+                lo = max(0, piece.phys - WATCH_REACH)
+                for t in types:
+                    hi = piece.phys + piece.length - 1
+                    w.hooks.append((a.cpu.uc, a.cpu.uc.hook_add(t, self._on_mem_hook, (piece, k), lo, hi)))
+            a.cpu.precise += 1                   # a hit stops right after its instruction: count mode
         self._watches[key] = w
-        self.cpu.precise += 1                    # a hit stops right after its instruction: count mode
 
     def _physical_pieces(self, w: _Watch) -> list[_WatchPiece]:
         m = self.machine
-        pg = m.paging()
+        pg = self._paging()
         pieces = []
         pos = 0
         while pos < w.length:
@@ -438,23 +512,30 @@ class Debug:
             return False
         w.count -= 1
         if w.count == 0:
-            for h in w.hooks:
-                self.uc.hook_del(h)
+            self._unhook(w)
             del self._watches[key]
-            self.cpu.precise -= 1
         return True
+
+    def _unhook(self, w: _Watch) -> None:
+        for uc, h in w.hooks:
+            uc.hook_del(h)
+        for a in self._cpus:
+            a.cpu.precise -= 1
 
     def watchpoints(self) -> list[tuple[int, int, WatchKind]]:
         return sorted(self._watches)
 
-    def _on_mem_hook(self, uc, access, address, size, value, piece: _WatchPiece) -> None:
+    def _on_mem_hook(self, uc, access, address, size, value, where: tuple[_WatchPiece, int]) -> None:
         # ``address`` is physical (Unicorn 2.1.4 memory hooks).
+        piece, k = where
         if self.stop_event is not None or address + size <= piece.phys \
                 or address >= piece.phys + piece.length:
             return
-        self.stop_event = StopEvent("watchpoint", self.cpu.rip, watch_kind=piece.watch.kind,
+        cpu = self._cpus[k].cpu
+        self.stop_event = StopEvent("watchpoint", cpu.rip, watch_kind=piece.watch.kind,
                                     data_addr=piece.linear + max(address, piece.phys) - piece.phys)
-        self.cpu.stop_after_current()
+        self._last_cpu = k
+        cpu.stop_after_current()
         self.machine.stop("breakpoint")          # no emu_stop: the slice already ends after this one
 
     def clear(self) -> None:
@@ -463,21 +544,23 @@ class Debug:
             del self._bps[bp.addr]
             self._disarm(bp)
         for w in self._watches.values():
-            for h in w.hooks:
-                self.uc.hook_del(h)
-            self.cpu.precise -= 1
+            self._unhook(w)
         self._watches.clear()
         self._sync_exits()                       # the machine may run on without the debugger
 
     # ------------------------------------------------------------------ running
     def cont(self, until: int | None = None, max_instructions: int | None = None) -> RunResult:
-        """Run until a breakpoint, a watchpoint, a stop request or the end of the run."""
+        """Run until a breakpoint, a watchpoint, a stop request or the end of the run.
+        Afterwards the CPU it stopped on is :attr:`stop_cpu`, and selected."""
         self._prepare()
         try:
             result = self.runner(until=until, max_instructions=max_instructions)
         finally:
             self._finish()
             self.forget()
+        if self._multi:
+            self.stop_cpu = self._last_cpu
+            self.select_cpu(self.stop_cpu)
         stepped = result.why == Why.STOPPED and result.message in (STEP_MESSAGE, STEP_STOP)
         if stepped and self.stop_event is None:
             self.stop_event = StopEvent("step", self.cpu.rip)
@@ -485,11 +568,35 @@ class Debug:
             self.stop_event.pc = self.cpu.rip        # a watchpoint stops after the accessing instruction
         return result
 
-    def step(self, until: int | None = None) -> RunResult:
-        """Execute exactly one instruction (taking what is due at this boundary first)."""
+    def step(self, until: int | None = None, cpu: int | None = None) -> RunResult:
+        """Execute exactly one instruction of CPU ``cpu`` (default: the selected
+        one), taking what is due at this boundary first.
+
+        Discussion (several CPUs): only the stepped CPU runs; the others stay
+        stopped (``Machine.run_only``), so a step is deterministic and costs
+        one instruction of virtual time, as on one CPU.  QEMU does the same
+        for gdb's stepi (measured, gdb 13 and QEMU 7.2 -smp 2: gdb sends
+        ``vCont;s:p1.2`` alone, and QEMU's gdbstub leaves CPUs without an
+        action stopped).  For ``vCont;s:THREAD;c`` QEMU lets the other vCPUs
+        run for as long as the step takes on the host, which is not
+        reproducible; vmk keeps them stopped there too.  A CPU that cannot move
+        while the others stay stopped (waiting for SIPI, or halted with
+        interrupts off) does not step: the step ends at once, nothing ran."""
+        if cpu is not None:
+            self.select_cpu(cpu)
+        m = self.machine
+        if self._multi:
+            p = m.processors[self.selected]
+            c = p.cpu
+            if p.state is ApState.WAIT_FOR_SIPI or (c.halted and c.event is None and not p.lapic.nmi_pending
+                                                    and not c.rflags & EFLAGS.IF):
+                self.stop_event = StopEvent("step", c.rip)
+                self.stop_cpu = self.selected
+                return RunResult(Why.STOPPED, STEP_STOP)
+            m.run_only = p
         hold = self.hold_interrupts_on_step and not self.cpu.halted
-        self.machine.hold_interrupts = hold
-        self._step_from = self.machine.instructions
+        m.hold_interrupts = hold
+        self._step_from = m.instructions
         rip, before = self.cpu.rip, self._batch.read()
         try:
             result = self.cont(until=until, max_instructions=1)
@@ -503,11 +610,17 @@ class Debug:
                 # without the debugger, such a store costs two counts (here
                 # plus the one of the abandoned step: one instruction of
                 # virtual time more than that run).
-                self._step_from = self.machine.instructions
+                self._step_from = m.instructions
                 result = self.cont(until=until, max_instructions=2)
+            if self._multi and result.why == Why.DEAD:
+                # The stepped CPU halted with nothing left to wake it while the others
+                # stay stopped: not the machine's end, the step is over.
+                result = RunResult(Why.STOPPED, STEP_STOP)
+                self.stop_event = StopEvent("step", self.cpu.rip)
             return result
         finally:
-            self.machine.hold_interrupts = False
+            m.hold_interrupts = False
+            m.run_only = None
             self._step_from = None
 
     def _aborted_write(self, rip: int, before: tuple[int, ...]) -> bool:
@@ -533,48 +646,59 @@ class Debug:
 
     def _prepare(self) -> None:
         self.stop_event = None
-        rip = self.cpu.rip
-        if rip in self._bps:
-            # Step over the breakpoint under RIP (the x86 RF flag's job).
-            self._disarmed = rip
-            self.machine.slice_limit = _one
+        self._last_cpu = self.selected
+        for k, a in enumerate(self._cpus):
+            rip = a.cpu.rip
+            if rip in self._bps:
+                # Step over the breakpoint under this CPU's RIP (the x86 RF flag's job).
+                self._disarmed[k] = rip
+        if self._disarmed:
+            self.machine.slice_limit = self._one_if_disarmed if self._multi else _one
         self._sync_exits()
         self.machine.after_slice = self._after_slice
 
-    def _finish(self) -> None:
-        if self._disarmed is not None:
-            self._rearm()
+    def _one_if_disarmed(self) -> int | None:
+        return 1 if self._index[id(self.machine.cpu)] in self._disarmed else None
 
-    def _rearm(self) -> None:
-        addr = self._disarmed
-        self._disarmed = None
-        self.machine.slice_limit = None
+    def _finish(self) -> None:
+        if self._disarmed:
+            self._disarmed.clear()
+            self.machine.slice_limit = None
+            self._sync_exits()
+
+    def _rearm(self, k: int) -> None:
+        addr = self._disarmed.pop(k)
+        if not self._disarmed:
+            self.machine.slice_limit = None
         if addr in self._bps:
             self._sync_exits()
 
     def _after_slice(self) -> None:
-        if self._disarmed is not None:
-            self._rearm()
-        if self._step_from is not None and self.machine.instructions > self._step_from:
-            self.machine.stop(STEP_STOP)
+        m = self.machine
+        cpu = m.cpu                              # the CPU whose slice just ended
+        k = self._index[id(cpu)] if self._multi else 0
+        self._last_cpu = k
+        if k in self._disarmed:
+            self._rearm(k)
+        if self._step_from is not None and m.instructions > self._step_from:
+            m.stop(STEP_STOP)
         if self._bps and self.stop_event is None:
-            cpu = self.cpu
             rip = cpu.rip
             bp = self._bps.get(rip)
-            if bp is not None and bp.hook is None and not cpu.halted and not self._diverted():
+            if bp is not None and bp.hook is None and not cpu.halted and not self._diverted(cpu):
                 self.stop_event = StopEvent("breakpoint", rip, break_kind=bp.kind)
-                self.machine.stop("breakpoint")
+                m.stop("breakpoint")
         if self.host_poll is not None:
             self.host_poll()
 
-    def _diverted(self) -> bool:
+    def _diverted(self, cpu: CPU) -> bool:
         """Will the machine deliver something at this boundary instead of executing RIP?"""
         m = self.machine
-        if self.cpu.event is not None:
+        if cpu.event is not None:
             return True
-        if m.hold_interrupts or not m.lapic.pending():
+        if m.hold_interrupts or not m.lapic.pending():          # m.lapic: the running CPU's
             return False
-        return bool(self.cpu.rflags & EFLAGS.IF) and not self.cpu.in_interrupt_shadow()
+        return bool(cpu.rflags & EFLAGS.IF) and not cpu.in_interrupt_shadow()
 
     # ------------------------------------------------------------------ registers
     def read_registers(self) -> list[bytes]:
@@ -617,7 +741,7 @@ class Debug:
         elif r.name == "efer":
             v = self.uc.msr_read(MSR_EFER)
         elif r.name == "cr8":
-            v = (self.machine.lapic.read(LAPIC_TPR, 4) & 0xFF) >> TPR_CLASS_SHIFT
+            v = (self._lapic().read(LAPIC_TPR, 4) & 0xFF) >> TPR_CLASS_SHIFT
         else:
             raise DebugError(f"register {r.name} cannot be read")
         return (v & _MASK64).to_bytes(8, "little")
@@ -646,7 +770,7 @@ class Debug:
         elif name == "efer":
             self.uc.msr_write(MSR_EFER, value)
         elif name == "cr8":
-            self.machine.lapic.write(LAPIC_TPR, 4, (value & 0xF) << TPR_CLASS_SHIFT)
+            self._lapic().write(LAPIC_TPR, 4, (value & 0xF) << TPR_CLASS_SHIFT)
         else:
             self.uc.reg_write(_UC_ID[name], value)
             if name in ("cr0", "cr3", "cr4"):
@@ -708,6 +832,9 @@ class Debug:
             pos += n
         if data:
             m.write_linear(addr, data, pg=self._pg)
+            for a in self._cpus:                 # it may be code any CPU has translated
+                if a.cpu is not m.cpu:
+                    a.cpu.uc.ctl_remove_cache(addr & ~0xFFF, (addr + len(data) + 0xFFF) & ~0xFFF)
             self._pages.clear()                  # it may have been a page table
 
     def debug_registers(self) -> tuple[int, ...]:
@@ -761,7 +888,7 @@ class Debug:
             self._pages.clear()
             self._pages_key = key
             try:
-                self._pg = m.paging()
+                self._pg = self._paging()
             except Exception as e:          # noqa: BLE001 - a CPU state the MMU cannot walk
                 raise DebugError(f"cannot access memory: {e}") from None
         base = self._pages.get(page)
@@ -777,7 +904,7 @@ class Debug:
         """Every present page of the current address space, in linear order (a walk of
         the 4-level tables from CR3, read-only: A/D bits are left alone); None when
         paging is off.  Raises DebugError for 32-bit paging (not walked here)."""
-        pg = self.machine.paging()
+        pg = self._paging()
         if not pg.cr0 & CR0_PG:
             return None
         if not pg.lma:

@@ -40,6 +40,14 @@ QEMU's own packets (``qemu.Supported``, ``qemu.sstepbits``, ``qemu.sstep``,
 ``qemu.PhyMemMode``) and ``monitor info mem|tlb|registers`` answer in QEMU's
 words, so pwndbg and GEF take vmk for QEMU in system mode.
 
+Several CPUs (``--smp N``): with the bare-metal view every CPU is a thread
+(ids 1..N, as QEMU numbers its vCPUs).  The machine stops as a whole
+(all-stop) when any CPU hits a breakpoint or watchpoint, and the stop reply
+names that CPU; ``Hg`` selects the CPU whose registers ``g/G/p/P`` and whose
+page tables ``m/M/X`` use; a step (``vCont;s:THREAD``) steps that CPU alone
+(``Debug.step``).  ``monitor info registers`` is the selected CPU's
+(``-a``: every CPU's, as QEMU), ``monitor time`` counts per CPU.
+
 Not supported: non-stop mode, extended-remote (``!``, ``vRun``), ``vFile``,
 tracepoints, reverse execution, changing segment selectors.
 """
@@ -50,7 +58,7 @@ import select
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
@@ -98,6 +106,9 @@ class Signal(int, Enum):
 class Resume:
     step: bool
     addr: int | None = None
+    # The thread to step (vCont;s:THREAD, or Hc); not compared: it only picks the
+    # CPU on a machine with several (on one CPU every thread steps that CPU).
+    thread: int | None = field(default=None, compare=False)
 
 
 class _Action(Enum):
@@ -210,6 +221,7 @@ class GdbStub:
         self._multiprocess = False              # the client took multiprocess+: thread-ids are pPID.TID
         self._last_stop = self._stop_reply(Signal.TRAP)
         self._g_thread: int | None = None       # Hg: whose registers g/p read (None: the CPU's)
+        self._c_thread: int | None = None       # Hc: the thread 's' steps (None: the stopped one)
         # --wait-gdb (QEMU's -S): the machine does not run until a client continues it;
         # a client that leaves before that leaves it stopped for the next one.
         self._held = wait
@@ -334,6 +346,9 @@ class GdbStub:
 
     # ------------------------------------------------------------------ running the machine
     def _resume(self, action: Resume, until: int | None) -> RunResult:
+        cpu = self._cpu_of(action.thread) if action.step else None
+        # A step steps the thread gdb names, else the one that stopped.
+        self.debug.select_cpu(self.debug.stop_cpu if cpu is None else cpu)
         if action.addr is not None:
             self.debug.write_register(REG_INDEX["rip"], action.addr.to_bytes(8, "little"))
         self.debug.host_poll = self._poll
@@ -364,6 +379,8 @@ class GdbStub:
         # gdb takes the stop reply's thread (the one on the CPU) as the stub's
         # Hg thread from now on (remote.c, record_currthread): do the same.
         self._g_thread = None
+        self._c_thread = None
+        self._sync_view()
         if why == Why.BREAKPOINT:
             self._report(self._stop_reply(Signal.TRAP, self.debug.stop_event))
         elif why == Why.STOPPED:
@@ -401,6 +418,16 @@ class GdbStub:
         # Expedited registers (the stopped thread is the one on the CPU): with
         # pc, sp and fp in the reply, gdb's stepi needs no 'g' round trip.
         return out.encode() + _WHERE_FORMAT % tuple(v.hex().encode() for _, v in self.debug.read_where())
+
+    def _cpu_of(self, tid: int | None) -> int | None:
+        """The CPU index that thread ``tid`` is, if the view's threads are CPUs."""
+        thread_cpu = getattr(self.view, "thread_cpu", None)
+        return None if thread_cpu is None or tid is None else thread_cpu(tid)
+
+    def _sync_view(self) -> None:
+        """Tell a CPU view where the machine stopped (its current thread)."""
+        if hasattr(self.view, "current_cpu"):
+            self.view.current_cpu = self.debug.stop_cpu     # type: ignore[attr-defined]
 
     def _tid(self, tid: int) -> str:
         # Discussion: QEMU takes gdb's multiprocess+ and answers as process 1
@@ -727,26 +754,30 @@ class GdbStub:
         return Resume(False, int(addr, 16) if addr else None)
 
     def _h_step(self, p: bytes) -> Reply:
-        return Resume(True, int(p[1:], 16) if len(p) > 1 else None)
+        return Resume(True, int(p[1:], 16) if len(p) > 1 else None, self._c_thread)
 
     def _h_step_signal(self, p: bytes) -> Reply:
         _, _, addr = p[1:].partition(b";")
-        return Resume(True, int(addr, 16) if addr else None)
+        return Resume(True, int(addr, 16) if addr else None, self._c_thread)
 
     def _h_vcont_query(self, p: bytes) -> Reply:
         return b"vCont;c;C;s;S"
 
     def _h_vcont(self, p: bytes) -> Reply:
-        # Discussion: the CPU is the only execution context; fibers are views of
-        # it.  Any step action steps the CPU, otherwise it continues.
+        # Discussion: the CPUs are the execution contexts; fibers are views of
+        # CPU 0.  Any step action steps one CPU (the first step action's thread,
+        # if it names a CPU; Debug.step says what the others do), otherwise the
+        # machine continues.
         reply = _VCONT.get(p)
         if reply is None:                         # gdb sends the same few over and over: parse each once
-            actions = [a.split(b":")[0] for a in p[len(b"vCont;"):].split(b";") if a]
-            kinds = {a[:1] for a in actions}
+            actions = [a.split(b":") for a in p[len(b"vCont;"):].split(b";") if a]
+            kinds = {a[0][:1] for a in actions}
             if not actions or not kinds <= {b"c", b"C", b"s", b"S"}:
                 reply = b"E01"                    # 't' and 'r' need non-stop / range stepping
             else:
-                reply = Resume(step=bool(kinds & {b"s", b"S"}))
+                steps = [a for a in actions if a[0][:1] in (b"s", b"S")]
+                thread = _thread_id(steps[0][1]) if steps and len(steps[0]) > 1 else None
+                reply = Resume(step=bool(steps), thread=thread if thread is not None and thread > 0 else None)
             if len(_VCONT) < 64:
                 _VCONT[p] = reply
         return reply
@@ -883,6 +914,11 @@ class GdbStub:
             return b"E01"
         if op == "g":
             self._g_thread = tid if tid > 0 else None
+            cpu = self._cpu_of(tid) if tid > 0 else self.debug.stop_cpu
+            if cpu is not None:
+                self.debug.select_cpu(cpu)        # registers and memory are that CPU's (as QEMU)
+        elif op == "c":
+            self._c_thread = tid if tid > 0 else None
         return b"OK"
 
     def _h_thread_alive(self, p: bytes) -> Reply:
@@ -952,8 +988,12 @@ class GdbStub:
         m = self.machine
         nxt = m.clock.next_deadline()
         nxt_text = "none" if nxt is None else f"t={nxt} ns (in {format_ns(max(0, nxt - m.now))})"
-        return (f"virtual time {format_ns(m.now)} ({m.now} ns), {m.instructions} instructions retired, "
+        text = (f"virtual time {format_ns(m.now)} ({m.now} ns), {m.instructions} instructions retired, "
                 f"{m.ns_per_insn} ns per instruction; next timer: {nxt_text}")
+        for p in m.processors:
+            text += (f"\nCPU{p.index}: {p.instructions} instructions retired, "
+                     f"{self.debug.cpu_state(p.index)}, RIP {p.cpu.rip:#x}")
+        return text
 
     def _m_run_for(self, args: list[str]) -> str:
         if len(args) != 1:
@@ -962,7 +1002,8 @@ class GdbStub:
         m = self.machine
         start = m.now
         result = self._resume_monitor(start + ns)
-        where = f"rip={m.cpu.rip:#x}"
+        self._sync_view()
+        where = f"rip={self.debug.cpu.rip:#x}" + (f" (CPU{self.debug.stop_cpu})" if m.processors else "")
         if result.why == Why.TIME_LIMIT:
             how = "time is up"
         elif result.why == Why.BREAKPOINT and self.debug.stop_event is not None:
@@ -1013,8 +1054,18 @@ class GdbStub:
         # XGPDACTUW" per leaf entry (its own bits; P is the large-page bit).
         if args == ["registers"]:
             return self._info_registers()
+        if args == ["registers", "-a"]:              # QEMU: every CPU, one after the other
+            d, selected = self.debug, self.debug.selected
+            try:
+                texts = []
+                for k in range(d.cpu_count):
+                    d.select_cpu(k)
+                    texts.append(self._info_registers())
+                return "\n\n".join(texts)
+            finally:
+                d.select_cpu(selected)
         if args not in (["mem"], ["tlb"]):
-            raise ValueError("usage: info mem | info tlb | info registers")
+            raise ValueError("usage: info mem | info tlb | info registers [-a]")
         pages = self.debug.page_mappings()
         if pages is None:
             return "PG disabled"
@@ -1046,8 +1097,10 @@ class GdbStub:
         64-bit in both; flags are the cached descriptor's high dword &
         0x00ffff00.  Measured against QEMU 7.2 on gdbtarget: the same text at
         a breakpoint in long mode, except LDT/TR, whose never-loaded caches
-        QEMU's reset fills (limit ffff, present) and Unicorn's leaves 0."""
-        cpu = self.machine.cpu
+        QEMU's reset fills (limit ffff, present) and Unicorn's leaves 0.
+        The CPU is the selected one (gdb's Hg thread), as QEMU's monitor
+        shows its current CPU."""
+        cpu = self.debug.cpu
         regs = self.debug.read_registers()
         r = {d.name: int.from_bytes(v, "little") for d, v in zip(REGISTERS, regs)}
         hf = cpu.hflags()
@@ -1158,14 +1211,17 @@ class GdbStub:
     def _m_irq(self, args: list[str]) -> str:
         m = self.machine
         lines = []
-        cpu = m.cpu
-        lines.append(f"CPU: IF={int(cpu.interrupts_enabled())}, halted={cpu.halted}, "
-                     f"interrupt pending at the LAPIC: {'yes' if m.lapic.pending() else 'no'}, "
+        cpu = self.debug.cpu                       # the selected CPU (gdb's Hg thread), its APIC and IDT
+        proc = m.processors[self.debug.selected] if m.processors else None
+        lapic, idt = (proc.lapic, proc.idt) if proc is not None else (m.lapic, m.idt)
+        lines.append(f"CPU{'' if proc is None else proc.index}: IF={int(cpu.interrupts_enabled())}, "
+                     f"halted={cpu.halted}, "
+                     f"interrupt pending at the LAPIC: {'yes' if lapic.pending() else 'no'}, "
                      f"external interrupts taken: {m.interrupts_taken}")
-        counts = dict(sorted(m.idt.delivered.items()))
+        counts = dict(sorted(idt.delivered.items()))
         lines.append("IDT deliveries by vector: " + (", ".join(f"{v:#04x}: {n}" for v, n in counts.items())
                                                      or "none"))
-        la = m.lapic.snapshot()
+        la = lapic.snapshot()
         lvt = la.get("lvt", [])
         lines.append(f"LAPIC: SVR {la.get('svr', 0):#x}, TPR {la.get('tpr', 0):#04x}, "
                      f"IRR {_vectors(la.get('irr', 0))}, ISR {_vectors(la.get('isr', 0))}, "

@@ -9,8 +9,15 @@ commands (``fibers``, ``channels``, ``containers``).
 The VM kernel plugs its view in with :func:`register_view`: a factory that
 looks at the booted image and returns a view, or ``None`` when the image is
 not one of its own.  :func:`view_for` asks the registered factories, newest
-first, and falls back to :class:`BareMetalView`: one thread (the CPU), and a
-clear "no VM kernel in this image" answer to the kernel commands.
+first, and falls back to :class:`BareMetalView`: one thread per CPU (ids
+1..N, names CPU0..CPU{N-1}), and a clear "no VM kernel in this image" answer
+to the kernel commands.
+
+A view whose threads are CPUs says which with ``thread_cpu(tid)`` (the CPU's
+index, or None): the GDB stub then reads and writes that CPU's live
+registers, steps that CPU, and tells the view where the machine stopped
+(``current_cpu``).  Views without the method (the VM kernel's fibers) run on
+CPU 0.
 
 Invariants: thread ids are positive and stable while the machine is stopped;
 exactly one thread is the one on the CPU (``current_thread``), and its
@@ -22,7 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from vmk.machine.cpu import HF
 from vmk.machine.pc import Machine
+from vmk.machine.smp import ApState
 
 __all__ = ["ThreadInfo", "MonitorCommand", "KernelView", "BareMetalView", "register_view", "view_for",
            "NO_KERNEL"]
@@ -64,25 +73,39 @@ class KernelView(Protocol):
 
 
 class BareMetalView:
-    """A kernel vmk knows nothing about: the CPU is the only thread."""
+    """A kernel vmk knows nothing about: each CPU is a thread, as QEMU shows them
+    (thread ``CPU_TID + k`` is CPU k, named ``CPU{k}``)."""
 
     name = "bare metal"
     CPU_TID = 1
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
+        self.current_cpu = 0                # the CPU the machine stopped on (the GDB stub sets it)
 
     def threads(self) -> list[ThreadInfo]:
-        cpu = self.machine.cpu
-        if cpu.halted:
-            state = "halted" + ("" if cpu.interrupts_enabled() else " with interrupts off")
-        else:
-            state = "executing"
-        mode = "long mode" if cpu.long_mode() else "protected mode"
-        return [ThreadInfo(self.CPU_TID, "CPU0", f"bare metal, {state}, {mode}, CPL {cpu.cpl()}")]
+        m = self.machine
+        procs = m.processors
+        out = []
+        for k, cpu in enumerate(m.cpus):
+            if procs and procs[k].state is ApState.WAIT_FOR_SIPI:
+                state = "waiting for SIPI"
+            elif cpu.halted:
+                state = "halted" + ("" if cpu.interrupts_enabled() else " with interrupts off")
+            else:
+                state = "executing"
+            mode = ("long mode" if cpu.long_mode() else
+                    "protected mode" if cpu.hflags() & HF.PE else "real mode")
+            out.append(ThreadInfo(self.CPU_TID + k, f"CPU{k}", f"bare metal, {state}, {mode}, CPL {cpu.cpl()}"))
+        return out
 
     def current_thread(self) -> int:
-        return self.CPU_TID
+        return self.CPU_TID + self.current_cpu
+
+    def thread_cpu(self, tid: int) -> int | None:
+        """The index of the CPU that thread ``tid`` is (None: no such thread)."""
+        k = tid - self.CPU_TID
+        return k if 0 <= k < len(self.machine.cpus) else None
 
     def thread_registers(self, tid: int) -> dict[str, int] | None:
         return None
