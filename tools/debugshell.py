@@ -119,6 +119,7 @@ class Remote:
         self.no_ack = False
         self.interrupted = False            # Ctrl-C came during the last resume
         self._events: list[rsp.Event] = []
+        self.thread: int | None = None      # the thread selected with Hg (None: the one that stopped)
         try:
             self.features = self.request(b"qSupported:swbreak+;hwbreak+;vContSupported+;xmlRegisters=i386",
                                          timeout=HANDSHAKE_TIMEOUT)
@@ -278,11 +279,37 @@ class Remote:
             out.append(rsp.unhexlify(reply).decode("utf-8", "replace"))
         return "".join(out)
 
+    # -- threads (on a bare-metal machine, one per CPU)
+    def threads(self) -> list[tuple[int, str]]:
+        """(thread id, description) of every thread the stub lists."""
+        ids: list[int] = []
+        reply = self._checked(b"qfThreadInfo")
+        while reply.startswith(b"m"):
+            ids += [int(t.split(b".")[-1], 16) for t in reply[1:].split(b",") if t]
+            reply = self._checked(b"qsThreadInfo")
+        out = []
+        for tid in ids:
+            extra = self.request(f"qThreadExtraInfo,{tid:x}".encode())
+            text = "" if extra.startswith(b"E") else rsp.unhexlify(extra).decode("utf-8", "replace")
+            out.append((tid, text))
+        return out
+
+    def select_thread(self, tid: int) -> None:
+        """Registers, memory and steps act on thread ``tid`` from now until the next stop."""
+        if self._checked(f"Hg{tid:x}".encode()) != b"OK":
+            raise RemoteError(f"no thread {tid}")
+        self.thread = tid
+
     # -- running
     def resume(self, step: bool) -> StopReply:
-        """Continue or step; wait for the stop (Ctrl-C sends the interrupt and keeps waiting)."""
+        """Continue or step (the selected thread); wait for the stop (Ctrl-C sends the
+        interrupt and keeps waiting).  The thread that stopped is selected afterwards."""
         self.interrupted = False
-        self._send(b"vCont;s" if step else b"vCont;c")
+        if step and self.thread is not None:
+            self._send(f"vCont;s:{self.thread:x}".encode())
+        else:
+            self._send(b"vCont;s" if step else b"vCont;c")
+        self.thread = None
         while True:
             try:
                 reply = self._next_packet(None)
@@ -883,6 +910,8 @@ def _report_stop(t: Target, out: TextIO, stop: StopReply) -> None:
         out.write(f"stopped: interrupted at {where}\n")
     elif stop.signal != 5:
         out.write(f"stopped: {SIGNAL_NAMES.get(stop.signal, stop.signal)} at {where}\n")
+    if stop.thread is not None and stop.thread != 1:
+        out.write(f"in thread {stop.thread}\n")
     _disassemble(t, out, pc, 1)
 
 
@@ -946,6 +975,26 @@ def cmd_continue(t: Target, out: TextIO, arg: str) -> None:
     """continue: run until a breakpoint, a watchpoint, Ctrl-C or the end."""
     _running(t)
     _report_stop(t, out, t.remote.resume(step=False))
+
+
+def cmd_threads(t: Target, out: TextIO, arg: str) -> None:
+    """threads: the threads (a bare-metal machine's CPUs, a VM kernel's fibers); * marks the selected one."""
+    current = t.remote.thread if t.remote.thread is not None else t.remote.last_stop.thread
+    for tid, text in t.remote.threads():
+        out.write(f"{'*' if tid == current else ' '} {tid:>3}  {text}\n")
+
+
+def cmd_thread(t: Target, out: TextIO, arg: str) -> None:
+    """thread [N]: select thread N (regs, x, set, step act on it until the next stop), or show the selected one."""
+    if arg.strip():
+        try:
+            t.remote.select_thread(int(arg, 0))
+        except (ValueError, RemoteError) as e:
+            raise CommandError(f"thread {arg.strip()}: {e}") from None
+    current = t.remote.thread if t.remote.thread is not None else t.remote.last_stop.thread
+    out.write(f"thread {current}\n")
+    if arg.strip():
+        _report_where_now(t, out)
 
 
 def _monitor_cmd(name: str, doc: str) -> Callable[[Target, TextIO, str], None]:
@@ -1014,7 +1063,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "regs": cmd_regs, "x": cmd_x, "disas": cmd_disas, "asm": cmd_asm, "set": cmd_set,
     "break": cmd_break, "watch": _watch_cmd("watch"), "rwatch": _watch_cmd("rwatch"),
     "awatch": _watch_cmd("awatch"), "delete": cmd_delete, "breakpoints": cmd_points,
-    "step": cmd_step, "next": cmd_next, "continue": cmd_continue,
+    "step": cmd_step, "next": cmd_next, "continue": cmd_continue, "threads": cmd_threads, "thread": cmd_thread,
     "run-for": _monitor_cmd("run-for", "run-for DURATION: run this much virtual time (10ms, 2s)"),
     "fibers": _monitor_cmd("fibers", "fibers: the VM kernel's fibers"),
     "channels": _monitor_cmd("channels", "channels: the VM kernel's channels"),
