@@ -676,9 +676,11 @@ class Debug:
     def _after_slice(self) -> None:
         m = self.machine
         cpu = m.cpu                              # the CPU whose slice just ended
-        k = self._index[id(cpu)] if self._multi else 0
-        self._last_cpu = k
-        if k in self._disarmed:
+        if self._multi:
+            k = self._last_cpu = self._index[id(cpu)]
+        else:
+            k = 0
+        if self._disarmed and k in self._disarmed:
             self._rearm(k)
         if self._step_from is not None and m.instructions > self._step_from:
             m.stop(STEP_STOP)

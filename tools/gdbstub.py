@@ -204,6 +204,7 @@ class GdbStub:
         self.machine = machine
         self.debug = Debug(machine)
         self.view: KernelView = view or BareMetalView(machine)
+        self._cpu_view = hasattr(self.view, "current_cpu")     # its threads are the CPUs
         self.symbols = dict(symbols or {})
         self.host = host
         self.port = port
@@ -346,9 +347,13 @@ class GdbStub:
 
     # ------------------------------------------------------------------ running the machine
     def _resume(self, action: Resume, until: int | None) -> RunResult:
-        cpu = self._cpu_of(action.thread) if action.step else None
+        d = self.debug
+        cpu = self._cpu_of(action.thread) if action.step and action.thread is not None else None
         # A step steps the thread gdb names, else the one that stopped.
-        self.debug.select_cpu(self.debug.stop_cpu if cpu is None else cpu)
+        if cpu is None:
+            cpu = d.stop_cpu
+        if cpu != d.selected:
+            d.select_cpu(cpu)
         if action.addr is not None:
             self.debug.write_register(REG_INDEX["rip"], action.addr.to_bytes(8, "little"))
         self.debug.host_poll = self._poll
@@ -426,7 +431,7 @@ class GdbStub:
 
     def _sync_view(self) -> None:
         """Tell a CPU view where the machine stopped (its current thread)."""
-        if hasattr(self.view, "current_cpu"):
+        if self._cpu_view:
             self.view.current_cpu = self.debug.stop_cpu     # type: ignore[attr-defined]
 
     def _tid(self, tid: int) -> str:
