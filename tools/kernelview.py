@@ -20,9 +20,10 @@ registers, steps that CPU, and tells the view where the machine stopped
 CPU 0.
 
 Invariants: thread ids are positive and stable while the machine is stopped;
-exactly one thread is the one on the CPU (``current_thread``), and its
-registers are the live CPU registers (``thread_registers`` returns ``None``
-for it).  Views only read the machine; they never run it.
+exactly one thread is the current one (``current_thread``: the one on the
+CPU, or with several CPUs the CPU the machine stopped on), and a thread on a
+CPU has that CPU's live registers (``thread_registers`` returns ``None`` for
+it).  Views only read the machine; they never run it.
 """
 from __future__ import annotations
 
