@@ -345,6 +345,8 @@ class Machine:
         self.slice_limit: Callable[[], int | None] | None = None
         # debugger single step of one CPU of several (--smp): only this one runs (smp.run)
         self.run_only: Processor | None = None
+        # --smp: (CPU index, end of its turn) of a turn a run ended in; the next run goes on there
+        self.turn_at: tuple[int, int] | None = None
         # debugger single step with `step-irq off`: keep external interrupts pending
         self.hold_interrupts = False
         self.tracer = cfg.tracer
@@ -871,6 +873,7 @@ class Machine:
             "aps": [{"cpu": bytes(p.cpu.uc.context_save()), "halted": p.cpu.halted, "state": p.state.value,
                      "sipis": p.sipis} for p in self.processors[1:]],
             "per_cpu_instructions": [p.instructions for p in self.processors],
+            "turn_at": self.turn_at,
         }
 
     def restore(self, snap: dict) -> None:
@@ -888,6 +891,7 @@ class Machine:
         self.cpu.flush_tlb()
         for p, n in zip(self.processors, snap.get("per_cpu_instructions", [])):
             p.instructions = n
+        self.turn_at = snap.get("turn_at")
         for p, ap in zip(self.processors[1:], snap.get("aps", [])):
             ctx = p.cpu.uc.context_save()
             ctypes.memmove(ctx.context, ap["cpu"], len(ap["cpu"]))

@@ -201,15 +201,32 @@ def run(m: "Machine", until: int | None, max_instructions: int | None) -> "RunRe
     procs = m.processors if m.run_only is None else [m.run_only]     # a debugger step runs one CPU
     insn_limit = None if max_instructions is None else m.instructions + max_instructions
     m._stop_requested = None
+    # Discussion: a run that ended inside a CPU's turn (a time limit, a
+    # breakpoint, a stop) resumes inside that turn, with the same end, and the
+    # round goes on from there: a run cut into pieces (Harness.run_for in
+    # steps, the debugger, the CLI's pauses for host input) interleaves the
+    # CPUs as the same run in one piece.  A debugger step of one CPU leaves
+    # the place as it is.
+    resume, m.turn_at = (m.turn_at, None) if m.run_only is None else (None, m.turn_at)
     try:
         # This is our event loop: one round = one turn of every CPU.
         while True:
             for p in procs:
+                turn_end = None
+                if resume is not None:
+                    if p.index < resume[0]:
+                        continue                 # had its turn in this round already
+                    if p.index == resume[0]:
+                        turn_end = resume[1]
+                    resume = None
                 if p.state is not ApState.RUNNING:
                     continue
                 m._select(p)
-                r = _turn(m, p, until, insn_limit, turn_ns, nspi)
+                if turn_end is None:
+                    turn_end = clock._base + turn_ns
+                r = _turn(m, p, until, insn_limit, turn_end, nspi)
                 if r is not None:
+                    m.turn_at = (p.index, turn_end)
                     return r
             clock.run_due()
             if m._stop_requested is not None:
@@ -248,14 +265,13 @@ def _can_run(p: Processor) -> bool:
     return p.lapic.pending() and bool(cpu.rflags & _IF)
 
 
-def _turn(m: "Machine", p: Processor, until: int | None, insn_limit: int | None, turn_ns: int,
+def _turn(m: "Machine", p: Processor, until: int | None, insn_limit: int | None, turn_end: int,
           nspi: int) -> "RunResult | None":
-    """Run CPU ``p`` for one turn; a RunResult ends the whole run."""
+    """Run CPU ``p`` until virtual time ``turn_end``, the end of its turn; a RunResult ends the whole run."""
     from .pc import _HALT, _SHADOW, RunResult, Why
     cpu = p.cpu
     lapic = p.lapic
     clock = m.clock
-    turn_end = clock._base + turn_ns
     in_slice = lambda: cpu.retired_in_slice() * nspi      # noqa: E731 - the clock's slice source
     while True:
         cpu.invalidate_ctx()
