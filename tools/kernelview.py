@@ -95,6 +95,9 @@ class BareMetalView:
                 state = "halted" + ("" if cpu.interrupts_enabled() else " with interrupts off")
             else:
                 state = "executing"
+            if state == "waiting for SIPI":         # no mode yet: the SIPI starts it in real mode
+                out.append(ThreadInfo(self.CPU_TID + k, f"CPU{k}", f"bare metal, {state}"))
+                continue
             mode = ("long mode" if cpu.long_mode() else
                     "protected mode" if cpu.hflags() & HF.PE else "real mode")
             out.append(ThreadInfo(self.CPU_TID + k, f"CPU{k}", f"bare metal, {state}, {mode}, CPL {cpu.cpl()}"))

@@ -95,7 +95,7 @@ def test_every_cpu_is_a_thread(guest_dir: Path, cpus: int) -> None:
     xml = stub.handle(b"qXfer:threads:read::0,fff")
     assert b'<thread id="1" name="CPU0">bare metal, executing, protected mode, CPL 0</thread>' in xml
     for k in range(1, cpus):
-        assert f'<thread id="{k + 1:x}" name="CPU{k}">bare metal, waiting for SIPI'.encode() in xml
+        assert f'<thread id="{k + 1:x}" name="CPU{k}">bare metal, waiting for SIPI</thread>'.encode() in xml
     assert rsp.unhexlify(stub.handle(f"qThreadExtraInfo,{cpus:x}".encode())).startswith(
         f"CPU{cpus - 1}: bare metal, waiting for SIPI".encode())
     assert stub.handle(f"T{cpus:x}".encode()) == b"OK"
