@@ -527,7 +527,19 @@ class CPU:
         self.uc.ctl_flush_tb()
 
     def _remove_window_hook(self) -> None:
+        # Quirk (measured, Unicorn 2.1.4): uc_hook_del invalidates the blocks the
+        # hook was applied to, finding each block's page through the *current*
+        # page tables (get_page_addr_code).  A block whose page is not mapped now
+        # (another process's code, the AP trampoline, freed init code) makes that
+        # walk raise #PF into the CPU state outside any run: CR2, the error code
+        # and env->old_exception = 14 stay behind, so the guest's next #PF became
+        # #DF and the one after a silent triple fault (Unicorn halts; the CPU then
+        # retired nothing but the same block, slice after slice, and Linux with
+        # --smp 2 never got past `Run /init`, issue 12).  The state from before
+        # the call is put back.
+        self._sync_ctx()
         _lib.uc_hook_del(self.uc._uch, ctypes.c_size_t(self._window_hook))
+        self.uc.context_restore(self._ctx)
         self._window_hook = None
         self.uc.ctl_flush_tb()
 
