@@ -67,3 +67,33 @@ def test_window_hook_removal_keeps_cr2_and_the_next_page_faults() -> None:
         cpu.run(100)
         assert cpu.event is not None and cpu.event.vector == 14 and cpu.event.cr2 == 0x400000
         assert cpu.event.rip == h.addr_of("mov rbx, qword ptr [rax]")
+
+
+def test_count_hook_deletion_keeps_cr2_and_the_next_page_faults() -> None:
+    # The same quirk through emu_start's own count hook: a count-mode slice runs the block at
+    # 0x200000, CR3 changes, and the next block-mode slice (count=0) has its count hook deleted.
+    h = Harness.from_asm(CODE, org=0x1000)
+    m = h.machine
+    cpu = m.cpu
+    m.write_physical(0x200000, b"\xc3")
+    cpu.block_mode = False
+    r = m.run(until=1_000_000)
+    assert r.why == Why.DEAD and cpu._count_hook.value != 0       # the offset names emu_start's count hook
+    _map_first_2m_only(m)
+    cpu.uc.reg_write(X.UC_X86_REG_CR3, NEW_TABLES)
+    cpu.uc.reg_write(X.UC_X86_REG_CR2, MARK_CR2)
+    cpu.invalidate_ctx()
+    cpu.halted = False
+    cpu.block_mode = True
+    fault = h.addr_of("mov rax, 0x400000")
+    cpu.rip = fault - 4
+    cpu.run(cpu.BLOCK_MIN)                                        # nop x4, then the fault: a block-mode slice
+    assert cpu._count_hook.value == 0
+    ev = cpu.event
+    assert ev is not None and ev.vector == 14 and ev.cr2 == 0x400000   # before: #DF
+    for _ in range(2):
+        cpu.rip = fault
+        cpu.event = None
+        cpu.uc.reg_write(X.UC_X86_REG_CR2, MARK_CR2)
+        cpu.run(cpu.BLOCK_MIN)
+        assert cpu.event is not None and cpu.event.vector == 14 and cpu.event.cr2 == 0x400000
