@@ -249,6 +249,10 @@ ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 # (followed by `emu_count`).  Measured by scanning the struct after a known
 # count; tests/machine/test_cpu.py re-checks it.
 _EMU_COUNTER_OFF = 1368
+# `uc_hook count_hook` (the instruction-count hook emu_start adds for count > 0),
+# just before emu_counter: measured like it (non-zero after a count-mode run,
+# 0 after a count=0 one); tests/machine/test_window_hook.py re-checks it.
+_COUNT_HOOK_OFF = _EMU_COUNTER_OFF - 8
 # Offsets to Unicorn 2.1.4's live vCPU, measured like the one above (scan for a
 # register pattern, then for the field a HLT sets): `CPUState *cpu` in `struct
 # uc_struct`, `uint32_t halted` in CPUState (do_hlt sets it, resume_all_vcpus
@@ -386,6 +390,7 @@ class CPU:
         addr = ctypes.cast(uc._uch, ctypes.c_void_p).value
         self._counter = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF)
         self._emu_count = ctypes.c_uint64.from_address(addr + _EMU_COUNTER_OFF + 8)
+        self._count_hook = ctypes.c_uint64.from_address(addr + _COUNT_HOOK_OFF)
         # Slices Unicorn ended with nothing of ours stopping them and no HLT (see run()).
         self.early_returns = 0
         self.last_early_return_rip = 0
@@ -527,9 +532,36 @@ class CPU:
         self.uc.ctl_flush_tb()
 
     def _remove_window_hook(self) -> None:
-        _lib.uc_hook_del(self.uc._uch, ctypes.c_size_t(self._window_hook))
+        self._hook_del_keeping_state(self._window_hook)
         self._window_hook = None
         self.uc.ctl_flush_tb()
+
+    def _drop_count_hook(self) -> None:
+        """Before a count=0 run: delete the count hook of the last count-mode run
+        here (with the state kept) instead of inside emu_start, which deletes it
+        with uc_hook_del too (see _hook_del_keeping_state) and flushes the
+        translations, as this does."""
+        h = self._count_hook.value
+        if h:
+            self._hook_del_keeping_state(h)
+            self._count_hook.value = 0
+            self.uc.ctl_flush_tb()
+
+    def _hook_del_keeping_state(self, handle: int) -> None:
+        """uc_hook_del between slices, the CPU state kept.
+
+        Quirk (measured, Unicorn 2.1.4): uc_hook_del invalidates the blocks the
+        hook was applied to, finding each block's page through the *current*
+        page tables (get_page_addr_code).  A block whose page is not mapped now
+        (another process's code, the AP trampoline, freed init code) makes that
+        walk raise #PF into the CPU state outside any run: CR2, the error code
+        and env->old_exception = 14 stay behind, so the guest's next #PF became
+        #DF and the one after a silent triple fault (Unicorn halts; the CPU then
+        retired the same block, slice after slice: Linux with --smp 2 never got
+        past `Run /init`, issue 12).  The state from before the call is put back."""
+        self._sync_ctx()
+        _lib.uc_hook_del(self.uc._uch, ctypes.c_size_t(handle))
+        self.uc.context_restore(self._ctx)
 
     def arm_interrupt_window(self) -> None:
         """Stop at the first block boundary where RFLAGS.IF=1 (an interrupt is waiting)."""
@@ -1189,6 +1221,7 @@ class CPU:
         bc = self._bc
         self._bc_counter.value = 0
         self._bc_limit.value = count
+        self._drop_count_hook()
         cut = False
         while True:
             self._bc_hit.value = 0

@@ -158,9 +158,12 @@ def test_slice_ending_inside_a_block_stops_where_count_mode_does(k):
 def test_timer_slices_end_without_flushing_translations():
     # The compute loop under a 100 us LAPIC timer (paging, the real interrupt
     # path): deadlines fall inside blocks; no slice end flushes the
-    # translations (count mode did, twice per slice).  One flush is allowed:
-    # the run's last slice, cut by max_instructions below BLOCK_MIN, runs in
-    # count mode.
+    # translations (count mode did, twice per slice).  Two flushes are
+    # allowed: the previous run's last slice, cut by max_instructions below
+    # BLOCK_MIN, ran in count mode, so this run's first slice drops the count
+    # hook and flushes (CPU._drop_count_hook; Unicorn's emu_start did that same
+    # flush itself before, unseen here), and this run's last slice is such a
+    # count-mode slice again.
     h = Harness.from_asm(_timer_guest(100_000, LOOP), mem=128 << 20)
     cpu = h.machine.cpu
     cpu.block_mode = True
@@ -170,4 +173,4 @@ def test_timer_slices_end_without_flushing_translations():
     irqs = h.irq_counts.get(0x40, 0)
     h.run(max_instructions=3_000_000)
     assert h.irq_counts.get(0x40, 0) - irqs >= 25
-    assert len(flushes) <= 1
+    assert len(flushes) <= 2
