@@ -532,23 +532,23 @@ class CPU:
         self.uc.ctl_flush_tb()
 
     def _remove_window_hook(self) -> None:
-        self._hook_del_keeping_state(self._window_hook)
+        self.hook_del(self._window_hook)
         self._window_hook = None
         self.uc.ctl_flush_tb()
 
     def _drop_count_hook(self) -> None:
         """Before a count=0 run: delete the count hook of the last count-mode run
         here (with the state kept) instead of inside emu_start, which deletes it
-        with uc_hook_del too (see _hook_del_keeping_state) and flushes the
+        with uc_hook_del too (see hook_del) and flushes the
         translations, as this does."""
         h = self._count_hook.value
         if h:
-            self._hook_del_keeping_state(h)
+            self.hook_del(h)
             self._count_hook.value = 0
             self.uc.ctl_flush_tb()
 
-    def _hook_del_keeping_state(self, handle: int) -> None:
-        """uc_hook_del between slices, the CPU state kept.
+    def hook_del(self, handle: int) -> None:
+        """uc_hook_del between slices, the CPU state kept (use it for every hook removal).
 
         Quirk (measured, Unicorn 2.1.4): uc_hook_del invalidates the blocks the
         hook was applied to, finding each block's page through the *current*

@@ -270,7 +270,7 @@ class _Watch:
         self.addr = addr
         self.length = length
         self.kind = kind
-        self.hooks: list[tuple[object, int]] = []      # (Unicorn, handle): every CPU's
+        self.hooks: list[tuple[object, int]] = []      # (CPU, handle): every CPU's
         self.count = 1
 
 
@@ -423,7 +423,7 @@ class Debug:
     def _disarm(self, bp: _Exit) -> None:
         if bp.hook is not None:
             for a, h in zip(self._cpus, bp.hook):
-                a.cpu.uc.hook_del(h)
+                a.cpu.hook_del(h)                # the CPU state kept (Unicorn's uc_hook_del quirk)
                 a.cpu.precise -= 1
                 self._drop_translations(a.cpu.uc, bp.addr)
             bp.hook = None
@@ -487,7 +487,7 @@ class Debug:
                 lo = max(0, piece.phys - WATCH_REACH)
                 for t in types:
                     hi = piece.phys + piece.length - 1
-                    w.hooks.append((a.cpu.uc, a.cpu.uc.hook_add(t, self._on_mem_hook, (piece, k), lo, hi)))
+                    w.hooks.append((a.cpu, a.cpu.uc.hook_add(t, self._on_mem_hook, (piece, k), lo, hi)))
             a.cpu.precise += 1                   # a hit stops right after its instruction: count mode
         self._watches[key] = w
 
@@ -517,8 +517,8 @@ class Debug:
         return True
 
     def _unhook(self, w: _Watch) -> None:
-        for uc, h in w.hooks:
-            uc.hook_del(h)
+        for cpu, h in w.hooks:
+            cpu.hook_del(h)
         for a in self._cpus:
             a.cpu.precise -= 1
 
