@@ -93,7 +93,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from .cpu import CPU, EFLAGS, HF, Ctx, RegBatch
+from .cpu import CPU, EFLAGS, HF, RegBatch
 from .mmu import CR0_PG, PTE_P, PTE_PS, PTE_U, PTE_W, PageFault, Paging
 from .pc import Machine, RunResult, Why
 from .smp import ApState
@@ -304,7 +304,7 @@ class Debug:
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
-        self._cpus: list[_CpuAccess] = [_CpuAccess(c) for c in getattr(machine, "cpus", [machine.cpu])]
+        self._cpus: list[_CpuAccess] = [_CpuAccess(c) for c in machine.cpus]
         self._multi = len(self._cpus) > 1
         self._index = {id(a.cpu): k for k, a in enumerate(self._cpus)}
         self.selected = 0                        # the CPU registers, memory and steps act on
@@ -354,21 +354,18 @@ class Debug:
 
     def cpu_state(self, k: int) -> str:
         """'waiting for SIPI', 'halted' or 'executing' (CPU ``k``)."""
-        procs = getattr(self.machine, "processors", None)
+        procs = self.machine.processors
         if procs and procs[k].state is ApState.WAIT_FOR_SIPI:
             return "waiting for SIPI"
         return "halted" if self._cpus[k].cpu.halted else "executing"
 
     def _lapic(self):
-        procs = getattr(self.machine, "processors", None)
+        procs = self.machine.processors
         return procs[self.selected].lapic if procs else self.machine.lapic
 
     def _paging(self) -> Paging:
-        """The selected CPU's paging state (Machine.paging is the running CPU's)."""
-        b = self.cpu.ctx_read()
-        hf = struct.unpack_from("<I", b, Ctx.HFLAGS)[0]
-        return Paging(struct.unpack_from("<Q", b, Ctx.CR0)[0], struct.unpack_from("<Q", b, Ctx.CR3)[0],
-                      struct.unpack_from("<Q", b, Ctx.CR4)[0], bool(hf & HF.LMA))
+        """The selected CPU's paging state (Machine.paging() alone is the running CPU's)."""
+        return self.machine.paging(self.cpu)
 
     def close(self) -> None:
         """Remove every breakpoint and watchpoint and detach from the run loop."""
@@ -867,7 +864,7 @@ class Debug:
         if not data:
             return
         m.write_physical(addr, data)
-        for cpu in getattr(m, "cpus", [m.cpu]):
+        for cpu in m.cpus:
             cpu.uc.ctl_flush_tb()
             cpu.uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
         self._pages.clear()

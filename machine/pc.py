@@ -567,8 +567,9 @@ class Machine:
             return e.error_code
         return None
 
-    def paging(self) -> Paging:
-        b = self.cpu.ctx_read()
+    def paging(self, cpu: CPU | None = None) -> Paging:
+        """The paging state of ``cpu`` (default: the running CPU)."""
+        b = (cpu or self.cpu).ctx_read()
         hf = struct.unpack_from("<I", b, Ctx.HFLAGS)[0]
         return Paging(struct.unpack_from("<Q", b, Ctx.CR0)[0], struct.unpack_from("<Q", b, Ctx.CR3)[0],
                       struct.unpack_from("<Q", b, Ctx.CR4)[0], bool(hf & HF.LMA))

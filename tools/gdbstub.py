@@ -204,7 +204,8 @@ class GdbStub:
         self.machine = machine
         self.debug = Debug(machine)
         self.view: KernelView = view or BareMetalView(machine)
-        self._cpu_view = hasattr(self.view, "current_cpu")     # its threads are the CPUs
+        # A view whose threads are the CPUs (BareMetalView): thread id -> CPU index.
+        self._thread_cpu: Callable[[int], int | None] | None = getattr(self.view, "thread_cpu", None)
         self.symbols = dict(symbols or {})
         self.host = host
         self.port = port
@@ -426,12 +427,11 @@ class GdbStub:
 
     def _cpu_of(self, tid: int | None) -> int | None:
         """The CPU index that thread ``tid`` is, if the view's threads are CPUs."""
-        thread_cpu = getattr(self.view, "thread_cpu", None)
-        return None if thread_cpu is None or tid is None else thread_cpu(tid)
+        return None if self._thread_cpu is None or tid is None else self._thread_cpu(tid)
 
     def _sync_view(self) -> None:
         """Tell a CPU view where the machine stopped (its current thread)."""
-        if self._cpu_view:
+        if self._thread_cpu is not None:
             self.view.current_cpu = self.debug.stop_cpu     # type: ignore[attr-defined]
 
     def _tid(self, tid: int) -> str:
@@ -939,7 +939,8 @@ class GdbStub:
     # document, so 'info threads' needs no qThreadExtraInfo either (gdbserver
     # does the same; QEMU 7.2 offers only the q*ThreadInfo pair).
     def _thread_list(self) -> bytes:
-        rows = "".join(f'<thread id="{self._tid(t.tid)}" name="{_xml_attr(t.name)}">{_xml_text(t.extra)}</thread>'
+        from xml.sax.saxutils import escape, quoteattr
+        rows = "".join(f'<thread id="{self._tid(t.tid)}" name={quoteattr(t.name)}>{escape(t.extra)}</thread>'
                        for t in self.view.threads())
         return f'<?xml version="1.0"?><threads>{rows}</threads>'.encode()
 
@@ -1300,14 +1301,6 @@ _SYSTEM_TYPES_32 = ("Reserved", "TSS16-avl", "LDT", "TSS16-busy", "CallGate16", 
 _SYSTEM_TYPES_64 = ("<hiword>", "Reserved", "LDT", "Reserved", "Reserved", "Reserved", "Reserved", "Reserved",
                     "Reserved", "TSS64-avl", "Reserved", "TSS64-busy", "CallGate64", "Reserved", "IntGate64",
                     "TrapGate64")
-
-
-def _xml_text(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _xml_attr(text: str) -> str:
-    return _xml_text(text).replace('"', "&quot;")
 
 
 def _packet_name(p: bytes) -> str:

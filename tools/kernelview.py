@@ -90,17 +90,14 @@ class BareMetalView:
         out = []
         for k, cpu in enumerate(m.cpus):
             if procs and procs[k].state is ApState.WAIT_FOR_SIPI:
-                state = "waiting for SIPI"
-            elif cpu.halted:
-                state = "halted" + ("" if cpu.interrupts_enabled() else " with interrupts off")
+                extra = "bare metal, waiting for SIPI"     # no mode yet: the SIPI starts it in real mode
             else:
-                state = "executing"
-            if state == "waiting for SIPI":         # no mode yet: the SIPI starts it in real mode
-                out.append(ThreadInfo(self.CPU_TID + k, f"CPU{k}", f"bare metal, {state}"))
-                continue
-            mode = ("long mode" if cpu.long_mode() else
-                    "protected mode" if cpu.hflags() & HF.PE else "real mode")
-            out.append(ThreadInfo(self.CPU_TID + k, f"CPU{k}", f"bare metal, {state}, {mode}, CPL {cpu.cpl()}"))
+                state = ("executing" if not cpu.halted else
+                         "halted" + ("" if cpu.interrupts_enabled() else " with interrupts off"))
+                mode = ("long mode" if cpu.long_mode() else
+                        "protected mode" if cpu.hflags() & HF.PE else "real mode")
+                extra = f"bare metal, {state}, {mode}, CPL {cpu.cpl()}"
+            out.append(ThreadInfo(self.CPU_TID + k, f"CPU{k}", extra))
         return out
 
     def current_thread(self) -> int:
