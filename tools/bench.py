@@ -96,9 +96,9 @@ def _timer_guest(period_ns: int, body: str) -> str:
 
 
 def bench_compute(quick: bool) -> list[Row]:
-    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
     from unicorn.x86_const import UC_X86_REG_RSP
 
+    from vmk.machine.cpu import new_unicorn
     from vmk.testing import Harness, assemble
     from vmk.testing.baremetal import install_runtime
 
@@ -107,7 +107,7 @@ def bench_compute(quick: bool) -> list[Row]:
 
     def raw_run() -> float:
         # Reference: raw Unicorn, count mode (the mode vmk must use for exact time), one call.
-        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc = new_unicorn()            # placed as vmk's CPU places it
         uc.mem_map(0, 4 << 20)
         uc.mem_write(0x100000, code)
         uc.reg_write(UC_X86_REG_RSP, 0x80000)
@@ -320,9 +320,11 @@ bench_loop:
 
 def _raw_unicorn_rate_in_process(iters: int, kernel: Path) -> float:
     """:func:`_raw_unicorn_loop_rate` in a process of its own, as vmk and QEMU are
-    measured: on this VM a process's speed is set when it starts (which vCPU,
-    where its translated code lands: the same loop ran at 700 or 2,300 M/s from
-    one process to the next), so every side gets the best of as many processes."""
+    measured: on this VM a process's speed varies with the vCPU it runs on and
+    the host's load, so every side gets the best of as many processes.  Its
+    Unicorn is placed as vmk's CPU places its own (:func:`vmk.machine.cpu.new_unicorn`:
+    placed where Linux puts it, the same loop ran at 700 or 2,300 M/s from one
+    process to the next)."""
     code = ("import sys; from pathlib import Path; from vmk.tools.bench import _raw_unicorn_loop_rate; "
             "print(_raw_unicorn_loop_rate(int(sys.argv[1]), Path(sys.argv[2])))")
     proc = subprocess.run([sys.executable, "-c", code, str(iters), str(kernel)], capture_output=True, text=True,
@@ -334,16 +336,16 @@ def _raw_unicorn_rate_in_process(iters: int, kernel: Path) -> float:
 
 def _raw_unicorn_loop_rate(iters: int, kernel: Path) -> float:
     """Raw Unicorn, count=0 and no hooks (the ceiling), on benchloop's own loop bytes."""
-    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
     from unicorn.x86_const import UC_X86_REG_RBX, UC_X86_REG_RSP
 
+    from vmk.machine.cpu import new_unicorn
     from vmk.testing import assemble
 
     base = 0x100000
     code = assemble(BENCH_LOOP, base)
     if code not in kernel.read_bytes():
         raise RuntimeError("benchloop.elf does not hold tools/bench.py's BENCH_LOOP bytes")
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = new_unicorn()            # placed as vmk's CPU places it
     uc.mem_map(0, 4 << 20)
     uc.mem_write(base, code)
     uc.reg_write(UC_X86_REG_RSP, 0x80000)

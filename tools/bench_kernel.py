@@ -240,12 +240,13 @@ memory = "64K"
     k.run(until=10_000_000_000)
     ours = n / (time.perf_counter() - t)
     # reference: raw Unicorn, same loop shape, Python syscall hook writing RAX
-    from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
+    from unicorn import UC_HOOK_INSN
     from unicorn.x86_const import UC_X86_INS_SYSCALL, UC_X86_REG_RAX
 
+    from vmk.machine.cpu import new_unicorn
     from vmk.testing import assemble
     code = assemble(f"mov r12, {n}\nagain:\nmov rax, 13\nsyscall\ndec r12\njnz again\nhlt", 0x1000)
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = new_unicorn()            # placed as vmk's CPU places it
     uc.mem_map(0, 0x100000)
     uc.mem_write(0x1000, code)
     uc.hook_add(UC_HOOK_INSN, lambda u, d: u.reg_write(UC_X86_REG_RAX, 1), None, 1, 0, UC_X86_INS_SYSCALL)
