@@ -246,6 +246,7 @@ class CpuEvent:
         return f"CpuEvent(vector={self.vector}{ec} rip={self.rip:#x})"
 
 
+EXC_DOUBLE_FAULT = 8
 # Exceptions that push an error code (SDM vol. 3, table 6-1).
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
@@ -491,6 +492,8 @@ class CPU:
         # hooks too: block decoding, the insn emulation and the port bus read it
         # without a register read.
         self.live_hflags = ctypes.c_uint32.from_address(self._vcpu_env + Ctx.HFLAGS - Ctx.REGS)
+        # The live env->old_exception (see _emu_start).
+        self._old_exception = ctypes.c_int32.from_address(self._vcpu_env + Ctx.OLD_EXCEPTION - Ctx.REGS)
         # Unicorn exit addresses (debugger breakpoints): a slice that ends early
         # at one of them is a breakpoint stop, not a HLT.
         self.exit_addresses: frozenset[int] = frozenset()
@@ -1257,6 +1260,14 @@ class CPU:
         that retired nothing would loop for ever, so it is an error."""
         if self.exit_addresses and self._rip.read()[0] in self.exit_addresses:
             return Stop.REQUEST
+        if self._old_exception.value == EXC_DOUBLE_FAULT:
+            # Unicorn's own triple fault (a fault while it had a #DF pending:
+            # it returns as if halted).  _emu_start clears old_exception, so
+            # this would be a new quirk: say so rather than run on in a loop.
+            self._old_exception.value = -1
+            self.error = (f"Unicorn ended the slice in a triple fault of its own at RIP {self._rip.read()[0]:#x} "
+                          "(a fault while a double fault was pending, not delivered to the machine)")
+            return Stop.ERROR
         if self._halt_retired():
             self.halted = True
             return _HALT
@@ -1281,7 +1292,16 @@ class CPU:
 
     def _emu_start(self, count: int) -> None:
         """One ``emu_start`` of ``count`` instructions (0: no count limit); an
-        emulation error becomes ``Stop.ERROR`` with ``self.error`` set."""
+        emulation error becomes ``Stop.ERROR`` with ``self.error`` set.
+
+        Quirk: QEMU resets env->old_exception when it has delivered an
+        exception; under Unicorn the machine delivers them, so a value left
+        behind (by a fault raised outside any run, as uc_hook_del's page walk
+        did: see hook_del) turned the guest's next #PF into #DF and the one
+        after into a triple fault that ends emu_start without a word.
+        No exception is ever being delivered when a slice starts: every slice
+        starts with none."""
+        self._old_exception.value = -1
         try:
             status, self.rflags_after = _run(self._uch, count, _END)
             if status:
