@@ -256,7 +256,7 @@ ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 _EMU_COUNTER_OFF = 1368
 # `uc_hook count_hook` (the instruction-count hook emu_start adds for count > 0),
 # just before emu_counter: measured like it (non-zero after a count-mode run,
-# 0 after a count=0 one); tests/machine/test_window_hook.py re-checks it.
+# 0 after a count=0 one); tests/machine/test_stale_fault_state.py re-checks it.
 _COUNT_HOOK_OFF = _EMU_COUNTER_OFF - 8
 # Offsets to Unicorn 2.1.4's live vCPU, measured like the one above (scan for a
 # register pattern, then for the field a HLT sets): `CPUState *cpu` in `struct
