@@ -17,9 +17,9 @@
  *    guest sets IF again (STI + its shadow, POPF, IRET), but Unicorn cannot
  *    hook those instructions.  QEMU ends a translation block after each of
  *    them, so a block hook sees the first block after IF went to 1.  While
- *    `armed` is set the hook reads RFLAGS and stops the emulation when IF=1;
- *    the machine then delivers at that exact instruction boundary.
- *    Disarmed, it costs one load and a branch per block.
+ *    the window is armed the block counter's hook (below) reads RFLAGS and
+ *    stops the emulation when IF=1; the machine then delivers at that exact
+ *    instruction boundary.  Disarmed, it costs one load and a branch per block.
  *
  * 3. Interrupt delivery, the common case.  `deliver64` delivers a hardware
  *    interrupt or exception in long mode through a 64-bit interrupt or trap
@@ -48,12 +48,14 @@ typedef int (*uc_reg_batch_fn)(void *uc, int *regs, void **vals, int count);
 typedef int (*uc_emu_stop_fn)(void *uc);
 typedef int (*uc_emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
 typedef int (*uc_context_save_fn)(void *uc, void *context);
+typedef int (*uc_vmem_read_fn)(void *uc, uint64_t address, int prot, void *bytes, size_t size);
 
 static uc_reg_read_fn p_reg_read;
 static uc_reg_batch_fn p_reg_write_batch;
 static uc_emu_stop_fn p_emu_stop;
 static uc_emu_start_fn p_emu_start;
 static uc_context_save_fn p_context_save;
+static uc_vmem_read_fn p_vmem_read;
 static int rflags_id, rip_id, rsp_id;
 
 /* Saved-context offsets (cpu.py's Ctx). */
@@ -242,10 +244,37 @@ static void gw_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t val
  * tests/machine/test_block_count.py), and cpu.py runs the rest of the budget
  * in count mode.  The layout is read and written by cpu.py through ctypes at
  * the BC_* offsets it declares: keep them in step.
+ *
+ * Self-modifying code: an entry also keeps which translation it was seen from
+ * (the hook's return address, inside the translated block: Unicorn calls a
+ * lone block hook directly) and a hash of the block's bytes.  A block
+ * entered from another translation (Unicorn translates again after a write
+ * to the block's page, or after a flush) has its bytes hashed again, in C:
+ * the same bytes keep the count, other bytes are decoded again.  Before,
+ * code rewritten in place with the same block size kept its old count:
+ * Linux's alternatives patching put block mode 10 us behind count mode from
+ * "Freeing SMP alternatives memory" on.
+ *
+ * The interrupt window: while armed, the first block entered
+ * with RFLAGS.IF=1 is not counted and ends the run before it.  (It was a
+ * second block hook; with two, Unicorn calls each through its dispatcher,
+ * and the return address above would no longer name the translation.)
  */
 #define BC_SLOTS 65536
+/* Entries per set, most recent first.  Direct-mapped (one way), two hot blocks
+   of one loop that hashed to the same slot evicted each other on every entry:
+   Linux's decompressor went to Python and capstone 2 x 127,640 times in its
+   first 0.6 s (half the run's wall time). */
+#define BC_WAYS 4
 #define BC_PRECISE 0x80000000u    /* decode's flag: run this block in count mode */
-typedef struct { uint64_t pc; uint64_t cr3; uint32_t size; uint32_t n; } bc_entry;
+typedef struct {
+    uint64_t pc;
+    uint64_t cr3;
+    uint32_t size;
+    uint32_t n;         /* instructions, | BC_PRECISE; 0: none (a free slot) */
+    uint64_t host;      /* the translation it was last entered from (0: check the bytes) */
+    uint64_t sum;       /* hash of its bytes */
+} bc_entry;
 typedef struct {
     uint64_t counter;   /*  0: instructions of the blocks entered */
     uint64_t limit;     /*  8: a block that would pass this is not entered */
@@ -256,26 +285,79 @@ typedef struct {
     uint32_t last_n;    /* 36 */
     uint64_t misses;    /* 40: decode calls */
     uint64_t last_cr3;  /* 48: CR3 when the last block was entered */
-    const volatile uint64_t *cr3p;  /* 56: the live env->cr[3] (NULL: key without it) */
+    const volatile uint64_t *cr3p;  /* 56: the live env->cr[3] (bc_new given 0: a zero, keys without it) */
     PyObject *decode;   /* 64 */
     bc_entry memo;      /* 72: the entry found last (a loop finds its block here, not in the
                            table); after hit 1, the block that was not entered */
     bc_entry table[BC_SLOTS];
+    volatile int32_t *window;   /* the CPU's interrupt window, int32[2]: [0] armed, [1] fired
+                                   (arming also clears memo.host: see block_count_hook) */
 } blockcount;
 
-static blockcount *cur_bc;      /* the one CPU running in block mode (for the window hook) */
+static uint8_t bc_bytes[8192];
+
+/* FNV-1a over the block's bytes, read through the current page tables (as
+   the decode reads them); 0 when they cannot be read. */
+static uint64_t block_sum(void *uc, uint64_t pc, uint32_t size)
+{
+    if (size > sizeof(bc_bytes) || p_vmem_read(uc, pc, 4 /* UC_PROT_EXEC */, bc_bytes, size) != 0)
+        return 0;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (uint32_t i = 0; i < size; i++)
+        h = (h ^ bc_bytes[i]) * 0x100000001b3ull;
+    return h | 1;
+}
+
+
+/* The window is open (RFLAGS.IF=1): this block is not entered. */
+static __attribute__((noinline)) int window_opens(void *uc, blockcount *b)
+{
+    uint64_t rflags = 0;
+    p_reg_read(uc, rflags_id, &rflags);
+    if (!(rflags & 0x200))
+        return 0;
+    b->window[0] = 0;
+    b->window[1] = 1;
+    b->last_n = 0;
+    p_emu_stop(uc);
+    return 1;
+}
 
 /* The hook's table look-up, decode and stops (block_count_hook is the fast path). */
 static __attribute__((noinline)) void block_count_slow(void *uc, blockcount *b, uint64_t pc, uint32_t size,
-                                                       uint64_t cr3)
+                                                       uint64_t cr3, uint64_t host)
 {
     uint64_t k = pc ^ (pc >> 16) ^ (cr3 >> 12) ^ (cr3 >> 28);
     uint32_t h = (uint32_t)((k + ((uint64_t)size << 5)) * 0x9E3779B1u) >> 16;
-    bc_entry *e = &b->table[h];
+    bc_entry *set = &b->table[h & ~(uint32_t)(BC_WAYS - 1)];
+    if (b->window[0] && window_opens(uc, b))
+        return;
+    bc_entry *e = NULL;
+    bc_entry fresh;
     uint32_t n;
-    if (e->pc == pc && e->size == size && e->cr3 == cr3 && e->n) {
+    int i, stale = BC_WAYS - 1;
+    for (i = 0; i < BC_WAYS; i++) {
+        if (set[i].pc == pc && set[i].size == size && set[i].cr3 == cr3 && set[i].n)
+            break;
+    }
+    if (i < BC_WAYS && set[i].host != host) {
+        /* Another translation of the block: the count holds if its bytes do. */
+        if (block_sum(uc, pc, size) == set[i].sum) {
+            set[i].host = host;
+        } else {
+            stale = i;                              /* its place goes to the new decode */
+            i = BC_WAYS;
+        }
+    }
+    if (i < BC_WAYS) {
         if (!b->active)
             return;
+        if (i) {                                    /* to the front of its set */
+            bc_entry hit = set[i];
+            memmove(&set[1], &set[0], (size_t)i * sizeof(bc_entry));
+            set[0] = hit;
+        }
+        e = &set[0];
         n = e->n;
     } else {
         if (!b->active && !PyGILState_Check())
@@ -293,14 +375,25 @@ static __attribute__((noinline)) void block_count_slow(void *uc, blockcount *b, 
             return;
         }
         b->misses++;
-        e->pc = pc;
-        e->cr3 = cr3;
-        e->size = size;
-        e->n = n;
+        fresh.pc = pc;
+        fresh.cr3 = cr3;
+        fresh.size = size;
+        fresh.n = n;
+        fresh.host = host;
+        fresh.sum = block_sum(uc, pc, size);
+        if (n) {                                    /* the stale or the least recent entry goes */
+            memmove(&set[1], &set[0], (size_t)stale * sizeof(bc_entry));
+            set[0] = fresh;
+            e = &set[0];
+        } else {
+            e = &fresh;                             /* not counted: the block runs again, hooked */
+        }
         if (!b->active)
             return;
     }
     b->memo = *e;
+    if (b->window[0])
+        b->memo.host = 0;                           /* armed: the next block comes here too */
     if (n & BC_PRECISE) {
         /* The block does port I/O: its hooks may need to stop right after
            their instruction (a #GP, an interrupt), which only count mode
@@ -330,13 +423,18 @@ static __attribute__((noinline)) void block_count_slow(void *uc, blockcount *b, 
    (the block entered last, or the one before it in a loop, under the budget)
    is a leaf with no stack frame: the memo of the entry used last instead of
    the hash and the table, and no stores but the counts. */
+/* Discussion: the fast path is the memo check alone.  An armed window is
+   checked in the slow path: arming clears memo.host (no translation has
+   address 0), and the slow path keeps it cleared while the window stays
+   armed, so every block comes through it until the window opens. */
 static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
 {
     blockcount *b = (blockcount *)ud;
-    uint64_t cr3 = b->cr3p ? *b->cr3p : 0;
+    uint64_t host = (uint64_t)(uintptr_t)__builtin_return_address(0);
+    uint64_t cr3 = *b->cr3p;
     uint32_t n = b->memo.n;
-    if (b->memo.pc == pc && b->memo.size == size && b->memo.cr3 == cr3 && n && !(n & BC_PRECISE)
-            && b->counter + n <= b->limit && b->active) {
+    if (b->memo.host == host && b->memo.pc == pc && b->memo.size == size && b->memo.cr3 == cr3 && n
+            && !(n & BC_PRECISE) && b->counter + n <= b->limit && b->active) {
         b->counter += n;
         b->last_pc = pc;
         b->last_cr3 = cr3;
@@ -346,22 +444,25 @@ static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
     }
     /* Inactive (count mode) the slow path still decodes each new block once:
        the decode finds the instructions cpu.py emulates (insn emulation block). */
-    block_count_slow(uc, b, pc, size, cr3);
+    block_count_slow(uc, b, pc, size, cr3, host);
 }
 
 static PyObject *bc_new(PyObject *self, PyObject *args)
 {
     PyObject *decode;
-    unsigned long long cr3a;
+    unsigned long long cr3a, windowa;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OK", &decode, &cr3a))
+    if (!PyArg_ParseTuple(args, "OKK", &decode, &cr3a, &windowa))
         return NULL;
     blockcount *b = (blockcount *)calloc(1, sizeof(blockcount));
     if (b == NULL)
         return PyErr_NoMemory();
     Py_INCREF(decode);
     b->decode = decode;
-    b->cr3p = (const volatile uint64_t *)(uintptr_t)cr3a;
+    static const uint64_t no_cr3 = 0;
+    static int32_t no_window[2];
+    b->cr3p = cr3a ? (const volatile uint64_t *)(uintptr_t)cr3a : &no_cr3;
+    b->window = windowa ? (volatile int32_t *)(uintptr_t)windowa : no_window;
     return PyLong_FromVoidPtr(b);
 }
 
@@ -376,13 +477,28 @@ static PyObject *bc_clear(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* After a flush of the translations: Unicorn places the new ones from the
+   start of its buffer again, so a rewritten block could come back at the
+   address its old translation had; every entry checks its bytes once. */
+static PyObject *bc_forget_translations(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    blockcount *b = (blockcount *)PyLong_AsVoidPtr(arg);
+    if (b == NULL)
+        return NULL;
+    for (size_t i = 0; i < BC_SLOTS; i++)
+        b->table[i].host = 0;
+    b->memo.host = 0;
+    Py_RETURN_NONE;
+}
+
 static PyObject *bc_select(PyObject *self, PyObject *arg)
 {
     (void)self;
-    cur_bc = (blockcount *)PyLong_AsVoidPtr(arg);
+    blockcount *b = (blockcount *)PyLong_AsVoidPtr(arg);
     if (PyErr_Occurred())
         return NULL;
-    cur_last_n = cur_bc != NULL ? &cur_bc->last_n : NULL;
+    cur_last_n = b != NULL ? &b->last_n : NULL;
     Py_RETURN_NONE;
 }
 
@@ -392,36 +508,13 @@ static PyObject *bc_free(PyObject *self, PyObject *arg)
     blockcount *b = (blockcount *)PyLong_AsVoidPtr(arg);
     if (b == NULL)
         return NULL;
-    if (cur_bc == b) {
-        cur_bc = NULL;
+    if (cur_last_n == &b->last_n)
         cur_last_n = NULL;
-    }
     Py_XDECREF(b->decode);
     free(b);
     Py_RETURN_NONE;
 }
 
-/* user_data points at the CPU's window, an int32[2] owned by Python: [0] armed, [1] fired. */
-static void window_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
-{
-    volatile int32_t *window = (volatile int32_t *)user_data;
-    (void)size;
-    if (!window[0])
-        return;
-    uint64_t rflags = 0;
-    p_reg_read(uc, rflags_id, &rflags);
-    if (rflags & 0x200) {
-        /* Block mode: the count hook runs first and has counted this block,
-           which will not run now. */
-        if (cur_bc != NULL && cur_bc->active && cur_bc->last_n && cur_bc->last_pc == address) {
-            cur_bc->counter -= cur_bc->last_n;
-            cur_bc->last_n = 0;
-        }
-        window[0] = 0;
-        window[1] = 1;
-        p_emu_stop(uc);
-    }
-}
 
 /* ---------------------------------------------------------------- running */
 
@@ -772,12 +865,12 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *names[] = {"reg_read", "reg_write_batch", "emu_stop", "emu_start", "context_save",
                             "reg_read_batch", "reg_write", "rip_id", "rsp_id", "rflags_id", "offsets",
-                            "syscall_regs", NULL};
-    unsigned long long rr, rwb, es, est, cs, rrb, rw;
+                            "syscall_regs", "vmem_read", NULL};
+    unsigned long long rr, rwb, es, est, cs, rrb, rw, vr;
     PyObject *offs, *sregs;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKKKKKKiiiOO", names, &rr, &rwb, &es, &est, &cs, &rrb, &rw,
-                                     &rip_id, &rsp_id, &rflags_id, &offs, &sregs))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKKKKKKiiiOOK", names, &rr, &rwb, &es, &est, &cs, &rrb, &rw,
+                                     &rip_id, &rsp_id, &rflags_id, &offs, &sregs, &vr))
         return NULL;
     if (!PyArg_ParseTuple(sregs, "iiiiiii", &sys_ids[0], &sys_ids[1], &sys_ids[2], &sys_ids[3], &sys_ids[4],
                           &sys_ids[5], &sys_ids[6]))
@@ -793,7 +886,8 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
     p_emu_stop = (uc_emu_stop_fn)(uintptr_t)es;
     p_emu_start = (uc_emu_start_fn)(uintptr_t)est;
     p_context_save = (uc_context_save_fn)(uintptr_t)cs;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    p_vmem_read = (uc_vmem_read_fn)(uintptr_t)vr;
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "blockcount", (unsigned long long)(uintptr_t)&block_count_hook,
                          "syscall", (unsigned long long)(uintptr_t)&gw_syscall,
                          "in", (unsigned long long)(uintptr_t)&gw_in,
@@ -806,8 +900,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
                          "mem_noop", (unsigned long long)(uintptr_t)&gw_mem_noop,
                          "mmio_read", (unsigned long long)(uintptr_t)&gw_mmio_read,
                          "mmio_write", (unsigned long long)(uintptr_t)&gw_mmio_write,
-                         "mmio_writing", (unsigned long long)(uintptr_t)&mmio_writing,
-                         "window", (unsigned long long)(uintptr_t)&window_hook);
+                         "mmio_writing", (unsigned long long)(uintptr_t)&mmio_writing);
 }
 
 static PyObject *insn_gateways(PyObject *self, PyObject *unused);   /* insn emulation block, below */
@@ -829,9 +922,10 @@ static PyMethodDef methods[] = {
     {"deliver64", deliver64, METH_VARARGS,
      "deliver64(uc, ctx, ram, ram_size, vector, ec, has_ec, fresh) -> 0 delivered / 1 take the general path"},
     {"window", window, METH_VARARGS, "window(uc, ctx) -> 0 IF=0 / 1 shadow / 2 open (saves the context)"},
-    {"bc_new", bc_new, METH_VARARGS, "bc_new(decode, cr3_address or 0) -> address of a block counter (decode(pc, size, cr3) -> count)"},
+    {"bc_new", bc_new, METH_VARARGS, "bc_new(decode, cr3_address or 0, window_address or 0) -> address of a block counter (decode(pc, size, cr3) -> count)"},
+    {"bc_forget_translations", bc_forget_translations, METH_O, "bc_forget_translations(address): after a flush, every entry checks its bytes once"},
     {"bc_clear", bc_clear, METH_O, "bc_clear(address): forget every cached block count"},
-    {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter the window hook corrects"},
+    {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter a SYSCALL door's context switch resets"},
     {"bc_free", bc_free, METH_O, "bc_free(address)"},
     {"insn_gateways", insn_gateways, METH_NOARGS, "insn_gateways() -> {name: C function address} (insn emulation)"},
     {"iret_filter_new", iret_filter_new, METH_VARARGS,

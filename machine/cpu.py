@@ -277,6 +277,7 @@ _CUT_MAX = 511                      # a block has at most TCG_MAX_INSNS = 512 in
 # a budget stop (hit 1), the block that was not entered.
 _BC_MEMO_PC = 72
 _BC_MEMO_N = 72 + 20
+_BC_MEMO_HOST = 72 + 24
 # Block mode: a block with one of these runs in count mode (_fasthooks BC_PRECISE).
 _PORT_IO = frozenset({"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"})
 # Quirk (measured, Unicorn 2.1.4): the CMPXCHG8B/16B helper takes the flags it
@@ -325,7 +326,8 @@ _GATEWAYS = _fasthooks.setup(
     offsets=(Ctx.REGS, Ctx.RIP, Ctx.EFLAGS, Ctx.HFLAGS, Ctx.SEGS, Ctx.GDT, Ctx.IDT, Ctx.CR0, Ctx.CR3),
     # The Linux convention: number in RAX, arguments in RDI, RSI, RDX, R10, R8, R9.
     syscall_regs=(X.UC_X86_REG_RAX, X.UC_X86_REG_RDI, X.UC_X86_REG_RSI, X.UC_X86_REG_RDX, X.UC_X86_REG_R10,
-                  X.UC_X86_REG_R8, X.UC_X86_REG_R9))
+                  X.UC_X86_REG_R8, X.UC_X86_REG_R9),
+    vmem_read=_addr(_lib.uc_vmem_read))
 _run = _fasthooks.run
 _MMIO_WRITING = ctypes.c_int32.from_address(_GATEWAYS["mmio_writing"])   # 1 inside an MMIO write callback
 _regs_read = _fasthooks.regs_read
@@ -559,10 +561,7 @@ class CPU:
         self._add_hook(UC_HOOK_INSN_INVALID, gw["bool"], self._hook_invalid)
         self._add_hook(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
                        gw["mem"], self._hook_unmapped)
-        self._window = (ctypes.c_int32 * 2)()
-        self._window_cb = gw["window"]
-        self._window_hook: int | None = None
-        self._window_quiet = 0
+        self._window = (ctypes.c_int32 * 2)()     # the interrupt window: [0] armed, [1] fired
 
     def _add_hook(self, kind: int, gateway: int, fn: Callable, insn: int | None = None) -> int:
         self._gateway_refs.append(fn)
@@ -595,29 +594,12 @@ class CPU:
         if status != 0:
             raise UcError(status)
 
-    # Discussion: the interrupt-window block hook costs 10-20% on tight loops
-    # (Unicorn calls out at every translation block), so it is installed only
-    # while interrupts actually wait for IF=1, and removed again after
-    # WINDOW_LINGER slices without use.  A block hook only reaches code
-    # translated after it was added, hence the translation flush each way, and
-    # hence it is never installed from inside a slice: arming there ends the
-    # slice instead, and the machine arms again between slices.
-    WINDOW_LINGER = 256
-
-    def _install_window_hook(self) -> None:
-        h = ctypes.c_size_t()
-        status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_BLOCK, ctypes.c_void_p(self._window_cb),
-                                  ctypes.cast(self._window, ctypes.c_void_p),
-                                  ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if status != 0:
-            raise UcError(status)
-        self._window_hook = h.value
-        self.uc.ctl_flush_tb()
-
-    def _remove_window_hook(self) -> None:
-        self.hook_del(self._window_hook)
-        self._window_hook = None
-        self.uc.ctl_flush_tb()
+    def flush_translations(self) -> None:
+        """Drop every translated block (ctl_flush_tb), and tell the block
+        counter: new translations may reuse the old ones' addresses."""
+        self.uc.ctl_flush_tb()  # the one flush: all others go through here
+        if self._bc is not None:
+            _fasthooks.bc_forget_translations(self._bc)
 
     def _drop_count_hook(self) -> None:
         """Before a count=0 run: delete the count hook of the last count-mode run
@@ -628,7 +610,7 @@ class CPU:
         if h:
             self.hook_del(h)
             self._count_hook.value = 0
-            self.uc.ctl_flush_tb()
+            self.flush_translations()
 
     def hook_del(self, handle: int) -> None:
         """uc_hook_del between slices, the CPU state kept (use it for every hook removal).
@@ -647,14 +629,14 @@ class CPU:
         self.uc.context_restore(self._ctx)
 
     def arm_interrupt_window(self) -> None:
-        """Stop at the first block boundary where RFLAGS.IF=1 (an interrupt is waiting)."""
-        if self._window_hook is None:
-            if self._running:
-                self.request_stop()          # install between slices, then arm again
-                return
-            self._install_window_hook()
-        self._window_quiet = 0
+        """Stop at the first block boundary where RFLAGS.IF=1 (an interrupt is
+        waiting): the block counter's hook, which sees every block in both run
+        modes, checks RFLAGS while the window is armed (one load and a branch
+        per block otherwise).  Before, a second block hook was installed for
+        it, with a translation flush each way, and it made Unicorn call both
+        hooks through its dispatcher instead of the counter directly."""
         self._window[0] = 1
+        self._bc_memo_host.value = 0          # the counter's fast path misses while armed
 
     def _hook_in(self, port, size):
         return self.port_in(port, size)
@@ -824,9 +806,14 @@ class CPU:
     # * SYSCALL, HLT and INT n end a block.
     # The debugger's watchpoints and code-hook breakpoints need an exact stop
     # after any instruction: while one is armed (``precise``) slices run in
-    # count mode.  Known limit: code rewritten in place inside one address
-    # space, with the same block size but another instruction count, keeps its
-    # old count (deterministically).
+    # count mode.  Code rewritten in place (same address, same block size,
+    # another instruction count) is decoded again: each cached count remembers
+    # the translation it came from and a hash of the block's bytes, and a new
+    # translation with other bytes is a miss (_fasthooks.c, block counting;
+    # flush_translations tells the counter when translations may reuse old
+    # addresses).  Limit: a flush Unicorn makes by itself (its 1 GiB buffer
+    # full) is not seen, so a block rewritten across one and translated back
+    # to the very same place would keep its old count.
     BLOCK_MIN = 4096
     COUNT_BACKOFF_MAX = 256
     _count_slices = 0                    # slices to run in count mode before trying block mode again
@@ -844,7 +831,9 @@ class CPU:
             # One decoder per code-segment size: a block is decoded in the mode
             # it runs in (boot code and xv6 run 32-bit, trampolines 16-bit).
             self._cs64, self._cs32, self._cs16 = (Cs(CS_ARCH_X86, m) for m in (CS_MODE_64, CS_MODE_32, CS_MODE_16))
-            self._bc = _fasthooks.bc_new(_weak_method(self._decode_block), self._env_cr3_address())
+            # The counter also watches the interrupt window (one block hook, called directly).
+            self._bc = _fasthooks.bc_new(_weak_method(self._decode_block), self._env_cr3_address(),
+                                         ctypes.addressof(self._window))
             weakref.finalize(self, _fasthooks.bc_free, self._bc)
             self._block_insns: dict[tuple[int, int, int], tuple[int, ...]] = {}
             self._bc_counter = ctypes.c_uint64.from_address(self._bc)
@@ -856,13 +845,14 @@ class CPU:
             self._bc_last_n = ctypes.c_uint32.from_address(self._bc + 36)
             self._bc_misses = ctypes.c_uint64.from_address(self._bc + 40)
             self._bc_last_cr3 = ctypes.c_uint64.from_address(self._bc + 48)
+            self._bc_memo_host = ctypes.c_uint64.from_address(self._bc + _BC_MEMO_HOST)
             h = ctypes.c_size_t()
             status = _lib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_BLOCK,
                                       ctypes.c_void_p(_GATEWAYS["blockcount"]), ctypes.c_void_p(self._bc),
                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
             if status != 0:
                 raise UcError(status)
-            self.uc.ctl_flush_tb()
+            self.flush_translations()
         self._block_mode = bool(on)
 
     def _block_bytes(self, pc: int, size: int) -> bytes:
@@ -1018,7 +1008,7 @@ class CPU:
         if feat.value & 0x201 != 0x201:
             raise RuntimeError("the CPUID feature offset in machine/cpu.py does not match this unicorn build")
         feat.value &= ~self._CPUID_1_ECX_RDRAND
-        self.uc.ctl_flush_tb()
+        self.flush_translations()
 
     def _hook_emulated(self, addresses: list[int], pc: int, size: int) -> bool:
         """Hook the instructions at ``addresses`` not hooked yet; if any was new,
@@ -1212,7 +1202,7 @@ class CPU:
         if not self._tb_count_mode:
             # Quirk: blocks translated for a count=0 run have no count hook
             # and would ignore the budget (the guest runs on past deadlines).
-            uc.ctl_flush_tb()
+            self.flush_translations()
             self._tb_count_mode = True
         try:
             self._emu_start(count)
@@ -1230,12 +1220,7 @@ class CPU:
             w[1] = 0
             if reason is _COUNT:
                 reason = Stop.REQUEST
-        if w[0]:
-            w[0] = 0
-        elif self._window_hook is not None:
-            self._window_quiet += 1
-            if self._window_quiet > self.WINDOW_LINGER:
-                self._remove_window_hook()
+        w[0] = 0
         if reason is _COUNT and raw <= count:
             # Nothing of ours stopped the slice: HLT retired, a debugger exit
             # address was reached, or Unicorn returned for a reason of its own.

@@ -415,14 +415,14 @@ class Debug:
             for k, a in enumerate(self._cpus):
                 bp.hook.append(a.cpu.uc.hook_add(UC_HOOK_CODE, self._on_code_hook, k, bp.addr, bp.addr))
                 a.cpu.precise += 1               # its stop is exact in count mode only
-                self._drop_translations(a.cpu.uc, bp.addr)
+                self._drop_translations(a.cpu, bp.addr)
 
     def _disarm(self, bp: _Exit) -> None:
         if bp.hook is not None:
             for a, h in zip(self._cpus, bp.hook):
                 a.cpu.hook_del(h)                # the CPU state kept (Unicorn's uc_hook_del quirk)
                 a.cpu.precise -= 1
-                self._drop_translations(a.cpu.uc, bp.addr)
+                self._drop_translations(a.cpu, bp.addr)
             bp.hook = None
 
     def _sync_exits(self) -> None:
@@ -445,15 +445,15 @@ class Debug:
             a.cpu.exit_addresses = mine
             a.exits = mine
             for addr in mine ^ old:
-                self._drop_translations(a.cpu.uc, addr)
+                self._drop_translations(a.cpu, addr)
 
     @staticmethod
-    def _drop_translations(uc, addr: int) -> None:
+    def _drop_translations(cpu, addr: int) -> None:
         # Exits and code hooks are decided when an instruction is translated.
         try:
-            uc.ctl_remove_cache(addr, addr + 1)
+            cpu.uc.ctl_remove_cache(addr, addr + 1)
         except UcError:
-            uc.ctl_flush_tb()
+            cpu.flush_translations()
 
     def _on_code_hook(self, uc, address, size, k: int) -> None:
         if address == self._disarmed.get(k) or self.stop_event is not None:
@@ -865,7 +865,7 @@ class Debug:
             return
         m.write_physical(addr, data)
         for cpu in m.cpus:
-            cpu.uc.ctl_flush_tb()
+            cpu.flush_translations()
             cpu.uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
         self._pages.clear()
 

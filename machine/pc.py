@@ -888,7 +888,7 @@ class Machine:
         self.instructions = snap["instructions"]
         for name, dev in self._devices().items():
             dev.restore(snap["devices"][name])
-        self.cpu.uc.ctl_flush_tb()
+        self.cpu.flush_translations()
         self.cpu.flush_tlb()
         for p, n in zip(self.processors, snap.get("per_cpu_instructions", [])):
             p.instructions = n
@@ -900,7 +900,7 @@ class Machine:
             p.cpu.invalidate_ctx()
             p.cpu.halted, p.state = ap["halted"], ApState(ap["state"])
             p.sipis = ap["sipis"]
-            p.cpu.uc.ctl_flush_tb()
+            p.cpu.flush_translations()
             p.cpu.flush_tlb()
 
     def _devices(self) -> dict:

@@ -177,7 +177,7 @@ def start_at_sipi(cpu: CPU, vector: int, signature: int) -> None:
     cpu.rflags = 0x2
     cpu.rip = 0
     cpu.halted = False
-    uc.ctl_flush_tb()
+    cpu.flush_translations()
     cpu.flush_tlb()
 
 
@@ -305,7 +305,7 @@ def _turn(m: "Machine", p: Processor, until: int | None, insn_limit: int | None,
             return None
         if p.flush_pending:
             p.flush_pending = False
-            cpu.uc.ctl_flush_tb()
+            cpu.flush_translations()
         budget = 1 if shadow else -(-(turn_end - now) // nspi)
         deadline = clock.next_deadline()
         limit = deadline

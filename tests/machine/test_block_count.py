@@ -8,7 +8,7 @@ import pytest
 
 from vmk.testing import Harness
 from vmk.testing.baremetal import install_runtime
-from vmk.machine.cpu import Reg, Stop
+from vmk.machine.cpu import CPU, Reg, Stop
 from vmk.tools.bench import LOOP, _timer_guest
 
 def _run(block: bool, source: str, n: int, period: int = 1_000_000):
@@ -174,3 +174,62 @@ def test_timer_slices_end_without_flushing_translations():
     h.run(max_instructions=3_000_000)
     assert h.irq_counts.get(0x40, 0) - irqs >= 25
     assert len(flushes) <= 2
+
+
+# Code rewritten in place, the block keeping its size (5 bytes) but not its
+# instruction count: `add rax, 1; ret` (2) <-> `nop x4; ret` (5).  The guest
+# flips the bytes every 50 calls, with the LAPIC timer running.
+PATCHED_AT = 0x200000
+ADD_RET = bytes.fromhex("4883c001c3909090")
+NOPS_RET = bytes.fromhex("90909090c3909090")
+SELF_MODIFYING = f"""
+    mov rsi, {PATCHED_AT}
+    mov rdi, {int.from_bytes(ADD_RET, 'little') ^ int.from_bytes(NOPS_RET, 'little')}
+outer:
+    mov r8, 50
+inner:
+    call rsi
+    dec r8
+    jnz inner
+    xor qword ptr [rsi], rdi
+    jmp outer
+"""
+
+
+def _smc_state(block: bool, n: int):
+    h = Harness.from_asm(_timer_guest(30_011, SELF_MODIFYING), mem=128 << 20)
+    h.machine.write_physical(PATCHED_AT, ADD_RET)
+    h.machine.cpu.block_mode = block
+    install_runtime(h)
+    h.run(max_instructions=n)
+    cpu = h.machine.cpu
+    return h.instructions, h.now, dict(h.irq_counts), cpu.rip, cpu._abcd.read(), cpu.reg(Reg.RSP)
+
+
+@pytest.mark.parametrize("n", [20_011, 300_007])
+def test_code_rewritten_in_place_is_counted_as_it_is_now(n):
+    # Before, block mode kept the first count of the 5-byte block (Linux's
+    # alternatives patching made it drift 10 us from count mode).
+    assert _smc_state(True, n) == _smc_state(False, n)
+
+
+def test_translations_flushed_are_checked_not_decoded_again(monkeypatch):
+    # After a flush every block is translated again at a new place: its bytes
+    # are hashed in C and, unchanged, keep their count (no decode in Python).
+    decoded = []
+    decode = CPU._decode_block
+
+    def recorded(self, pc, size, cr3):
+        decoded.append((pc, size, cr3))
+        return decode(self, pc, size, cr3)
+    monkeypatch.setattr(CPU, "_decode_block", recorded)
+    h = Harness.from_asm(_timer_guest(100_003, LOOP), mem=128 << 20)
+    cpu = h.machine.cpu
+    install_runtime(h)
+    h.run(max_instructions=200_000)
+    before = set(decoded)
+    decoded.clear()
+    cpu.flush_translations()
+    h.run(max_instructions=200_000)
+    assert h.irq_counts[0x40] >= 3
+    assert before and not before & set(decoded)     # only blocks of new shapes (cut elsewhere) were decoded
