@@ -292,6 +292,7 @@ typedef struct {
     bc_entry table[BC_SLOTS];
     volatile int32_t *window;   /* the CPU's interrupt window, int32[2]: [0] armed, [1] fired
                                    (arming also clears memo.host: see block_count_hook) */
+    const volatile uint64_t *eflagsp;  /* the live env->eflags */
 } blockcount;
 
 static uint8_t bc_bytes[8192];
@@ -312,9 +313,10 @@ static uint64_t block_sum(void *uc, uint64_t pc, uint32_t size)
 /* The window is open (RFLAGS.IF=1): this block is not entered. */
 static __attribute__((noinline)) int window_opens(void *uc, blockcount *b)
 {
-    uint64_t rflags = 0;
-    p_reg_read(uc, rflags_id, &rflags);
-    if (!(rflags & 0x200))
+    /* IF from the live env->eflags (IF is never kept lazily, unlike the
+       arithmetic flags): uc_reg_read(RFLAGS) computes them all, and Linux
+       spends long stretches with the window armed (4% of its boot). */
+    if (!(*b->eflagsp & 0x200))
         return 0;
     b->window[0] = 0;
     b->window[1] = 1;
@@ -450,9 +452,9 @@ static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
 static PyObject *bc_new(PyObject *self, PyObject *args)
 {
     PyObject *decode;
-    unsigned long long cr3a, windowa;
+    unsigned long long cr3a, windowa, eflagsa;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OKK", &decode, &cr3a, &windowa))
+    if (!PyArg_ParseTuple(args, "OKKK", &decode, &cr3a, &windowa, &eflagsa))
         return NULL;
     blockcount *b = (blockcount *)calloc(1, sizeof(blockcount));
     if (b == NULL)
@@ -461,8 +463,10 @@ static PyObject *bc_new(PyObject *self, PyObject *args)
     b->decode = decode;
     static const uint64_t no_cr3 = 0;
     static int32_t no_window[2];
+    static const uint64_t no_eflags = 0;
     b->cr3p = cr3a ? (const volatile uint64_t *)(uintptr_t)cr3a : &no_cr3;
     b->window = windowa ? (volatile int32_t *)(uintptr_t)windowa : no_window;
+    b->eflagsp = eflagsa ? (const volatile uint64_t *)(uintptr_t)eflagsa : &no_eflags;
     return PyLong_FromVoidPtr(b);
 }
 
@@ -922,7 +926,7 @@ static PyMethodDef methods[] = {
     {"deliver64", deliver64, METH_VARARGS,
      "deliver64(uc, ctx, ram, ram_size, vector, ec, has_ec, fresh) -> 0 delivered / 1 take the general path"},
     {"window", window, METH_VARARGS, "window(uc, ctx) -> 0 IF=0 / 1 shadow / 2 open (saves the context)"},
-    {"bc_new", bc_new, METH_VARARGS, "bc_new(decode, cr3_address or 0, window_address or 0) -> address of a block counter (decode(pc, size, cr3) -> count)"},
+    {"bc_new", bc_new, METH_VARARGS, "bc_new(decode, cr3_address or 0, window_address or 0, eflags_address or 0) -> address of a block counter (decode(pc, size, cr3) -> count)"},
     {"bc_forget_translations", bc_forget_translations, METH_O, "bc_forget_translations(address): after a flush, every entry checks its bytes once"},
     {"bc_clear", bc_clear, METH_O, "bc_clear(address): forget every cached block count"},
     {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter a SYSCALL door's context switch resets"},

@@ -833,7 +833,7 @@ class CPU:
             self._cs64, self._cs32, self._cs16 = (Cs(CS_ARCH_X86, m) for m in (CS_MODE_64, CS_MODE_32, CS_MODE_16))
             # The counter also watches the interrupt window (one block hook, called directly).
             self._bc = _fasthooks.bc_new(_weak_method(self._decode_block), self._env_cr3_address(),
-                                         ctypes.addressof(self._window))
+                                         ctypes.addressof(self._window), self._vcpu_env + Ctx.EFLAGS - Ctx.REGS)
             weakref.finalize(self, _fasthooks.bc_free, self._bc)
             self._block_insns: dict[tuple[int, int, int], tuple[int, ...]] = {}
             self._bc_counter = ctypes.c_uint64.from_address(self._bc)

@@ -5,6 +5,8 @@ them through a constant instead of a ``call rel32`` (machine/cpu.py,
 translated loop run 3x slower in most processes)."""
 from __future__ import annotations
 
+import gc
+
 from vmk.machine.pc import Machine, MachineConfig
 
 REL32_REACH = 2 << 30
@@ -21,9 +23,16 @@ def _mappings() -> list[tuple[int, int, str, str]]:
 
 
 def test_translation_buffers_are_out_of_rel32_reach_of_the_called_libraries():
-    before = {(lo, hi) for lo, hi, perms, _ in _mappings() if perms == "rwxp"}
-    m = Machine(MachineConfig(cpus=2))
-    after = _mappings()
+    # Earlier tests' machines are freed first (and not while this one is made),
+    # so that no buffer is unmapped and mapped again at the same place meanwhile.
+    gc.collect()
+    gc.disable()
+    try:
+        before = {(lo, hi) for lo, hi, perms, _ in _mappings() if perms == "rwxp"}
+        m = Machine(MachineConfig(cpus=2))
+        after = _mappings()
+    finally:
+        gc.enable()
     buffers = [(lo, hi) for lo, hi, perms, _ in after if perms == "rwxp" and (lo, hi) not in before]
     assert len(buffers) == len(m.cpus) == 2        # one translation buffer per CPU
     libraries = [(lo, hi, path) for lo, hi, perms, path in after
