@@ -19,7 +19,7 @@
  *    them, so a block hook sees the first block after IF went to 1.  While
  *    the window is armed the block counter's hook (below) reads RFLAGS and
  *    stops the emulation when IF=1; the machine then delivers at that exact
- *    instruction boundary.  Disarmed, it costs one load and a branch per block.
+ *    instruction boundary.  Disarmed, it costs nothing.
  *
  * 3. Interrupt delivery, the common case.  `deliver64` delivers a hardware
  *    interrupt or exception in long mode through a 64-bit interrupt or trap
@@ -424,11 +424,11 @@ static __attribute__((noinline)) void block_count_slow(void *uc, blockcount *b, 
    the process in it against 15% in the translated code.  The common case
    (the block entered last, or the one before it in a loop, under the budget)
    is a leaf with no stack frame: the memo of the entry used last instead of
-   the hash and the table, and no stores but the counts. */
-/* Discussion: the fast path is the memo check alone.  An armed window is
-   checked in the slow path: arming clears memo.host (no translation has
-   address 0), and the slow path keeps it cleared while the window stays
-   armed, so every block comes through it until the window opens. */
+   the hash and the table, and no stores but the counts.  (A call made from
+   it would cost the frame: the window is checked in the slow path.  Arming
+   clears memo.host, as no translation has address 0, and the slow path keeps
+   it cleared while the window stays armed, so every block comes through it
+   until the window opens.) */
 static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
 {
     blockcount *b = (blockcount *)ud;
@@ -468,17 +468,6 @@ static PyObject *bc_new(PyObject *self, PyObject *args)
     b->window = windowa ? (volatile int32_t *)(uintptr_t)windowa : no_window;
     b->eflagsp = eflagsa ? (const volatile uint64_t *)(uintptr_t)eflagsa : &no_eflags;
     return PyLong_FromVoidPtr(b);
-}
-
-static PyObject *bc_clear(PyObject *self, PyObject *arg)
-{
-    (void)self;
-    blockcount *b = (blockcount *)PyLong_AsVoidPtr(arg);
-    if (b == NULL)
-        return NULL;
-    memset(b->table, 0, sizeof(b->table));
-    memset(&b->memo, 0, sizeof(b->memo));
-    Py_RETURN_NONE;
 }
 
 /* After a flush of the translations: Unicorn places the new ones from the
@@ -928,7 +917,6 @@ static PyMethodDef methods[] = {
     {"window", window, METH_VARARGS, "window(uc, ctx) -> 0 IF=0 / 1 shadow / 2 open (saves the context)"},
     {"bc_new", bc_new, METH_VARARGS, "bc_new(decode, cr3_address or 0, window_address or 0, eflags_address or 0) -> address of a block counter (decode(pc, size, cr3) -> count)"},
     {"bc_forget_translations", bc_forget_translations, METH_O, "bc_forget_translations(address): after a flush, every entry checks its bytes once"},
-    {"bc_clear", bc_clear, METH_O, "bc_clear(address): forget every cached block count"},
     {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter a SYSCALL door's context switch resets"},
     {"bc_free", bc_free, METH_O, "bc_free(address)"},
     {"insn_gateways", insn_gateways, METH_NOARGS, "insn_gateways() -> {name: C function address} (insn emulation)"},

@@ -631,8 +631,8 @@ class CPU:
     def arm_interrupt_window(self) -> None:
         """Stop at the first block boundary where RFLAGS.IF=1 (an interrupt is
         waiting): the block counter's hook, which sees every block in both run
-        modes, checks RFLAGS while the window is armed (one load and a branch
-        per block otherwise).  Before, a second block hook was installed for
+        modes, checks IF in its slow path while the window is armed (nothing
+        otherwise: arming makes its fast path miss).  Before, a second block hook was installed for
         it, with a translation flush each way, and it made Unicorn call both
         hooks through its dispatcher instead of the counter directly."""
         self._window[0] = 1
