@@ -80,12 +80,14 @@ class Clock:
         self.shorten: Callable[[int], bool] = cannot_shorten
 
     # -- reading time ------------------------------------------------------
-    @property
-    def now(self) -> int:
+    def read(self) -> int:
+        """The current virtual time (``now`` as a method, to hand out as a callback)."""
         src = self._slice_source
         if src is None:
             return self._base
         return self._base + src() + self._charged
+
+    now = property(read)
 
     def timer(self, callback: Callable[[], None], name: str = "") -> Timer:
         return Timer(self, callback, name)

@@ -333,6 +333,7 @@ _MMIO_WRITING = ctypes.c_int32.from_address(_GATEWAYS["mmio_writing"])   # 1 ins
 _regs_read = _fasthooks.regs_read
 _regs_write = _fasthooks.regs_write
 _regs_swap = _fasthooks.regs_swap
+_bc_retired = _fasthooks.bc_retired
 _window = _fasthooks.window
 _deliver64 = _fasthooks.deliver64
 
@@ -494,6 +495,8 @@ class CPU:
         # hooks too: block decoding, the insn emulation and the port bus read it
         # without a register read.
         self.live_hflags = ctypes.c_uint32.from_address(self._vcpu_env + Ctx.HFLAGS - Ctx.REGS)
+        # The live env->eip (what uc_reg_read(RIP) returns), for retired_in_slice.
+        self._live_rip_address = self._vcpu_env + Ctx.RIP - Ctx.REGS
         # The live env->old_exception (see _emu_start).
         self._old_exception = ctypes.c_int32.from_address(self._vcpu_env + Ctx.OLD_EXCEPTION - Ctx.REGS)
         # Unicorn exit addresses (debugger breakpoints): a slice that ends early
@@ -1162,7 +1165,12 @@ class CPU:
         if self._phase1:
             # The block was counted whole on entry; the hook that asks runs in
             # the instruction at RIP (IN/OUT/CPUID/RDTSC and MMIO sync it), so
-            # count up to and including that one, as count mode does.
+            # count up to and including that one, as count mode does.  In C
+            # when the block's addresses are known (every RDTSC, MMIO access
+            # and port access asks: Linux's delay loops make millions).
+            r = _bc_retired(self._bc, self._block_insns, self._live_rip_address)
+            if r is not None:
+                return r
             n = self._bc_last_n.value
             if n > 1:
                 idx = self._block_index(self._bc_last.value, self._bc_last_size.value, self._rip.read()[0])
@@ -1174,6 +1182,15 @@ class CPU:
         return self._phase1_done + (c if c < b else b)
 
     _phase1_done = 0
+
+    def slice_source(self, ns_per_insn: int) -> Callable[[], int]:
+        """The clock's view of a running slice: ns elapsed in it.  At the
+        default 1 ns per instruction, retired_in_slice itself: one call less on
+        every read of the time from inside a slice (each RDTSC, MMIO and port
+        access)."""
+        if ns_per_insn == 1:
+            return self.retired_in_slice
+        return lambda: self.retired_in_slice() * ns_per_insn
 
     def run(self, count: int) -> tuple[int, Stop]:
         """Run up to ``count`` (> 0) instructions from the current RIP.

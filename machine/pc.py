@@ -126,6 +126,7 @@ class RunResult:
 
 
 @dataclass(slots=True)
+
 class MachineConfig:
     mem: int = 128 << 20
     ns_per_insn: int = 1            # icount: virtual ns per retired instruction
@@ -312,7 +313,7 @@ class Machine:
         for cpu in self.cpus:
             cpu.port_in = self._port_in
             cpu.port_out = self._port_out
-            cpu.rdtsc = lambda: self.clock.now
+            cpu.rdtsc = self.clock.read                  # the TSC counts virtual ns (1 GHz)
             cpu.cpuid = self._cpuid
             cpu.insn_emu.log = self._tagged("cpu" if cpu.bsp else f"cpu{cpu.apic_id}")
             cpu.fetch_fault = self._fetch_fault
@@ -678,7 +679,7 @@ class Machine:
         clock.preempt = cpu.request_stop
         clock.shorten = lambda t: cpu.limit_slice(max(0, (t - clock.now) // nspi))   # noqa: E731
         self._host_ref, self._virt_ref = time.monotonic(), clock.now
-        in_slice = lambda: cpu.retired_in_slice() * nspi      # noqa: E731 - the clock's slice source
+        in_slice = cpu.slice_source(nspi)
         try:
             # This is our event loop.
             while True:

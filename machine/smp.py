@@ -272,7 +272,7 @@ def _turn(m: "Machine", p: Processor, until: int | None, insn_limit: int | None,
     cpu = p.cpu
     lapic = p.lapic
     clock = m.clock
-    in_slice = lambda: cpu.retired_in_slice() * nspi      # noqa: E731 - the clock's slice source
+    in_slice = cpu.slice_source(nspi)
     while True:
         cpu.invalidate_ctx()
         clock.run_due()
