@@ -255,10 +255,13 @@ static void gw_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t val
  * Linux's alternatives patching put block mode 10 us behind count mode from
  * "Freeing SMP alternatives memory" on.
  *
- * The interrupt window: while armed, the first block entered
- * with RFLAGS.IF=1 is not counted and ends the run before it.  (It was a
- * second block hook; with two, Unicorn calls each through its dispatcher,
- * and the return address above would no longer name the translation.)
+ * With a second block hook Unicorn calls each through its dispatcher, and the
+ * return address names no translation: it lies outside the translation
+ * buffer (code_lo..code_hi), and then every entry of the block has its bytes
+ * checked (exact, slower).  vmk installs no second block hook.
+ *
+ * The interrupt window: while armed, the first block entered with RFLAGS.IF=1
+ * is not counted and ends the run before it (it was a second block hook).
  */
 #define BC_SLOTS 65536
 /* Entries per set, most recent first.  Direct-mapped (one way), two hot blocks
@@ -293,6 +296,7 @@ typedef struct {
     volatile int32_t *window;   /* the CPU's interrupt window, int32[2]: [0] armed, [1] fired
                                    (arming also clears memo.host: see block_count_hook) */
     const volatile uint64_t *eflagsp;  /* the live env->eflags */
+    uint64_t code_lo, code_hi;  /* the translation buffer: a return address elsewhere names no translation */
 } blockcount;
 
 static uint8_t bc_bytes[8192];
@@ -334,6 +338,8 @@ static __attribute__((noinline)) void block_count_slow(void *uc, blockcount *b, 
     bc_entry *set = &b->table[h & ~(uint32_t)(BC_WAYS - 1)];
     if (b->window[0] && window_opens(uc, b))
         return;
+    if (host < b->code_lo || host >= b->code_hi)
+        host = 0;       /* called through Unicorn's dispatcher (another block hook exists): check the bytes */
     bc_entry *e = NULL;
     bc_entry fresh;
     uint32_t n;
@@ -342,7 +348,7 @@ static __attribute__((noinline)) void block_count_slow(void *uc, blockcount *b, 
         if (set[i].pc == pc && set[i].size == size && set[i].cr3 == cr3 && set[i].n)
             break;
     }
-    if (i < BC_WAYS && set[i].host != host) {
+    if (i < BC_WAYS && (set[i].host != host || !host)) {
         /* Another translation of the block: the count holds if its bytes do. */
         if (block_sum(uc, pc, size) == set[i].sum) {
             set[i].host = host;
@@ -452,9 +458,9 @@ static void block_count_hook(void *uc, uint64_t pc, uint32_t size, void *ud)
 static PyObject *bc_new(PyObject *self, PyObject *args)
 {
     PyObject *decode;
-    unsigned long long cr3a, windowa, eflagsa;
+    unsigned long long cr3a, windowa, eflagsa, code_lo, code_hi;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OKKK", &decode, &cr3a, &windowa, &eflagsa))
+    if (!PyArg_ParseTuple(args, "OKKKKK", &decode, &cr3a, &windowa, &eflagsa, &code_lo, &code_hi))
         return NULL;
     blockcount *b = (blockcount *)calloc(1, sizeof(blockcount));
     if (b == NULL)
@@ -467,6 +473,8 @@ static PyObject *bc_new(PyObject *self, PyObject *args)
     b->cr3p = cr3a ? (const volatile uint64_t *)(uintptr_t)cr3a : &no_cr3;
     b->window = windowa ? (volatile int32_t *)(uintptr_t)windowa : no_window;
     b->eflagsp = eflagsa ? (const volatile uint64_t *)(uintptr_t)eflagsa : &no_eflags;
+    b->code_lo = code_lo;
+    b->code_hi = code_hi;
     return PyLong_FromVoidPtr(b);
 }
 
@@ -965,7 +973,7 @@ static PyMethodDef methods[] = {
     {"deliver64", deliver64, METH_VARARGS,
      "deliver64(uc, ctx, ram, ram_size, vector, ec, has_ec, fresh) -> 0 delivered / 1 take the general path"},
     {"window", window, METH_VARARGS, "window(uc, ctx) -> 0 IF=0 / 1 shadow / 2 open (saves the context)"},
-    {"bc_new", bc_new, METH_VARARGS, "bc_new(decode, cr3_address or 0, window_address or 0, eflags_address or 0) -> address of a block counter (decode(pc, size, cr3) -> count)"},
+    {"bc_new", bc_new, METH_VARARGS, "bc_new(decode, cr3_address or 0, window_address or 0, eflags_address or 0, code_lo, code_hi) -> address of a block counter (decode(pc, size, cr3) -> count)"},
     {"bc_retired", bc_retired, METH_VARARGS, "bc_retired(bc, insns, rip_address) -> instructions retired in the block-mode run, or None"},
     {"bc_forget_translations", bc_forget_translations, METH_O, "bc_forget_translations(address): after a flush, every entry checks its bytes once"},
     {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter a SYSCALL door's context switch resets"},

@@ -378,15 +378,15 @@ def _called_libraries() -> list[str]:
     return [os.path.realpath(_lib._name), os.path.realpath(_fasthooks.__file__)]
 
 
-def _maps() -> list[tuple[int, int, str]]:
-    """This process's mappings, ascending: (start, end, path); none where there is no /proc."""
+def _maps() -> list[tuple[int, int, str, str]]:
+    """This process's mappings, ascending: (start, end, permissions, path); none where there is no /proc."""
     rows = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 fields = line.split()
                 lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                rows.append((lo, hi, fields[5] if len(fields) > 5 else ""))
+                rows.append((lo, hi, fields[1], fields[5] if len(fields) > 5 else ""))
     except OSError:
         return []
     return rows
@@ -413,14 +413,21 @@ def new_unicorn() -> Uc:
     buffer can only land out of reach; the holders are released at once.
     The range right under the main stack is left alone (the stack grows
     into it; Linux never places mappings there)."""
+    return _placed_unicorn()[0]
+
+
+def _placed_unicorn() -> tuple[Uc, tuple[int, int]]:
+    """:func:`new_unicorn`, and where its translation buffer is, [start, end)
+    ((0, 2**64 - 1) where that cannot be seen): the block counter tells
+    translations apart by the addresses of their code in it."""
     maps = _maps()
     libs = _called_libraries()
-    spans = [(lo, hi) for lo, hi, path in maps if path in libs]
+    spans = [(lo, hi) for lo, hi, _, path in maps if path in libs]
     holders = []
     if spans:
         low = max(min(lo for lo, _ in spans) - _REL32_REACH, 1 << 20)
         high = max(hi for _, hi in spans) + _REL32_REACH
-        for (_, prev_hi, _), (next_lo, _, next_path) in zip(maps, maps[1:]):
+        for (_, prev_hi, _, _), (next_lo, _, _, next_path) in zip(maps, maps[1:]):
             lo, hi = max(prev_hi, low), min(next_lo, high)
             if lo >= hi or next_path == "[stack]":
                 continue
@@ -436,7 +443,9 @@ def new_unicorn() -> Uc:
     finally:
         for addr, size in holders:
             _libc.munmap(addr, size)
-    return uc
+    known = {(lo, hi) for lo, hi, _, _ in maps}
+    new = [(lo, hi) for lo, hi, perms, _ in _maps() if perms == "rwxp" and (lo, hi) not in known]
+    return uc, (new[0] if len(new) == 1 else (0, 2**64 - 1))
 
 
 class CPU:
@@ -451,7 +460,7 @@ class CPU:
     """
 
     def __init__(self, apic_id: int = 0, bsp: bool = True) -> None:
-        uc = new_unicorn()
+        uc, self._code_buffer = _placed_unicorn()
         self.uc = uc
         # Which processor this is (machine/smp.py): its initial APIC ID (CPUID
         # leaf 1 EBX[31:24], the MP table and MADT) and whether it is the
@@ -836,7 +845,8 @@ class CPU:
             self._cs64, self._cs32, self._cs16 = (Cs(CS_ARCH_X86, m) for m in (CS_MODE_64, CS_MODE_32, CS_MODE_16))
             # The counter also watches the interrupt window (one block hook, called directly).
             self._bc = _fasthooks.bc_new(_weak_method(self._decode_block), self._env_cr3_address(),
-                                         ctypes.addressof(self._window), self._vcpu_env + Ctx.EFLAGS - Ctx.REGS)
+                                         ctypes.addressof(self._window), self._vcpu_env + Ctx.EFLAGS - Ctx.REGS,
+                                         *self._code_buffer)
             weakref.finalize(self, _fasthooks.bc_free, self._bc)
             self._block_insns: dict[tuple[int, int, int], tuple[int, ...]] = {}
             self._bc_counter = ctypes.c_uint64.from_address(self._bc)

@@ -5,6 +5,7 @@ wherever the run is cut."""
 from __future__ import annotations
 
 import pytest
+from unicorn import UC_HOOK_BLOCK
 
 from vmk.testing import Harness
 from vmk.testing.baremetal import install_runtime
@@ -196,10 +197,13 @@ inner:
 """
 
 
-def _smc_state(block: bool, n: int):
+def _smc_state(block: bool, n: int, second_block_hook: bool = False):
     h = Harness.from_asm(_timer_guest(30_011, SELF_MODIFYING), mem=128 << 20)
     h.machine.write_physical(PATCHED_AT, ADD_RET)
     h.machine.cpu.block_mode = block
+    if second_block_hook:
+        h.machine.cpu.uc.hook_add(UC_HOOK_BLOCK, lambda *args: None)
+        h.machine.cpu.flush_translations()
     install_runtime(h)
     h.run(max_instructions=n)
     cpu = h.machine.cpu
@@ -211,6 +215,13 @@ def test_code_rewritten_in_place_is_counted_as_it_is_now(n):
     # Before, block mode kept the first count of the 5-byte block (Linux's
     # alternatives patching made it drift 10 us from count mode).
     assert _smc_state(True, n) == _smc_state(False, n)
+
+
+def test_rewritten_code_is_counted_right_with_a_second_block_hook():
+    # A second block hook makes Unicorn call both through its dispatcher: the
+    # counter's return address then names no translation, and it checks the
+    # block's bytes on every entry instead.
+    assert _smc_state(True, 300_007, second_block_hook=True) == _smc_state(False, 300_007)
 
 
 def test_translations_flushed_are_checked_not_decoded_again(monkeypatch):

@@ -35,6 +35,8 @@ def test_translation_buffers_are_out_of_rel32_reach_of_the_called_libraries():
         gc.enable()
     buffers = [(lo, hi) for lo, hi, perms, _ in after if perms == "rwxp" and (lo, hi) not in before]
     assert len(buffers) == len(m.cpus) == 2        # one translation buffer per CPU
+    # Each CPU knows its own (its block counter tells translations apart by it).
+    assert sorted(cpu._code_buffer for cpu in m.cpus) == sorted(buffers)
     libraries = [(lo, hi, path) for lo, hi, perms, path in after
                  if perms == "r-xp" and ("libunicorn" in path or "_fasthooks" in path)]
     assert {path.rsplit("/", 1)[-1].split(".")[0] for _, _, path in libraries} >= {"libunicorn", "_fasthooks"}
