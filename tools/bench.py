@@ -12,6 +12,8 @@ compute    guest instructions per host second for an ALU loop with a 1 kHz
            loop with no interrupts (target ratio >= 0.9)
 timer-irq  LAPIC timer interrupts delivered per host second to a guest
            handler that EOIs (target >= 50,000/s)
+rdtsc      RDTSC reads per host second in a TSC delay loop, each an exit that
+           reads virtual time / raw Unicorn with RDTSC unhooked (no target)
 boot       host seconds from starting ``vmk boot`` to the demo kernel's first
            serial line (target <= 0.5 s)
 rss        peak resident memory of ``vmk boot`` with 128 MiB of guest RAM
@@ -244,6 +246,44 @@ def bench_host(quick: bool) -> list[Row]:
     return [("host: one ctypes call (libc abs)", f"{per:.2f} us", "~0.1-0.2 us on a typical desktop", "")]
 
 
+RDTSC_LOOP = """
+    mov r12, {n}
+again:
+    rdtsc
+    pause
+    dec r12
+    jnz again
+    hlt
+"""
+
+
+def bench_rdtsc(quick: bool) -> list[Row]:
+    """The shape of a TSC delay loop (Linux's udelay between LSR polls):
+    every RDTSC is an exit that reads virtual time.  Reference: raw Unicorn
+    running the same loop, RDTSC not hooked (it reads the host TSC)."""
+    from unicorn.x86_const import UC_X86_REG_RSP
+
+    from vmk.machine.cpu import new_unicorn
+    from vmk.testing import Harness, assemble
+
+    n = 200_000 if quick else 1_000_000
+    h = Harness.from_asm(RDTSC_LOOP.format(n=n), mem=128 << 20)
+    t = time.perf_counter()
+    h.run(max_instructions=4 * n + 10)
+    ours = n / (time.perf_counter() - t)
+    code = assemble(RDTSC_LOOP.format(n=n), 0x100000)
+    uc = new_unicorn()
+    uc.mem_map(0, 4 << 20)
+    uc.mem_write(0x100000, code)
+    uc.reg_write(UC_X86_REG_RSP, 0x80000)
+    t = time.perf_counter()
+    uc.emu_start(0x100000, 0x100000 + len(code) - 1)     # up to the hlt
+    raw = n / (time.perf_counter() - t)
+    return [("rdtsc: RDTSC reads per host second (rdtsc; pause; dec; jnz), each an exit reading virtual time",
+             f"{ours:,.0f}/s ({1e9 / ours:.0f} ns each)", f"raw Unicorn, RDTSC unhooked {raw:,.0f}/s",
+             f"ratio {ours / raw:.3f}, no target")]
+
+
 # ---- against QEMU: the same bare-metal kernels (guest/baremetal/benchloop.S, benchpoll.S) on both
 
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -441,6 +481,7 @@ BENCHES: dict[str, Callable[[bool], list[Row]]] = {
     "compute-qemu": bench_compute_qemu,
     "poll-qemu": bench_poll_qemu,
     "timer-irq": bench_timer_irq,
+    "rdtsc": bench_rdtsc,
     "boot": bench_boot,
     "rss": bench_rss,
 }
