@@ -122,7 +122,7 @@ static void gw_void(void *uc, void *ud)
 
 /* SYSCALL: callable(rax, rdi, rsi, rdx, r10, r8, r9) -> int (loaded into RAX) or None. */
 static int sys_ids[7];
-static int rax_id;
+static int rax_id, rdx_id;
 typedef int (*uc_reg_read_batch_fn)(void *uc, int *regs, void **vals, int count);
 static uc_reg_read_batch_fn p_reg_read_batch;
 typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
@@ -297,7 +297,14 @@ typedef struct {
                                    (arming also clears memo.host: see block_count_hook) */
     const volatile uint64_t *eflagsp;  /* the live env->eflags */
     uint64_t code_lo, code_hi;  /* the translation buffer: a return address elsewhere names no translation */
+    PyObject *insns;            /* the CPU's {(pc, size, cr3): instruction addresses} (borrowed: the CPU owns it) */
+    const volatile uint64_t *ripp;  /* the live env->eip */
+    PyObject *time_fn;          /* time_fn(owner, elapsed ns in the slice) -> virtual ns, the RDTSC value; */
+    PyObject *time_owner;       /* a weakref to owner (C must not keep the machine alive); NULL: the hook */
+    uint64_t ns_per_insn;
 } blockcount;
+
+static blockcount *cur_bc;      /* the counter of the block-mode run in progress (bc_select) */
 
 static uint8_t bc_bytes[8192];
 
@@ -478,54 +485,131 @@ static PyObject *bc_new(PyObject *self, PyObject *args)
     return PyLong_FromVoidPtr(b);
 }
 
-/* bc_retired(bc, insns, rip_address) -> instructions the running block-mode
-   run has retired up to and including the one at the live RIP (the hook that
-   asks runs in it: IN/OUT/CPUID/RDTSC and MMIO sync RIP), or None when the
-   block's instruction addresses are not in `insns` (cpu.py decodes then).
-   cpu.py's retired_in_slice, phase 1, in one call: it was 70% of an RDTSC. */
+/* Instructions the running block-mode run has retired up to and including
+   the one at `rip` (the hook that asks runs in it: IN/OUT/CPUID/RDTSC and MMIO
+   sync RIP).  1: *out set; 0: the block's instruction addresses are not in
+   `insns` (cpu.py decodes then); -1: a Python error. */
+static int bc_retired_at(const blockcount *b, PyObject *insns, uint64_t rip, uint64_t *out)
+{
+    uint32_t n = b->last_n;
+    uint64_t pc = b->last_pc;
+    if (n <= 1 || rip < pc || rip >= pc + b->last_size) {
+        *out = b->counter;
+        return 1;
+    }
+    PyObject *key = Py_BuildValue("(KIK)", (unsigned long long)pc, (unsigned int)b->last_size,
+                                  (unsigned long long)b->last_cr3);
+    if (key == NULL)
+        return -1;
+    PyObject *addrs = PyDict_GetItemWithError(insns, key);      /* borrowed */
+    Py_DECREF(key);
+    if (addrs == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_Check(addrs)) {
+        PyErr_SetString(PyExc_TypeError, "block instruction addresses must be a tuple");
+        return -1;
+    }
+    Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(addrs);
+    while (lo < hi) {                                            /* bisect_left */
+        Py_ssize_t mid = (lo + hi) / 2;
+        unsigned long long v = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(addrs, mid));
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        if (v < rip)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    *out = b->counter - n + (uint64_t)lo + 1;
+    return 1;
+}
+
+/* bc_retired(bc, insns, rip_address) -> bc_retired_at, or None when the
+   block's addresses are not known.  cpu.py's retired_in_slice, phase 1, in
+   one call: it was 70% of an RDTSC. */
 static PyObject *bc_retired(PyObject *self, PyObject *args)
 {
     unsigned long long bca, ripa;
     PyObject *insns;
+    uint64_t r;
     (void)self;
     if (!PyArg_ParseTuple(args, "KO!K", &bca, &PyDict_Type, &insns, &ripa))
         return NULL;
-    const blockcount *b = (const blockcount *)(uintptr_t)bca;
-    uint32_t n = b->last_n;
-    if (n > 1) {
-        uint64_t rip = *(const volatile uint64_t *)(uintptr_t)ripa;
-        uint64_t pc = b->last_pc;
-        if (pc <= rip && rip < pc + b->last_size) {
-            PyObject *key = Py_BuildValue("(KIK)", (unsigned long long)pc, (unsigned int)b->last_size,
-                                          (unsigned long long)b->last_cr3);
-            if (key == NULL)
-                return NULL;
-            PyObject *addrs = PyDict_GetItemWithError(insns, key);      /* borrowed */
-            Py_DECREF(key);
-            if (addrs == NULL) {
-                if (PyErr_Occurred())
-                    return NULL;
-                Py_RETURN_NONE;
-            }
-            if (!PyTuple_Check(addrs)) {
-                PyErr_SetString(PyExc_TypeError, "bc_retired: instruction addresses must be a tuple");
-                return NULL;
-            }
-            Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(addrs);
-            while (lo < hi) {                                            /* bisect_left */
-                Py_ssize_t mid = (lo + hi) / 2;
-                unsigned long long v = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(addrs, mid));
-                if (v == (unsigned long long)-1 && PyErr_Occurred())
-                    return NULL;
-                if (v < rip)
-                    lo = mid + 1;
-                else
-                    hi = mid;
-            }
-            return PyLong_FromUnsignedLongLong(b->counter - n + (uint64_t)lo + 1);
-        }
+    switch (bc_retired_at((const blockcount *)(uintptr_t)bca, insns, *(const volatile uint64_t *)(uintptr_t)ripa, &r)) {
+    case 1:
+        return PyLong_FromUnsignedLongLong(r);
+    case 0:
+        Py_RETURN_NONE;
+    default:
+        return NULL;
     }
-    return PyLong_FromUnsignedLongLong(b->counter);
+}
+
+/* bc_timing(bc, insns, rip_address, fn, owner_weakref, ns_per_insn), or with
+   fn None: no RDTSC in C.  What gw_rdtsc needs. */
+static PyObject *bc_timing(PyObject *self, PyObject *args)
+{
+    unsigned long long bca, ripa, nspi;
+    PyObject *insns, *fn, *owner;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KO!KOOK", &bca, &PyDict_Type, &insns, &ripa, &fn, &owner, &nspi))
+        return NULL;
+    if (fn != Py_None && !PyWeakref_CheckRef(owner)) {
+        PyErr_SetString(PyExc_TypeError, "bc_timing: the owner must be a weakref");
+        return NULL;
+    }
+    blockcount *b = (blockcount *)(uintptr_t)bca;
+    b->insns = insns;
+    b->ripp = (const volatile uint64_t *)(uintptr_t)ripa;
+    b->ns_per_insn = nspi;
+    Py_CLEAR(b->time_fn);
+    Py_CLEAR(b->time_owner);
+    if (fn != Py_None) {
+        Py_INCREF(fn);
+        Py_INCREF(owner);
+        b->time_fn = fn;
+        b->time_owner = owner;
+    }
+    Py_RETURN_NONE;
+}
+
+/* RDTSC (UC_HOOK_INSN; ud: the Python hook, as gw_int's).  In a block-mode
+   run the time is computed here, without the hook: the instruction count from
+   the block counter, the time from time_fn (one Python call instead of five
+   frames and three register round trips; Linux's delay loops read the TSC
+   millions of times). */
+static int gw_rdtsc(void *uc, void *ud)
+{
+    blockcount *b = cur_bc;
+    uint64_t retired;
+    if (b == NULL || b->time_fn == NULL || b->insns == NULL)
+        return gw_int(uc, ud);
+    PyObject *owner = PyWeakref_GetObject(b->time_owner);          /* borrowed */
+    if (owner == Py_None)
+        return gw_int(uc, ud);
+    int found = bc_retired_at(b, b->insns, *b->ripp, &retired);
+    if (found < 0) {
+        hook_failed(uc);
+        return 0;
+    }
+    if (found == 0)
+        return gw_int(uc, ud);                  /* the hook decodes the block */
+    Py_INCREF(owner);
+    PyObject *a[2] = {owner, PyLong_FromUnsignedLongLong(retired * b->ns_per_insn)};
+    PyObject *r = call(uc, b->time_fn, a, 2);
+    drop(a, 2);
+    if (r == NULL)
+        return 0;
+    uint64_t t = PyLong_AsUnsignedLongLong(r);
+    Py_DECREF(r);
+    if (t == (uint64_t)-1 && PyErr_Occurred()) {
+        hook_failed(uc);
+        return 0;
+    }
+    uint64_t lo = t & 0xFFFFFFFFu, hi = t >> 32;
+    p_reg_write(uc, rax_id, &lo);
+    p_reg_write(uc, rdx_id, &hi);
+    return 1;
 }
 
 /* After a flush of the translations: Unicorn places the new ones from the
@@ -550,6 +634,7 @@ static PyObject *bc_select(PyObject *self, PyObject *arg)
     if (PyErr_Occurred())
         return NULL;
     cur_last_n = b != NULL ? &b->last_n : NULL;
+    cur_bc = b;
     Py_RETURN_NONE;
 }
 
@@ -561,7 +646,11 @@ static PyObject *bc_free(PyObject *self, PyObject *arg)
         return NULL;
     if (cur_last_n == &b->last_n)
         cur_last_n = NULL;
+    if (cur_bc == b)
+        cur_bc = NULL;
     Py_XDECREF(b->decode);
+    Py_XDECREF(b->time_fn);
+    Py_XDECREF(b->time_owner);
     free(b);
     Py_RETURN_NONE;
 }
@@ -927,6 +1016,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
                           &sys_ids[5], &sys_ids[6]))
         return NULL;
     rax_id = sys_ids[0];
+    rdx_id = sys_ids[3];                            /* the syscall convention's third argument */
     p_reg_read_batch = (uc_reg_read_batch_fn)(uintptr_t)rrb;
     p_reg_write = (uc_reg_write_fn)(uintptr_t)rw;
     if (!PyArg_ParseTuple(offs, "nnnnnnnnn", &off_regs, &off_rip, &off_eflags, &off_hflags, &off_segs,
@@ -938,7 +1028,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
     p_emu_start = (uc_emu_start_fn)(uintptr_t)est;
     p_context_save = (uc_context_save_fn)(uintptr_t)cs;
     p_vmem_read = (uc_vmem_read_fn)(uintptr_t)vr;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "blockcount", (unsigned long long)(uintptr_t)&block_count_hook,
                          "syscall", (unsigned long long)(uintptr_t)&gw_syscall,
                          "in", (unsigned long long)(uintptr_t)&gw_in,
@@ -951,7 +1041,8 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kw)
                          "mem_noop", (unsigned long long)(uintptr_t)&gw_mem_noop,
                          "mmio_read", (unsigned long long)(uintptr_t)&gw_mmio_read,
                          "mmio_write", (unsigned long long)(uintptr_t)&gw_mmio_write,
-                         "mmio_writing", (unsigned long long)(uintptr_t)&mmio_writing);
+                         "mmio_writing", (unsigned long long)(uintptr_t)&mmio_writing,
+                         "rdtsc", (unsigned long long)(uintptr_t)&gw_rdtsc);
 }
 
 static PyObject *insn_gateways(PyObject *self, PyObject *unused);   /* insn emulation block, below */
@@ -975,6 +1066,7 @@ static PyMethodDef methods[] = {
     {"window", window, METH_VARARGS, "window(uc, ctx) -> 0 IF=0 / 1 shadow / 2 open (saves the context)"},
     {"bc_new", bc_new, METH_VARARGS, "bc_new(decode, cr3_address or 0, window_address or 0, eflags_address or 0, code_lo, code_hi) -> address of a block counter (decode(pc, size, cr3) -> count)"},
     {"bc_retired", bc_retired, METH_VARARGS, "bc_retired(bc, insns, rip_address) -> instructions retired in the block-mode run, or None"},
+    {"bc_timing", bc_timing, METH_VARARGS, "bc_timing(bc, insns, rip_address, fn or None, owner_weakref, ns_per_insn): for the RDTSC gateway"},
     {"bc_forget_translations", bc_forget_translations, METH_O, "bc_forget_translations(address): after a flush, every entry checks its bytes once"},
     {"bc_select", bc_select, METH_O, "bc_select(address or 0): the counter a SYSCALL door's context switch resets"},
     {"bc_free", bc_free, METH_O, "bc_free(address)"},

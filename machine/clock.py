@@ -89,6 +89,11 @@ class Clock:
 
     now = property(read)
 
+    def at(self, elapsed: int) -> int:
+        """The time ``elapsed`` ns into the running slice (what ``now`` is when
+        the slice source says ``elapsed``)."""
+        return self._base + elapsed + self._charged
+
     def timer(self, callback: Callable[[], None], name: str = "") -> Timer:
         return Timer(self, callback, name)
 

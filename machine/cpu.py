@@ -566,7 +566,7 @@ class CPU:
         self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_cpuid, X.UC_X86_INS_CPUID)
         # Quirk: the binding refuses UC_HOOK_INSN for RDTSC (UC_ERR_ARG) though
         # libunicorn supports it; uc_hook_add takes it (callback shaped as CPUID's).
-        self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_rdtsc, X.UC_X86_INS_RDTSC)
+        self._add_hook(UC_HOOK_INSN, gw["rdtsc"], self._hook_rdtsc, X.UC_X86_INS_RDTSC)
         # RDTSCP too (it also returned the host TSC): the same time, ECX = IA32_TSC_AUX.
         self._add_hook(UC_HOOK_INSN, gw["int"], self._hook_rdtscp, X.UC_X86_INS_RDTSCP)
         self._add_hook(UC_HOOK_INTR, gw["intr"], self._hook_intr)
@@ -655,6 +655,16 @@ class CPU:
 
     def _hook_out(self, port, size, value):
         self.port_out(port, size, value)
+
+    def set_time_at(self, at: Callable[[int], int] | None, ns_per_insn: int = 1) -> None:
+        """``at(elapsed)``, a bound method (held weakly, as C holds it): the
+        virtual time (ns, the TSC) ``elapsed`` ns into the running slice, that
+        is ``rdtsc()`` after ``elapsed // ns_per_insn`` instructions of it
+        (Clock.at).  With it, an RDTSC in a block-mode run is answered in C
+        (_fasthooks gw_rdtsc) instead of by :meth:`_hook_rdtsc`."""
+        if self._bc is not None:
+            fn, owner = (None, None) if at is None else (at.__func__, weakref.ref(at.__self__))  # type: ignore[attr-defined]
+            _fasthooks.bc_timing(self._bc, self._block_insns, self._live_rip_address, fn, owner, ns_per_insn)
 
     def _hook_rdtsc(self):
         t = self.rdtsc()

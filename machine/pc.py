@@ -314,6 +314,7 @@ class Machine:
             cpu.port_in = self._port_in
             cpu.port_out = self._port_out
             cpu.rdtsc = self.clock.read                  # the TSC counts virtual ns (1 GHz)
+            cpu.set_time_at(self.clock.at, self.ns_per_insn)   # the same time, for RDTSC in C
             cpu.cpuid = self._cpuid
             cpu.insn_emu.log = self._tagged("cpu" if cpu.bsp else f"cpu{cpu.apic_id}")
             cpu.fetch_fault = self._fetch_fault

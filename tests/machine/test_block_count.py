@@ -244,3 +244,44 @@ def test_translations_flushed_are_checked_not_decoded_again(monkeypatch):
     h.run(max_instructions=200_000)
     assert h.irq_counts[0x40] >= 3
     assert before and not before & set(decoded)     # only blocks of new shapes (cut elsewhere) were decoded
+
+
+RDTSC_SAMPLES = """
+    mov rdi, 0x300000
+    mov r12, 40000
+again:
+    imul rbx, rbx, 3
+    rdtsc
+    mov dword ptr [rdi], eax
+    mov dword ptr [rdi + 4], edx
+    add rdi, 8
+    dec r12
+    jnz again
+    hlt
+"""
+
+
+def _tsc_samples(block: bool, monkeypatch) -> tuple[list[int], int]:
+    calls = []
+    hook = CPU._hook_rdtsc
+
+    def counted(self):
+        calls.append(1)
+        return hook(self)
+    monkeypatch.setattr(CPU, "_hook_rdtsc", counted)
+    h = Harness.from_asm(_timer_guest(100_003, RDTSC_SAMPLES), mem=128 << 20)
+    h.machine.cpu.block_mode = block
+    install_runtime(h)
+    h.run(max_instructions=400_000)
+    raw = h.machine.read_physical(0x300000, 8 * 40_000)
+    return [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)], len(calls)
+
+
+def test_rdtsc_in_c_reads_the_time_count_mode_reads(monkeypatch):
+    # In a block-mode run RDTSC is answered in C (gw_rdtsc: the block counter's
+    # instruction count, the clock's time for it); count mode asks the Python
+    # hook.  Same values, with the LAPIC timer interrupting the loop.
+    on, hooked_on = _tsc_samples(True, monkeypatch)
+    off, hooked_off = _tsc_samples(False, monkeypatch)
+    assert on == off and off[0] > 0 and sorted(off) == off
+    assert hooked_off >= 40_000 and hooked_on < hooked_off // 2     # most of them in C
