@@ -357,7 +357,8 @@ static __attribute__((noinline)) void block_count_slow(void *uc, blockcount *b, 
     }
     if (i < BC_WAYS && (set[i].host != host || !host)) {
         /* Another translation of the block: the count holds if its bytes do. */
-        if (block_sum(uc, pc, size) == set[i].sum) {
+        uint64_t sum = block_sum(uc, pc, size);
+        if (sum && sum == set[i].sum) {             /* 0: unreadable, not "the same" */
             set[i].host = host;
         } else {
             stale = i;                              /* its place goes to the new decode */

@@ -644,9 +644,10 @@ class CPU:
         """Stop at the first block boundary where RFLAGS.IF=1 (an interrupt is
         waiting): the block counter's hook, which sees every block in both run
         modes, checks IF in its slow path while the window is armed (nothing
-        otherwise: arming makes its fast path miss).  Before, a second block hook was installed for
-        it, with a translation flush each way, and it made Unicorn call both
-        hooks through its dispatcher instead of the counter directly."""
+        otherwise: arming makes its fast path miss).  Before, a second block
+        hook was installed for it, with a translation flush each way, and it
+        made Unicorn call both hooks through its dispatcher instead of the
+        counter directly."""
         self._window[0] = 1
         self._bc_memo_host.value = 0          # the counter's fast path misses while armed
 
@@ -1282,10 +1283,11 @@ class CPU:
         that retired nothing would loop for ever, so it is an error."""
         if self.exit_addresses and self._rip.read()[0] in self.exit_addresses:
             return Stop.REQUEST
-        if self._old_exception.value == EXC_DOUBLE_FAULT:
+        if self._old_exception.value == EXC_DOUBLE_FAULT and self.fetch_fault(self._rip.read()[0]) is None:
             # Unicorn's own triple fault (a fault while it had a #DF pending:
-            # it returns as if halted).  _emu_start clears old_exception, so
-            # this would be a new quirk: say so rather than run on in a loop.
+            # it returns as if halted), not the fetch fault handled below.
+            # _emu_start clears old_exception, so this would be a new quirk:
+            # say so rather than run on in a loop.
             self._old_exception.value = -1
             self.error = (f"Unicorn ended the slice in a triple fault of its own at RIP {self._rip.read()[0]:#x} "
                           "(a fault while a double fault was pending, not delivered to the machine)")

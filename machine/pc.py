@@ -126,7 +126,6 @@ class RunResult:
 
 
 @dataclass(slots=True)
-
 class MachineConfig:
     mem: int = 128 << 20
     ns_per_insn: int = 1            # icount: virtual ns per retired instruction
